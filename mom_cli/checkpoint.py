@@ -1,0 +1,89 @@
+"""MoM checkpoints on disk: a `transformers` model directory with `model_type: "mom"`.
+
+    config.json              MomConfig: family, sizes, routing plan, PEER layers, provenance
+    model.safetensors        weights (sharded with model.safetensors.index.json above a size)
+    tokenizer files, generation_config.json   copied from the source
+    README.md                model card with the provenance
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .configuration_mom import MomConfig
+from .errors import MomError, UsageError
+from .provenance import model_card
+from .tensorio import PlannedTensor, SafetensorsReader, write_safetensors
+
+DEFAULT_SHARD = 2 * 10**9
+
+
+def meta_model(config: MomConfig) -> torch.nn.Module:
+    """The model's parameter names and shapes, without allocating any weights."""
+    from .modeling_mom import MomForCausalLM
+
+    with torch.device("meta"):
+        return MomForCausalLM(config)
+
+
+def param_shapes(config: MomConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint stores (tied head excluded), in module order."""
+    model = meta_model(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def write_checkpoint(
+    directory: Path,
+    config: MomConfig,
+    tensors: list[PlannedTensor],
+    copy_extras: Callable[[Path], None] | None,
+    shard_bytes: int = DEFAULT_SHARD,
+    on_tensor: Callable[[PlannedTensor], None] = lambda t: None,
+) -> None:
+    expected = param_shapes(config)
+    got = {t.name: t.shape for t in tensors}
+    missing = [k for k in expected if k not in got]
+    if missing or any(expected.get(k) != s for k, s in got.items()):
+        bad = missing[:3] or [k for k, s in got.items() if expected.get(k) != s][:3]
+        raise MomError(f"internal plan error: tensors {bad} do not match the MoM config")
+    config.architectures = ["MomForCausalLM"]
+    config.save_pretrained(directory)
+    write_safetensors(directory, tensors, shard_bytes, on_tensor=on_tensor)
+    if copy_extras is not None:
+        copy_extras(directory)
+    (directory / "README.md").write_text(model_card(config))
+
+
+def read_mom(path: Path) -> tuple[MomConfig, SafetensorsReader]:
+    """A MoM checkpoint's config and a lazy reader of its tensors."""
+    from .sources import load_config
+
+    config = load_config(Path(path))
+    if getattr(config, "model_type", None) != "mom":
+        raise UsageError(f"{path} is not a MoM checkpoint (model_type {config.model_type!r}); run `mom decompose` on it first")
+    return config, SafetensorsReader(Path(path))
+
+
+def copy_plan(reader: SafetensorsReader, config: MomConfig, dtype: torch.dtype | None) -> list[PlannedTensor]:
+    """Tensors of an existing checkpoint, read one at a time, optionally cast."""
+    shapes = param_shapes(config)
+    out = []
+    for name, shape in shapes.items():
+        def produce(name: str = name) -> torch.Tensor:
+            return reader.get(name)
+
+        out.append(PlannedTensor(name, shape, dtype or reader.dtype(name), produce))
+    return out
+
+
+def load(path: str | Path, **kwargs: Any):
+    """Load a MoM checkpoint as a `MomForCausalLM` (a transformers PreTrainedModel)."""
+    from .modeling_mom import MomForCausalLM
+
+    read_mom(Path(path))  # clear errors for non-MoM or corrupt directories before transformers tries
+    return MomForCausalLM.from_pretrained(path, **kwargs)

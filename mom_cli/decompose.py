@@ -1,0 +1,207 @@
+"""`mom decompose`: a pretrained Transformer becomes a Mixture-of-Modules checkpoint.
+
+Built as a plan, validated, then executed (as mergekit does): the plan is a `MomConfig` plus one
+recipe per output tensor; nothing is read from the source until the plan is known to be valid,
+and then tensors stream from the memory-mapped source into the output one at a time.
+
+Layer i of the source gives MHA module i and FFN module i. The default plan puts every layer in
+one block with H = M steps, top-1, and routers whose step bias picks module h at step h: the same
+function as the source model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configuration_mom import MomConfig
+from .errors import UsageError
+from .families import Family, Recipe, family_for
+from .sources import Source
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ROUTER_PREFERRED_BIAS = 1.0  # logit margin of the module a step starts with; / T gives the softmax margin
+
+
+@dataclass
+class PlanOptions:
+    pool_size: int | None = None  # M: modules per pool (default: every layer between bottom and top)
+    depth: int | None = None  # H: steps per block (default: M)
+    top_k: int = 1
+    bottom: int = 0
+    top: int = 0
+    router: str = "gru"
+    router_hidden: int = 256
+    temperature: float = 0.2
+    skip: bool = True
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def make_config(source: Source, family: Family, opts: PlanOptions) -> MomConfig:
+    """Check the plan against the source and describe it as a MomConfig."""
+    cfg = source.config
+    n = family.num_layers(cfg)
+    middle = n - opts.bottom - opts.top
+    if opts.bottom < 0 or opts.top < 0 or middle < 1:
+        raise UsageError(f"impossible plan: --bottom {opts.bottom} + --top {opts.top} leave no layers of {n} for MoM blocks")
+    m = opts.pool_size or middle
+    if m < 1 or middle % m:
+        raise UsageError(f"impossible plan: {middle} middle layers do not split into pools of --pool-size {m}; use a divisor of {middle}")
+    h = opts.depth or m
+    choices = m + opts.skip
+    if h < 1 or opts.top_k < 1 or opts.top_k > choices:
+        raise UsageError(f"impossible plan: --depth must be >= 1 and --top-k between 1 and {choices} (M modules{' + SKIP' if opts.skip else ''})")
+    if opts.router not in ("gru", "mlp"):
+        raise UsageError(f"unknown router {opts.router!r}: use gru or mlp")
+    if opts.temperature <= 0:
+        raise UsageError("--temperature must be > 0")
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        raise UsageError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx are not supported: modules move between depths")
+    keys = source.reader.keys()
+    kwargs = family.mom_kwargs(cfg, keys)
+    blocks = [
+        {"mha": list(range(s, s + m)), "ffn": list(range(s, s + m)), "steps": h}
+        for s in range(opts.bottom, n - opts.top, m)
+    ]
+    return MomConfig(
+        family=family.name,
+        source_model_type=cfg.model_type,
+        source_config=cfg.to_dict(),
+        bottom_layers=list(range(opts.bottom)),
+        blocks=blocks,
+        top_layers=list(range(n - opts.top, n)),
+        router_top_k=opts.top_k,
+        skip=opts.skip,
+        router=opts.router,
+        router_hidden=opts.router_hidden,
+        router_temperature=opts.temperature,
+        bos_token_id=getattr(cfg, "bos_token_id", None),
+        eos_token_id=getattr(cfg, "eos_token_id", None),
+        pad_token_id=getattr(cfg, "pad_token_id", None),
+        **kwargs,
+    )
+
+
+def preferred_modules(step: int, steps: int, pool: int) -> list[int]:
+    """The modules step h starts with: module h when H = M; otherwise the h-th slice of the pool."""
+    if steps >= pool:
+        return [step * pool // steps]
+    return list(range(step * pool // steps, (step + 1) * pool // steps))
+
+
+def router_tensors(config: MomConfig, block: int) -> dict[str, torch.Tensor]:
+    """Fresh routers for one block: random cell (seeded), zero head, step bias = the start plan."""
+    from .modeling_mom import Router
+
+    spec = config.blocks[block]
+    out = {}
+    for kind in ("mha", "ffn"):
+        pool = len(spec[kind])
+        torch.manual_seed(1000 * block + (kind == "ffn"))
+        router = Router(config, pool + config.skip, spec["steps"])
+        torch.nn.init.zeros_(router.head.weight)
+        with torch.no_grad():
+            router.step_bias.zero_()
+            for h in range(spec["steps"]):
+                router.step_bias[h, preferred_modules(h, spec["steps"], pool)] = ROUTER_PREFERRED_BIAS
+        for name, t in router.state_dict().items():
+            out[f"model.blocks.{block}.{kind}_router.{name}"] = t.detach().clone()
+    return out
+
+
+def tensor_recipes(source: Source, family: Family, config: MomConfig) -> dict[str, Recipe | torch.Tensor]:
+    """Every output tensor: a recipe over source tensors, or a tensor made here (routers)."""
+    keys = source.reader.keys()
+    out: dict[str, Recipe | torch.Tensor] = dict(family.globals_from_source(keys, config.tie_word_embeddings))
+
+    def add_layer(prefix_mha: str, prefix_ffn: str, origin_mha: int | None, origin_ffn: int | None) -> None:
+        if origin_mha is not None:
+            out.update({prefix_mha + k: r for k, r in family.mha_from_source(origin_mha, keys).items()})
+        if origin_ffn is not None:
+            out.update({prefix_ffn + k: r for k, r in family.ffn_from_source(origin_ffn, keys).items()})
+
+    for i, origin in enumerate(config.bottom_layers):
+        add_layer(f"model.bottom.{i}.mha.", f"model.bottom.{i}.ffn.", origin, origin)
+    for b, spec in enumerate(config.blocks):
+        for m, origin in enumerate(spec["mha"]):
+            add_layer(f"model.blocks.{b}.mha.{m}.", "", origin, None)
+        for m, origin in enumerate(spec["ffn"]):
+            add_layer("", f"model.blocks.{b}.ffn.{m}.", None, origin)
+        out.update(router_tensors(config, b))
+    for i, origin in enumerate(config.top_layers):
+        add_layer(f"model.top.{i}.mha.", f"model.top.{i}.ffn.", origin, origin)
+    return out
+
+
+def plan_options_dict(opts: PlanOptions) -> dict[str, Any]:
+    return asdict(opts)
+
+
+def default_output(ref: str, suffix: str) -> Path:
+    """`gpt2` -> ./gpt2-mom; /models/x -> /models/x-mom; org/name -> ./name-mom; a.gguf -> a-mom."""
+    path = Path(ref).expanduser()
+    if path.exists() and not str(path).startswith(tuple(_site_dirs())):
+        stem = path.stem if path.is_file() else path.name
+        return path.with_name(f"{stem}{suffix}")
+    return Path.cwd() / f"{ref.rstrip('/').split('/')[-1]}{suffix}"
+
+
+def _site_dirs() -> list[str]:
+    import site
+
+    return site.getsitepackages()
+
+
+def decompose(
+    source_ref: str,
+    out: Path,
+    opts: PlanOptions,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    shard_bytes: int | None = None,
+) -> Path:
+    from . import provenance
+    from .checkpoint import DEFAULT_SHARD, param_shapes, write_checkpoint
+    from .console import log, progress
+    from .errors import MomError
+    from .outputs import atomic_dir, check_output
+    from .sources import open_source
+    from .tensorio import PlannedTensor
+
+    check_output(out, force)  # fail before reading a large source
+    source = open_source(source_ref, allow_pickle)
+    family = family_for(source.config.model_type)
+    config = make_config(source, family, opts)
+    recipes = tensor_recipes(source, family, config)
+    shapes = param_shapes(config)
+    keys = source.reader.keys()
+    absent = sorted({k for r in recipes.values() if isinstance(r, Recipe) for k in r.keys} - keys)
+    if absent:
+        raise MomError(f"source {source_ref} lacks tensor {absent[0]} (and {len(absent) - 1} more); the checkpoint is incomplete")
+    embed = next(k for r in recipes.values() if isinstance(r, Recipe) for k in r.keys)
+    out_dtype = dtype or source.reader.get(embed).dtype
+    config.mom_provenance = [provenance.record("decompose", {**asdict(opts), "dtype": str(out_dtype)}, source_ref)]
+    config.dtype = str(out_dtype).removeprefix("torch.")
+
+    def producer(name: str):
+        r = recipes[name]
+        return (lambda: r) if isinstance(r, torch.Tensor) else (lambda: r.build(source.reader.get))
+
+    planned = [PlannedTensor(n, s, out_dtype, producer(n)) for n, s in shapes.items()]
+    log(f"decompose {source_ref}: {family.name} family, {len(config.blocks)} block(s), "
+        f"{sum(len(b['mha']) for b in config.blocks)} MHA + {sum(len(b['ffn']) for b in config.blocks)} FFN modules")
+    with atomic_dir(out, force) as tmp, progress() as bar:
+        task = bar.add_task("writing tensors", total=len(planned))
+        write_checkpoint(tmp, config, planned, source.copy_extras, shard_bytes or DEFAULT_SHARD,
+                         on_tensor=lambda t: bar.advance(task))
+    return out

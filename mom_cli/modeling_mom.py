@@ -1,0 +1,548 @@
+"""The Mixture-of-Modules runtime (arXiv 2407.06677), as a `transformers` model.
+
+Read top to bottom: norms, the two kinds of module (MHA, FFN), the router, routing and dispatch,
+attention, the routed block, the plain layer, the model. This file and `configuration_mom.py` are
+copied verbatim into `trust_remote_code` exports, so they import nothing from `mom_cli`.
+
+Symbols follow the paper: M modules per pool (+ SKIP, index M), H steps per block, top-K routing,
+temperature T. Per step, for every token:
+    MHA router -> top-K modules -> x += sum_k w_k W^O_k(attn(sum_k Q_k, sum_k K_k, sum_k V_k))
+    FFN router -> top-K modules -> x += sum_k w_k FFN_k(x)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .configuration_mom import MomConfig
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: statistics in float32, scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: MomConfig) -> nn.Module:
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return RMSNorm(config.hidden_size, config.norm_eps)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class MhaModule(nn.Module):
+    """One attention module: its own pre-norm, Q/K/V projections and output projection W^O."""
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.norm = make_norm(config)
+        self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=config.o_bias)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.norm(x)
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+
+class FfnModule(nn.Module):
+    """One FFN module: its own pre-norm, then SwiGLU (Llama family) or act(W_in x) (GPT-2)."""
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.norm = make_norm(config)
+        self.gated = config.gated_mlp
+        self.act = ACT2FN[config.hidden_act]
+        if self.gated:
+            self.gate_proj = nn.Linear(d, f, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(d, f, bias=config.mlp_bias)
+            self.down_proj = nn.Linear(f, d, bias=config.mlp_bias)
+        else:
+            self.fc_in = nn.Linear(d, f, bias=config.mlp_bias)
+            self.fc_out = nn.Linear(f, d, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        return self.fc_out(self.act(self.fc_in(h)))
+
+
+# ----------------------------------------------------------------------------- router
+
+
+class Router(nn.Module):
+    """Scores the M modules of a pool (+ SKIP) for each token at each step of a block.
+
+    `gru`: a GRU cell whose state runs across the H steps of a block, then a linear head (the
+    paper's default). `mlp`: d -> hidden -> choices, stateless. Both add a per-step bias: decompose
+    sets it so that step h picks module h, and zero-initialises the head, which makes the router's
+    choice exactly the identity until it is trained.
+    """
+
+    def __init__(self, config: MomConfig, n_choices: int, steps: int) -> None:
+        super().__init__()
+        d, r = config.hidden_size, config.router_hidden
+        self.kind = config.router
+        if self.kind == "gru":
+            self.cell = nn.GRUCell(d, r)
+            self.head = nn.Linear(r, n_choices, bias=False)
+        else:
+            self.hidden = nn.Linear(d, r)
+            self.head = nn.Linear(r, n_choices, bias=False)
+        self.step_bias = nn.Parameter(torch.zeros(steps, n_choices))
+        self._constant_cache: tuple[int, int, bool] | None = None
+
+    def is_constant(self) -> bool:
+        """True when the head is exactly zero, so the logits are the step bias whatever the input.
+
+        Then inference skips the GRU/MLP entirely (it cannot change the choice). Checked once per
+        in-place update of the head (tensor version counter), so it costs one sync per change.
+        """
+        w = self.head.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return False
+        key = (w.data_ptr(), w._version)
+        if self._constant_cache is None or self._constant_cache[:2] != key:
+            self._constant_cache = (*key, bool(torch.count_nonzero(w).item() == 0))
+        return self._constant_cache[2]
+
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.step_bias[step].to(x.dtype)
+        if self.is_constant():
+            return bias.expand(x.shape[0], -1), state
+        # The residual stream can carry outliers of magnitude 1e3; normalise so the GRU does not saturate.
+        u = F.rms_norm(x, (x.shape[-1],))
+        if self.kind == "gru":
+            if state is None:
+                state = x.new_zeros(x.shape[0], self.cell.hidden_size)
+            state = self.cell(u, state)
+            return self.head(state) + bias, state
+        return self.head(F.gelu(self.hidden(u))) + bias, state
+
+
+@dataclass
+class Routing:
+    """Top-K choice for N tokens: module ids (N, K) with weights (N, K), and where each module's tokens are."""
+
+    idx: torch.Tensor
+    weight: torch.Tensor
+    n_modules: int
+    skip_id: int
+    # Per module m: (token positions, their weights); empty modules are absent.
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Tokens that chose nothing but SKIP (None when there are none).
+    all_skip: torch.Tensor | None = None
+
+
+def route(logits: torch.Tensor, k: int, temperature: float, skip_id: int) -> Routing:
+    """Top-K of the scores; weights are the softmax over the chosen scores (= renormalised softmax)."""
+    top, idx = logits.topk(k, dim=-1)
+    weight = torch.softmax(top.float() / temperature, dim=-1).to(logits.dtype)
+    n = logits.shape[-1]
+    r = Routing(idx=idx, weight=weight, n_modules=n, skip_id=skip_id)
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=n).tolist()  # one host sync per routing decision
+    if len(counts) > skip_id >= 0 and counts[skip_id] > 0:
+        r.all_skip = (idx == skip_id).all(-1)
+        if not bool(r.all_skip.any()):
+            r.all_skip = None
+    n_tok = idx.shape[0]
+    if k == 1 and max(counts) == n_tok:
+        # Everyone chose the same module (identity routing): no gather, no scatter.
+        m = counts.index(n_tok)
+        r.groups[m] = (None, weight.reshape(-1))
+        return r
+    order = torch.argsort(flat, stable=True)
+    tokens, w = order // k, weight.reshape(-1)[order]
+    start = 0
+    for m, c in enumerate(counts):
+        if c:
+            r.groups[m] = (tokens[start : start + c], w[start : start + c])
+        start += c
+    return r
+
+
+def aux_load_balancing(logits: torch.Tensor, r: Routing, temperature: float) -> torch.Tensor:
+    """Switch-style load balancing over the M+1 choices: n * sum_i f_i * P_i."""
+    n = logits.shape[-1]
+    probs = torch.softmax(logits.float() / temperature, dim=-1).mean(0)
+    frac = torch.bincount(r.idx.reshape(-1), minlength=n).float() / r.idx.numel()
+    return n * (frac * probs).sum()
+
+
+class RoutingRecorder:
+    """Counts how often, and with how much weight, each module is chosen at each step.
+
+    `stats[(block, kind, step)]` -> (tokens per choice, weight mass per choice), SKIP last.
+    Attach with `model.model.recorder = RoutingRecorder()`; `prune` and the plots read it.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tokens = 0
+
+    def record(self, block: int, kind: str, step: int, r: Routing) -> None:
+        flat = r.idx.reshape(-1)
+        count = torch.bincount(flat, minlength=r.n_modules).double().cpu()
+        mass = torch.zeros(r.n_modules, dtype=torch.float64, device=flat.device)
+        mass.index_add_(0, flat, r.weight.reshape(-1).double())
+        key = (block, kind, step)
+        if key in self.stats:
+            c0, m0 = self.stats[key]
+            count, mass = c0 + count, m0 + mass.cpu()
+        self.stats[key] = (count, mass.cpu())
+
+
+def scatter_modules(
+    x: torch.Tensor, r: Routing, fn, out_dims: tuple[int, ...], weighted: bool
+) -> tuple[torch.Tensor, ...]:
+    """For each output: sum over the chosen modules m of (w *) fn(m, x[tokens of m]).
+
+    Each module runs on its own tokens only (grouped gather / scatter-add), never on every token.
+    `fn` returns one tensor per entry of `out_dims`.
+    """
+    outs: list[torch.Tensor] | None = None
+    for m, (tok, w) in r.groups.items():
+        if m == r.skip_id:
+            continue
+        ys = fn(m, x if tok is None else x.index_select(0, tok))
+        ys = ys if isinstance(ys, tuple) else (ys,)
+        if weighted:
+            ys = tuple(y * w[:, None] for y in ys)
+        if tok is None:  # every token, in order (identity routing): no scatter
+            outs = list(ys) if outs is None else [o + y for o, y in zip(outs, ys)]
+            continue
+        if outs is None:
+            outs = [x.new_zeros(x.shape[0], dim) for dim in out_dims]
+        outs = [o.index_add(0, tok, y) for o, y in zip(outs, ys)]
+    if outs is None:  # every token skipped
+        outs = [x.new_zeros(x.shape[0], dim) for dim in out_dims]
+    return tuple(outs)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal attention over per-token Q, K, V, with RoPE, GQA and the KV cache.
+
+    Keys of tokens that chose only SKIP are masked out for everyone (the paper's code lets them
+    take attention mass). Their validity travels in the cache as one extra value channel, so
+    beam reordering, cropping and batch selection in `generate()` keep it in step for free.
+    """
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: "StepContext",
+        layer_idx: int,
+        key_valid: torch.Tensor | None,
+        track_valid: bool,
+    ) -> torch.Tensor:
+        b, t = ctx.batch, ctx.seq
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if ctx.cos is not None:
+            cos, sin = ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        valid = None if key_valid is None else key_valid.view(b, t)
+        if ctx.cache is not None:
+            if track_valid:
+                flag = (valid if valid is not None else q.new_ones(b, t, dtype=torch.bool)).to(v.dtype)
+                v = torch.cat([v, flag[:, None, :, None].expand(b, self.n_kv, t, 1)], dim=-1)
+            k, v = ctx.cache.update(k, v, layer_idx)
+            if track_valid:
+                valid = v[:, 0, :, -1] > 0.5
+                v = v[..., :-1]
+                if bool(valid.all()):
+                    valid = None
+        mask = ctx.mask(valid, k.shape[-2])
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.n_kv != self.n_heads
+        )
+        return out.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim)
+
+
+@dataclass
+class StepContext:
+    """What every attention call of one forward pass shares."""
+
+    batch: int
+    seq: int
+    past: int
+    cache: Cache | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    pad_mask: torch.Tensor | None  # (B, past+T) bool, True = real token
+    device: torch.device
+
+    def mask(self, key_valid: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
+        """Boolean (B, 1, T, n_keys) mask, or None when plain causal attention is exact."""
+        keys = self.pad_mask
+        if key_valid is not None:
+            keys = key_valid if keys is None else keys & key_valid
+        if keys is None and (self.past == 0 or self.seq == 1):
+            return None
+        rows = torch.arange(self.seq, device=self.device)[:, None] + (n_keys - self.seq)
+        cols = torch.arange(n_keys, device=self.device)[None, :]
+        allowed = (cols <= rows)[None, None]
+        if keys is not None:
+            # Always let a query see itself, so rows of padding or all-SKIP tokens stay finite;
+            # their outputs are discarded.
+            allowed = allowed & keys[:, None, None, :] | (cols == rows)[None, None]
+        return allowed
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class PlainLayer(nn.Module):
+    """A source layer kept as it is: x += MHA(x); x += FFN(x)."""
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__()
+        self.mha = MhaModule(config)
+        self.ffn = FfnModule(config)
+        self.attn = Attention(config)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, layer_idx: int) -> torch.Tensor:
+        q, k, v = self.mha.qkv(x)
+        x = x + self.mha.o_proj(self.attn(q, k, v, ctx, layer_idx, None, track_valid=False))
+        return x + self.ffn(x)
+
+
+class MomBlock(nn.Module):
+    """An MHA pool, an FFN pool, SKIP, two routers, and H steps over them."""
+
+    def __init__(self, config: MomConfig, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.steps = int(spec["steps"])
+        self.k = config.router_top_k
+        self.temperature = config.router_temperature
+        self.skip = config.skip
+        self.mha = nn.ModuleList(MhaModule(config) for _ in spec["mha"])
+        self.ffn = nn.ModuleList(FfnModule(config) for _ in spec["ffn"])
+        n_mha, n_ffn = len(self.mha) + self.skip, len(self.ffn) + self.skip
+        self.mha_router = Router(config, n_mha, self.steps)
+        self.ffn_router = Router(config, n_ffn, self.steps)
+        self.attn = Attention(config)
+        self.d = config.hidden_size
+        self.attn_dim = config.num_attention_heads * config.head_dim
+        self.kv_dim = config.num_key_value_heads * config.head_dim
+
+    def _route(self, router: Router, x: torch.Tensor, state, step: int, pool: int, aux: list) -> tuple:
+        logits, state = router(x, state, step)
+        r = route(logits, min(self.k, logits.shape[-1]), self.temperature, pool if self.skip else -1)
+        if self.training and torch.is_grad_enabled():
+            aux.append(aux_load_balancing(logits, r, self.temperature))
+        return r, state
+
+    def forward(
+        self, x: torch.Tensor, ctx: StepContext, first_layer: int, aux: list, recorder, block_id: int
+    ) -> torch.Tensor:
+        s_mha = s_ffn = None
+        for h in range(self.steps):
+            r, s_mha = self._route(self.mha_router, x, s_mha, h, len(self.mha), aux)
+            if recorder is not None:
+                recorder.record(block_id, "mha", h, r)
+            x = x + self._attend(x, r, ctx, first_layer + h)
+            r, s_ffn = self._route(self.ffn_router, x, s_ffn, h, len(self.ffn), aux)
+            if recorder is not None:
+                recorder.record(block_id, "ffn", h, r)
+            x = x + scatter_modules(x, r, lambda m, xs: self.ffn[m](xs), (self.d,), weighted=True)[0]
+        return x
+
+    def _attend(self, x: torch.Tensor, r: Routing, ctx: StepContext, layer_idx: int) -> torch.Tensor:
+        mods = self.mha
+        # Q, K and V are the plain sums of the chosen modules' projections (the paper's assembly);
+        # only the output projections are weighted.
+        q, k, v = scatter_modules(x, r, lambda m, xs: mods[m].qkv(xs), (self.attn_dim, self.kv_dim, self.kv_dim), False)
+        key_valid = None if r.all_skip is None else ~r.all_skip
+        a = self.attn(q, k, v, ctx, layer_idx, key_valid, track_valid=self.skip)
+        return scatter_modules(a, r, lambda m, xs: mods[m].o_proj(xs), (self.d,), weighted=True)[0]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MomPreTrainedModel(PreTrainedModel):
+    config_class = MomConfig
+    config: MomConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MomBlock", "PlainLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # linear, embedding, norms, and the rotary embedding's buffers
+        if isinstance(module, Router):
+            # Identity until trained: the logits are the step bias (set by `mom decompose`).
+            init.zeros_(module.head.weight)
+            init.zeros_(module.step_bias)
+
+
+class MomModel(MomPreTrainedModel):
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_type == "learned"
+            else None
+        )
+        self.bottom = nn.ModuleList(PlainLayer(config) for _ in config.bottom_layers)
+        self.blocks = nn.ModuleList(MomBlock(config, spec) for spec in config.blocks)
+        self.top = nn.ModuleList(PlainLayer(config) for _ in config.top_layers)
+        self.norm = make_norm(config)
+        self.rotary_emb = self._make_rotary(config) if config.position_type == "rope" else None
+        self.recorder: RoutingRecorder | None = None
+        self.post_init()
+
+    @staticmethod
+    def _make_rotary(config: MomConfig) -> nn.Module:
+        # transformers' own rotary embedding, so every RoPE scaling variant it knows works here.
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rope = LlamaConfig(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            max_position_embeddings=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+        )
+        return LlamaRotaryEmbedding(rope)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t, _ = x.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        cache = past_key_values if use_cache else None
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids)
+        cos = sin = None
+        if self.rotary_emb is not None:
+            cos, sin = self.rotary_emb(x, position_ids)
+        pad = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            pad = attention_mask[:, -(past + t) :].bool()
+        ctx = StepContext(b, t, past, cache, cos, sin, pad, x.device)
+
+        h = x.reshape(b * t, -1)
+        aux: list[torch.Tensor] = []
+        layer = 0
+        for plain in self.bottom:
+            h = plain(h, ctx, layer)
+            layer += 1
+        for i, block in enumerate(self.blocks):
+            h = block(h, ctx, layer, aux, self.recorder, i)
+            layer += block.steps
+        for plain in self.top:
+            h = plain(h, ctx, layer)
+            layer += 1
+        h = self.norm(h).view(b, t, -1)
+        aux_loss = torch.stack(aux).mean() if aux else None
+        return h, past_key_values, aux_loss
+
+
+class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MomConfig) -> None:
+        super().__init__(config)
+        self.model = MomModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        h, cache, aux_loss = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + self.config.aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache)

