@@ -23,8 +23,10 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, CONTEXT = 64, 2, 4, 2, 128, 128
 ROPE_THETA, RMS_EPS = 10000.0, 1e-5
 
 # Words the BPE merges spell out whole; everything else falls back to single bytes.
-WORDS = ["the", "and", "hello", "world", "model", "token", "layer", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
-BOS, EOS = "<s>", "</s>"
+WORDS = "the and hello world model token layer quick brown fox jumps over lazy dog".split()
+# GPT-2's names: transformers' GPT-2 tokenizer appends "<|endoftext|>" (its default unk token) when
+# the vocabulary lacks it, which would make the tokenizer one id longer than the model's embedding.
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def _byte_alphabet() -> list[str]:
@@ -32,7 +34,8 @@ def _byte_alphabet() -> list[str]:
 
     Printable bytes stand for themselves; the others are shifted to code points from 256 up.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)}
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
     shifted = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
@@ -68,10 +71,14 @@ def _to_llama_cpp_rope_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, half, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_tiny_llama_gguf(directory: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, transformers.LlamaForCausalLM]:
+def write_tiny_llama_gguf(
+    directory: pathlib.Path, seed: int = 0
+) -> tuple[pathlib.Path, transformers.LlamaForCausalLM]:
     """Write a tiny float32 Llama GGUF into `directory`; return its path and the same model in torch.
 
-    Load it back with `from_pretrained(directory, gguf_file=path.name, dtype=torch.float32)`.
+    The reference model is float32, in eval mode, with weights drawn from `seed`. Load the file with
+    `AutoModelForCausalLM.from_pretrained(directory, gguf_file=path.name, dtype=torch.float32)`; its
+    config then matches the reference's, except `rms_norm_eps` comes back rounded to float32.
     """
     tokens, merges, token_types = _tokenizer()
     config = transformers.LlamaConfig(
@@ -90,8 +97,8 @@ def write_tiny_llama_gguf(directory: pathlib.Path, seed: int = 0) -> tuple[pathl
     )
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
 
-    # Fill every weight ourselves, seeded: the default init is tiny (std 0.02) and leaves the norms at
-    # exactly 1, which would hide a swapped or mis-ordered tensor behind near-zero logits.
+    # Fill every weight ourselves, seeded: the default init is tiny (std 0.02) and leaves the norms
+    # at exactly 1, which would hide a swapped or mis-ordered tensor behind near-zero logits.
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -133,9 +140,9 @@ def write_tiny_llama_gguf(directory: pathlib.Path, seed: int = 0) -> tuple[pathl
             weight = _to_llama_cpp_rope_order(weight, HEADS)
         elif hf_name.endswith("k_proj.weight"):
             weight = _to_llama_cpp_rope_order(weight, KV_HEADS)
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))  # keeps the ".weight"
         assert gguf_name is not None, f"gguf has no name for {hf_name}"
-        writer.add_tensor(gguf_name + ".weight", np.ascontiguousarray(weight))
+        writer.add_tensor(gguf_name, np.ascontiguousarray(weight))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -150,11 +157,15 @@ if __name__ == "__main__":
     import time
 
     with tempfile.TemporaryDirectory() as tmp:
+        _ = transformers.LlamaForCausalLM  # resolve the lazy import (seconds) so we time the write
         start = time.perf_counter()
         gguf_path, reference = write_tiny_llama_gguf(pathlib.Path(tmp))
-        print(f"wrote {gguf_path.name}: {gguf_path.stat().st_size} bytes in {time.perf_counter() - start:.3f}s")
+        seconds = time.perf_counter() - start
+        print(f"wrote {gguf_path.name}: {gguf_path.stat().st_size} bytes in {seconds:.3f}s")
 
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_path.name, dtype=torch.float32)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, gguf_file=gguf_path.name, dtype=torch.float32
+        )
         ids = torch.tensor([[reference.config.bos_token_id, 5, 17, 42, 99, 256, 300, 7]])
         with torch.no_grad():
             diff = (loaded(ids).logits - reference(ids).logits).abs().max().item()
@@ -165,4 +176,5 @@ if __name__ == "__main__":
         encoded = tokenizer("Hello world, the quick brown fox jumps over the lazy dog!")["input_ids"]
         print(f"{type(tokenizer).__name__}: {encoded} -> {tokenizer.decode(encoded)!r}")
         assert encoded and max(encoded) < reference.config.vocab_size
+        assert len(tokenizer) == reference.config.vocab_size
         print("ok")

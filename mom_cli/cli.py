@@ -1,0 +1,224 @@
+"""The `mom` command line: parses options, calls the library, prints the result.
+
+stdout carries only results (an output path, or JSON with --json); everything for people goes
+to stderr. Errors are one line, exit 2 for usage and 1 for failures; --debug shows tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import console
+from .errors import MomError, UsageError
+
+app = typer.Typer(
+    name="mom",
+    help="Model surgery for pretrained Transformers: Mixture-of-Modules, PEER experts, pruning.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+DEBUG = False
+
+Force = typer.Option(False, "--force", help="Replace an existing output.")
+Json = typer.Option(False, "--json", help="Print a JSON result on stdout.")
+
+
+def checkpoint_arg(value: str) -> str:
+    """`-` means: read the path from stdin (the previous command of a pipe printed it)."""
+    if value != "-":
+        return value
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise UsageError("expected a checkpoint path on stdin from the previous command, got nothing (did it fail?)")
+    return line
+
+
+def emit(path: Path, as_json: bool, **extra: object) -> None:
+    if as_json:
+        print(json.dumps({"path": str(path), **extra}, default=str))
+    else:
+        print(path)
+
+
+@app.command()
+def decompose(
+    source: str = typer.Argument(..., help="Hub id, local transformers directory, .gguf file, or an alias such as smollm2-135m."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: SOURCE-mom beside the input)."),
+    pool_size: Optional[int] = typer.Option(None, "--pool-size", help="M: modules per pool (default: all middle layers, one block)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="H: routed steps per block (default: M)."),
+    top_k: int = typer.Option(1, "--top-k", help="K: modules each router picks per step."),
+    bottom: int = typer.Option(0, "--bottom", help="Plain layers kept below the blocks."),
+    top: int = typer.Option(0, "--top", help="Plain layers kept above the blocks."),
+    router: str = typer.Option("gru", "--router", help="gru (state across steps, as the paper) or mlp."),
+    router_hidden: int = typer.Option(256, "--router-hidden", help="Router hidden size."),
+    temperature: float = typer.Option(0.2, "--temperature", help="Softmax temperature of the routing weights."),
+    no_skip: bool = typer.Option(False, "--no-skip", help="No SKIP module in the pools."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as the source), float32, float16 or bfloat16."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest weights file before sharding."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickled .bin weights (weights_only) if no safetensors."),
+    force: bool = Force,
+    as_json: bool = Json,
+) -> None:
+    """Turn a pretrained Transformer into a Mixture-of-Modules checkpoint.
+
+    The default plan keeps the function: step h of the one block picks module h.
+
+    Example: mom decompose gpt2 -o gpt2-mom --depth 6 --top-k 2
+    """
+    from .decompose import PlanOptions, default_output, parse_dtype
+    from .decompose import decompose as run
+    from .tensorio import parse_size
+
+    source = checkpoint_arg(source)
+    opts = PlanOptions(pool_size, depth, top_k, bottom, top, router, router_hidden, temperature, not no_skip)
+    out = output or default_output(source, "-mom")
+    path = run(source, out, opts, parse_dtype(dtype), force, allow_pickle, parse_size(shard_size))
+    emit(path, as_json)
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (or .safetensors file with --format safetensors)."),
+    fmt: str = typer.Option("hf", "--format", help="hf (standard family format when possible, else trust_remote_code) or safetensors."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest weights file before sharding."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
+    force: bool = Force,
+    as_json: bool = Json,
+) -> None:
+    """Write a MoM checkpoint in a format other tools load.
+
+    Example: mom decompose gpt2 | mom export - -o gpt2-plain
+    """
+    from .decompose import parse_dtype
+    from .export import export as run
+    from .tensorio import parse_size
+
+    ckpt = Path(checkpoint_arg(checkpoint))
+    path, kind = run(ckpt, output, fmt, parse_dtype(dtype), parse_size(shard_size), force)
+    emit(path, as_json, format=fmt, kind=kind)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="MoM checkpoint, transformers directory, hub id, .gguf file, or -."),
+    data: str = typer.Option(..., "--data", help=".txt/.jsonl/.parquet file, a folder of them, or hf:NAME[:CONFIG[:SPLIT]]."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickled .bin weights (weights_only)."),
+    as_json: bool = Json,
+) -> None:
+    """Perplexity, tokens evaluated and tokens/s of any model on text.
+
+    Example: mom eval gpt2-mom --data docs/ --seq-len 256 --max-tokens 20000 --json
+    """
+    from .decompose import parse_dtype
+    from .evaluate import evaluate
+    from .models import load_model, pick_device
+
+    ref = checkpoint_arg(model)
+    if seq_len < 2 or batch_size < 1:
+        raise UsageError("--seq-len must be >= 2 and --batch-size >= 1")
+    dev = pick_device(device)
+    m, tok = load_model(ref, dev, parse_dtype(dtype), allow_pickle)
+    result = evaluate(m, tok, ref, data, seq_len, max_tokens, batch_size, dev)
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    else:
+        console.log(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s)")
+        print(f"perplexity {result.perplexity:.4f}")
+
+
+@app.command()
+def info(
+    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or -."),
+    seq_len: int = typer.Option(1024, "--seq-len", help="Context length for the attention FLOPs."),
+    as_json: bool = Json,
+) -> None:
+    """Plan, pools, parameters (total, active per token), FLOPs per token and provenance.
+
+    Example: mom info gpt2-mom --json
+    """
+    from .checkpoint import read_mom
+    from .info import summary
+
+    config, _ = read_mom(Path(checkpoint_arg(checkpoint)))
+    s = summary(config, seq_len)
+    if as_json:
+        print(json.dumps(s, default=str))
+        return
+    _print_info(s)
+
+
+def _print_info(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    out.print(f"[bold]{s['family']}[/bold] family ({s['source_model_type']}), d={s['hidden_size']}")
+    out.print(f"plain layers: {len(s['bottom_layers'])} bottom, {len(s['top_layers'])} top")
+    table = Table("block", "MHA", "FFN", "SKIP", "steps H", "top-K", "router")
+    for b in s["blocks"]:
+        table.add_row(str(b["block"]), str(b["mha_modules"]), str(b["ffn_modules"]), "yes" if b["skip"] else "no",
+                      str(b["steps"]), str(b["top_k"]), b["router"])
+    out.print(table)
+    out.print(f"parameters: {s['params_total']:,} total, at most {s['params_active_per_token']:,} active per token")
+    out.print(f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context)")
+    for i, r in enumerate(s["provenance"], 1):
+        out.print(f"{i}. {r['time']}  mom {r['mom_version']}  {r['command']} {r['source']}  {json.dumps(r['args'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: global --debug/--quiet anywhere on the line; one-line errors."""
+    from typer import _click as click  # typer vendors its own click
+    from typer import exceptions as typer_exc
+
+    global DEBUG
+    args = list(sys.argv[1:] if argv is None else argv)
+    DEBUG = "--debug" in args
+    console.QUIET = "--quiet" in args or "-q" in args
+    args = [a for a in args if a not in ("--debug", "--quiet", "-q")]
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="mom", standalone_mode=False)
+        return 0
+    except typer_exc.Exit as e:
+        return e.exit_code
+    except typer_exc.Abort:
+        print("mom: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except click.exceptions.NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
+        return 2
+    except click.exceptions.ClickException as e:
+        if DEBUG:
+            raise
+        sub = f" {e.ctx.info_name}" if getattr(e, "ctx", None) and e.ctx.info_name != "mom" else ""
+        print(f"mom: error: {e.format_message()} (see mom{sub} --help)", file=sys.stderr)
+        return 2
+    except MomError as e:
+        if DEBUG:
+            raise
+        print(f"mom: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mom: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure is still one line without --debug
+        if DEBUG:
+            raise
+        print(f"mom: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

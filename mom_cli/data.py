@@ -1,0 +1,96 @@
+"""Text data for every command that reads it: `.txt`, `.jsonl` (a `text` field), `.parquet`, a folder
+of them, or `hf:NAME[:CONFIG[:SPLIT]]` through `datasets`.
+
+Documents are tokenised, joined with the end-of-text token between them, and cut into blocks of
+`seq_len` tokens (non-overlapping, in file order: deterministic).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import MomError, UsageError
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def iter_texts(spec: str) -> Iterator[str]:
+    if spec.startswith("hf:"):
+        yield from _hf_texts(spec[3:])
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UsageError(f"data {spec} does not exist; pass a .txt, .jsonl or .parquet file, a folder of them, or hf:NAME")
+    files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise UsageError(f"no .txt, .jsonl or .parquet files in {path}")
+    for f in files:
+        yield from _file_texts(f)
+
+
+def _file_texts(path: Path) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8", errors="replace")
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise UsageError(f"{path}:{n}: each line must be a JSON object with a \"text\" field ({e})") from e
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        table = pq.read_table(path, columns=["text"])
+        yield from (t for t in table.column("text").to_pylist() if t)
+    else:
+        raise UsageError(f"{path}: unsupported data file; use .txt, .jsonl or .parquet")
+
+
+def _hf_texts(name: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("hf: data needs the datasets package: pip install 'mom-cli[data]'") from None
+    parts = name.split(":")
+    dataset, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split, streaming=True)
+    except Exception as e:
+        raise MomError(f"cannot load dataset {name!r}: {e}") from e
+    for row in ds:
+        yield row["text"]
+
+
+def token_stream(spec: str, tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
+    """All documents as one 1-D tensor of token ids, end-of-text between documents."""
+    eos = tokenizer.eos_token_id
+    chunks: list[torch.Tensor] = []
+    total = 0
+    for text in iter_texts(spec):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids = ids + [eos]
+        chunks.append(torch.tensor(ids, dtype=torch.long))
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not chunks:
+        raise UsageError(f"data {spec} holds no text")
+    stream = torch.cat(chunks)
+    return stream[:max_tokens] if max_tokens is not None else stream
+
+
+def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(n_blocks, seq_len) non-overlapping windows; the tail shorter than seq_len is dropped."""
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise UsageError(f"data has {stream.numel()} tokens, fewer than one sequence of --seq-len {seq_len}; give more text or a shorter --seq-len")
+    return stream[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,145 @@
+"""`mom export`: MoM checkpoints out to what other tools load.
+
+- `hf`: a MoM that is still a plain stack of layers (identity routing, nothing replaced) is
+  written back in its source family's standard format (`GPT2LMHeadModel`, `LlamaForCausalLM`),
+  loadable without mom. Anything else becomes a self-contained `trust_remote_code` directory: the
+  two modeling files beside the weights, and an `auto_map` in config.json.
+- `safetensors`: flat safetensors with the config as JSON in the header metadata.
+
+Tensors stream one at a time from the memory-mapped checkpoint; the model is never held whole.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import copy_plan, param_shapes, read_mom
+from .configuration_mom import MomConfig
+from .console import log, progress
+from .errors import UsageError
+from .families import Recipe, family_named
+from .outputs import atomic_dir, atomic_file
+from .sources import TOKENIZER_FILES
+from .tensorio import PlannedTensor, SafetensorsReader, write_safetensors
+
+FORMATS = ("hf", "safetensors")
+_CODE = ("configuration_mom.py", "modeling_mom.py")
+
+
+def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tuple[str, str]] | None:
+    """(MHA prefix, FFN prefix) of each layer in order, if the MoM computes a plain stack; else None.
+
+    A block is a plain stack when it has one MHA and one FFN module per step, routes top-1, and
+    its routers are constant (zero head) with step h's bias picking module h strictly.
+    """
+    if config.peer:
+        return None
+    layers = [(f"model.bottom.{i}.mha.", f"model.bottom.{i}.ffn.") for i in range(len(config.bottom_layers))]
+    for b, spec in enumerate(config.blocks):
+        h = spec["steps"]
+        if config.router_top_k != 1 or len(spec["mha"]) != h or len(spec["ffn"]) != h:
+            return None
+        for kind in ("mha", "ffn"):
+            head = reader.get(f"model.blocks.{b}.{kind}_router.head.weight")
+            bias = reader.get(f"model.blocks.{b}.{kind}_router.step_bias").float()
+            if torch.count_nonzero(head) or not _picks_identity(bias):
+                return None
+        layers += [(f"model.blocks.{b}.mha.{s}.", f"model.blocks.{b}.ffn.{s}.") for s in range(h)]
+    layers += [(f"model.top.{i}.mha.", f"model.top.{i}.ffn.") for i in range(len(config.top_layers))]
+    return layers
+
+
+def _picks_identity(bias: torch.Tensor) -> bool:
+    top2 = bias.topk(2, dim=-1).values if bias.shape[-1] > 1 else None
+    strict = top2 is None or bool((top2[:, 0] > top2[:, 1]).all())
+    return strict and bool((bias.argmax(-1) == torch.arange(bias.shape[0])).all())
+
+
+def export(ckpt: Path, out: Path, fmt: str, dtype: torch.dtype | None, shard_bytes: int, force: bool) -> tuple[Path, str]:
+    """Returns the output path and what was written ("standard", "remote-code" or "safetensors")."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}: use {' or '.join(FORMATS)}")
+    config, reader = read_mom(ckpt)
+    if fmt == "safetensors":
+        return _export_flat(config, reader, out, dtype, shard_bytes, force), "safetensors"
+    layers = plain_layer_order(config, reader)
+    if layers is not None:
+        return _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, force), "standard"
+    return _export_remote_code(ckpt, config, reader, out, dtype, shard_bytes, force), "remote-code"
+
+
+def _stream(tensors: list[PlannedTensor], directory: Path, shard_bytes: int, metadata: dict | None = None, stem: str = "model") -> None:
+    with progress() as bar:
+        task = bar.add_task("writing tensors", total=len(tensors))
+        write_safetensors(directory, tensors, shard_bytes, metadata, lambda t: bar.advance(task), stem=stem)
+
+
+def _copy_extras(ckpt: Path, out: Path) -> None:
+    for name in (*TOKENIZER_FILES, "generation_config.json", "README.md"):
+        if (ckpt / name).exists():
+            shutil.copy2(ckpt / name, out / name)
+
+
+def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, force) -> Path:
+    from transformers import AutoConfig
+
+    family = family_named(config.family)
+    recipes: dict[str, Recipe] = dict(family.globals_to_source(config))
+    for i, (mha, ffn) in enumerate(layers):
+        recipes.update(family.layer_to_source(i, mha, ffn, config))
+    cfg_dict = family.source_config(config, len(layers))
+    cfg_dict.pop("model_type", None)
+    src_cfg = AutoConfig.for_model(config.source_model_type, **cfg_dict)
+    if dtype is not None:
+        src_cfg.dtype = str(dtype).removeprefix("torch.")
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(src_cfg).state_dict().items()}
+    planned = [
+        PlannedTensor(name, shapes[name], dtype or reader.dtype(r.keys[0]), lambda r=r: r.build(reader.get))
+        for name, r in recipes.items()
+    ]
+    log(f"export {ckpt}: plain stack of {len(layers)} layers -> standard {config.source_model_type} format")
+    with atomic_dir(out, force) as tmp:
+        src_cfg.save_pretrained(tmp)
+        _stream(planned, tmp, shard_bytes)
+        _copy_extras(ckpt, tmp)
+    return out
+
+
+def _export_remote_code(ckpt, config, reader, out, dtype, shard_bytes, force) -> Path:
+    config = MomConfig.from_dict(config.to_dict())
+    config.auto_map = {"AutoConfig": "configuration_mom.MomConfig", "AutoModelForCausalLM": "modeling_mom.MomForCausalLM"}
+    config.architectures = ["MomForCausalLM"]
+    if dtype is not None:
+        config.dtype = str(dtype).removeprefix("torch.")
+    log(f"export {ckpt}: routed MoM -> trust_remote_code directory")
+    with atomic_dir(out, force) as tmp:
+        config.save_pretrained(tmp)
+        _stream(copy_plan(reader, config, dtype), tmp, shard_bytes)
+        for name in _CODE:
+            shutil.copy2(Path(__file__).with_name(name), tmp / name)
+        _copy_extras(ckpt, tmp)
+    return out
+
+
+def _export_flat(config, reader, out, dtype, shard_bytes, force) -> Path:
+    meta = {"mom_config": json.dumps(config.to_dict())}
+    tensors = copy_plan(reader, config, dtype)
+    if out.suffix == ".safetensors":
+        if sum(t.nbytes for t in tensors) > shard_bytes:
+            raise UsageError(f"{out} would exceed --shard-size; give a directory as -o to write shards")
+        with atomic_file(out, force) as tmp:
+            _stream(tensors, tmp.parent, shard_bytes, meta, stem=tmp.name.removesuffix(".safetensors"))
+        return out
+    with atomic_dir(out, force) as tmp:
+        _stream(tensors, tmp, shard_bytes, meta)
+    return out
+
+
+def expected_names(config: MomConfig) -> list[str]:
+    return list(param_shapes(config))

@@ -1,0 +1,53 @@
+"""Open any model mom measures: a MoM checkpoint, a transformers directory, a hub id or a GGUF file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MomError, UsageError
+from .sources import load_config, resolve_path
+
+
+def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for any supported reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mom_cli  # noqa: F401  (registers the mom model type)
+
+    path = resolve_path(ref)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"{path} is a file but not a .gguf model")
+        kwargs.update(gguf_file=path.name)
+        directory = path.parent
+    else:
+        directory = path
+        config = load_config(directory)
+        if getattr(config, "model_type", None) == "mom":
+            from .checkpoint import read_mom
+
+            read_mom(directory)  # clear errors for corrupt weights before transformers
+        elif not allow_pickle and not any(directory.glob("*.safetensors")):
+            raise UsageError(f"{directory} has no safetensors weights; convert them, or pass --allow-pickle if you trust the file")
+        kwargs["use_safetensors"] = not allow_pickle
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": path.name} if path.is_file() else {}))
+    except (OSError, ValueError) as e:
+        raise MomError(f"cannot load {ref}: {str(e).splitlines()[0]}") from e
+    return model.to(device).eval(), tokenizer
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"unknown device {name!r}: use cpu, cuda or auto")
+    return name
+
+
