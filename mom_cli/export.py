@@ -23,7 +23,7 @@ from .errors import UsageError
 from .families import Recipe, family_named
 from .outputs import atomic_dir, atomic_file
 from .sources import TOKENIZER_FILES
-from .tensorio import PlannedTensor, SafetensorsReader, write_safetensors
+from .tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
 
 FORMATS = ("hf", "safetensors")
 _CODE = ("configuration_mom.py", "modeling_mom.py")
@@ -71,10 +71,10 @@ def export(ckpt: Path, out: Path, fmt: str, dtype: torch.dtype | None, shard_byt
     return _export_remote_code(ckpt, config, reader, out, dtype, shard_bytes, force), "remote-code"
 
 
-def _stream(tensors: list[PlannedTensor], directory: Path, shard_bytes: int, metadata: dict | None = None, stem: str = "model") -> None:
+def _stream(tensors: list[PlannedTensor], directory: Path, shard_bytes: int, metadata: dict | None = None) -> None:
     with progress() as bar:
         task = bar.add_task("writing tensors", total=len(tensors))
-        write_safetensors(directory, tensors, shard_bytes, metadata, lambda t: bar.advance(task), stem=stem)
+        write_safetensors(directory, tensors, shard_bytes, metadata, lambda t: bar.advance(task))
 
 
 def _copy_extras(ckpt: Path, out: Path) -> None:
@@ -133,8 +133,9 @@ def _export_flat(config, reader, out, dtype, shard_bytes, force) -> Path:
     if out.suffix == ".safetensors":
         if sum(t.nbytes for t in tensors) > shard_bytes:
             raise UsageError(f"{out} would exceed --shard-size; give a directory as -o to write shards")
-        with atomic_file(out, force) as tmp:
-            _stream(tensors, tmp.parent, shard_bytes, meta, stem=tmp.name.removesuffix(".safetensors"))
+        with atomic_file(out, force) as tmp, progress() as bar:
+            task = bar.add_task("writing tensors", total=len(tensors))
+            write_file(tmp, tensors, {"format": "pt", **meta}, lambda t: bar.advance(task))
         return out
     with atomic_dir(out, force) as tmp:
         _stream(tensors, tmp, shard_bytes, meta)

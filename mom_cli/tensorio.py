@@ -152,7 +152,8 @@ def _shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTe
     return shards
 
 
-def _write_file(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str], on_tensor) -> None:
+def write_file(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str], on_tensor=lambda t: None) -> None:
+    """One safetensors file at `path`, header first, then each tensor streamed as it is produced."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
@@ -180,23 +181,22 @@ def write_safetensors(
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[PlannedTensor], None] = lambda t: None,
-    stem: str = "model",
 ) -> list[Path]:
-    """Write `tensors` as `{stem}.safetensors`, or shards plus an index above `max_shard_bytes`."""
+    """Write `tensors` as `model.safetensors`, or shards plus an index above `max_shard_bytes`."""
     meta = {"format": "pt", **(metadata or {})}
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        path = directory / f"{stem}.safetensors"
-        _write_file(path, shards[0], meta, on_tensor)
+        path = directory / SINGLE_NAME
+        write_file(path, shards[0], meta, on_tensor)
         return [path]
     paths, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
-        path = directory / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_file(path, shard, meta, on_tensor)
+        path = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_file(path, shard, meta, on_tensor)
         paths.append(path)
         weight_map.update({t.name: path.name for t in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-    (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return paths
 
 
