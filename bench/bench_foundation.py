@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -107,7 +108,12 @@ def prepare_hf() -> Path:
 
     gguf = smollm2_gguf()
     log(f"prepare: {gguf.name} -> {HF_DIR}")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild it plain.
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.save_pretrained(HF_DIR)
     tok.save_pretrained(HF_DIR)
@@ -167,15 +173,20 @@ def time_call(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def paired_medians(a: Callable[[], object], b: Callable[[], object], reps: int, device: str) -> tuple[float, float]:
-    """Median seconds of a and b, alternated so that drift in machine speed hits both alike."""
+def paired_times(a: Callable[[], object], b: Callable[[], object], reps: int, device: str) -> tuple[list[float], list[float]]:
+    """Seconds of each run of a and b, alternated so that drift in machine speed hits both alike."""
     for _ in range(2):  # warm-up
         a(), b()
     ta, tb = [], []
     for _ in range(reps):
         ta.append(time_call(a, device))
         tb.append(time_call(b, device))
-    return statistics.median(ta), statistics.median(tb)
+    return ta, tb
+
+
+def spread(times: list[float]) -> str:
+    """Median in ms with the range, so that a noisy machine shows."""
+    return f"{statistics.median(times) * 1e3:.1f} ms [{min(times) * 1e3:.0f}-{max(times) * 1e3:.0f}]"
 
 
 @torch.inference_mode()
@@ -188,10 +199,10 @@ def bench_forward(hf, mom, ids: torch.Tensor, sizes: Sizes, device: str, fp32: b
         run_mom = lambda: mom(input_ids=x, use_cache=False).logits  # noqa: E731
         diff = (run_hf().float() - run_mom().float()).abs().max().item()
         worst = max(worst, diff)
-        t_hf, t_mom = paired_medians(run_hf, run_mom, sizes.forward_reps, device)
-        ratio = t_mom / t_hf
-        log(f"forward  batch {b} x {sizes.seq_len}: transformers {t_hf * 1e3:.1f} ms, MoM {t_mom * 1e3:.1f} ms, "
-            f"ratio {ratio:.3f}; max |logit diff| {diff:.2e}")
+        t_hf, t_mom = paired_times(run_hf, run_mom, sizes.forward_reps, device)
+        ratio = statistics.median(t_mom) / statistics.median(t_hf)
+        log(f"forward  batch {b} x {sizes.seq_len}: transformers {spread(t_hf)}, MoM {spread(t_mom)}, "
+            f"ratio of medians {ratio:.3f}; max |logit diff| {diff:.2e}")
         figures.append(Figure(f"forward time MoM/transformers, batch {b}x{sizes.seq_len}", ratio, "<= 1.15", ratio <= 1.15))
     tol = 1e-4 if fp32 else None
     figures.append(Figure("forward max |logit diff|", worst, "<= 1e-4" if fp32 else "info (bf16)",
@@ -269,7 +280,9 @@ def bench_memory(src: Path) -> list[Figure]:
     size_mib = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**20
     py = sys.executable
     idle, _ = peak_rss_mib([py, "-c", "import torch, transformers"])
-    log(f"memory   checkpoint on disk {size_mib:.1f} MiB; idle `import torch, transformers` peak RSS {idle:.1f} MiB")
+    cli, _ = peak_rss_mib([py, "-m", "mom_cli", "--help"])
+    log(f"memory   checkpoint on disk {size_mib:.1f} MiB; idle peak RSS: `import torch, transformers` {idle:.1f} MiB "
+        f"(the baseline), `mom --help` {cli:.1f} MiB")
     figures = []
     with tempfile.TemporaryDirectory(prefix="mom-bench-") as tmp:
         mom_out, plain_out = Path(tmp) / "tmp1", Path(tmp) / "tmp2"
@@ -313,26 +326,38 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def load_note() -> str:
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    busy = " (busy machine: timings are noisy)" if load > 0.5 * cpus else ""
+    return f"load average {load:.2f} on {cpus} CPUs{busy}"
+
+
 def main() -> None:
     args = parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     start = time.perf_counter()
     sizes = pick_sizes(args.quick, args.device)
     torch.manual_seed(0)
     log(f"bench_foundation: device {args.device}, dtype {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, sizes {json.dumps(sizes.__dict__)}")
+    log(f"start: {load_note()}")
     src = prepare_hf()
     prepare_mom(src)
     log(f"prepare: ready in {time.perf_counter() - start:.1f} s")
 
     hf, mom = load_models(args.device, DTYPES[args.dtype])
     ids = text_tokens(max(sizes.forward_batches) * sizes.seq_len)
+    log(f"timing: {load_note()}")
     figures = bench_forward(hf, mom, ids, sizes, args.device, args.dtype == "float32")
     figures += bench_generate(hf, mom, ids, sizes, args.device)
     del hf, mom
     figures += bench_memory(src)
 
     print_table(figures)
-    log(f"\nwall time {time.perf_counter() - start:.1f} s")
+    log(f"\nend: {load_note()}; wall time {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

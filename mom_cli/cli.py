@@ -6,7 +6,11 @@ to stderr. Errors are one line, exit 2 for usage and 1 for failures; --debug sho
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +79,7 @@ def decompose(
     from .decompose import decompose as run
     from .tensorio import parse_size
 
+    _quiet_third_party()
     source = checkpoint_arg(source)
     opts = PlanOptions(pool_size, depth, top_k, bottom, top, router, router_hidden, temperature, not no_skip)
     out = output or default_output(source, "-mom")
@@ -125,6 +130,7 @@ def eval_(
     from .evaluate import evaluate
     from .models import load_model, pick_device
 
+    _quiet_third_party()
     ref = checkpoint_arg(model)
     if seq_len < 2 or batch_size < 1:
         raise UsageError("--seq-len must be >= 2 and --batch-size >= 1")
@@ -177,47 +183,96 @@ def _print_info(s: dict) -> None:
         out.print(f"{i}. {r['time']}  mom {r['mom_version']}  {r['command']} {r['source']}  {json.dumps(r['args'])}")
 
 
+def _quiet_third_party() -> None:
+    """mom shows its own progress; transformers' "Loading weights" bar would turn a one-line error
+    into several lines of stderr. Hub download bars are left as the user has them."""
+    if DEBUG:
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars_off = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also switches the hub's bars off
+    if not hub_bars_off:
+        enable_progress_bars()
+
+
+INTERRUPTED: int | None = None  # the signal that stopped the command, if any
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGTERM/SIGHUP (kill, timeout, a closed terminal) unwind like Ctrl-C, so temporary outputs are
+    removed; a second signal gets the default action."""
+    global INTERRUPTED
+    INTERRUPTED = signum
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    raise KeyboardInterrupt
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _interrupted() -> int:
+    print("mom: interrupted; no output was written", file=sys.stderr)
+    return 128 + (INTERRUPTED or signal.SIGINT)
+
+
+def _fail(message: str, code: int) -> int:
+    if DEBUG:
+        traceback.print_exc()
+    print(f"mom: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: global --debug/--quiet anywhere on the line; one-line errors."""
-    from typer import _click as click  # typer vendors its own click
-    from typer import exceptions as typer_exc
-
-    global DEBUG
+    global DEBUG, INTERRUPTED
     args = list(sys.argv[1:] if argv is None else argv)
     DEBUG = "--debug" in args
     console.QUIET = "--quiet" in args or "-q" in args
     args = [a for a in args if a not in ("--debug", "--quiet", "-q")]
+    if "transformers" in sys.modules:  # commands that load models call it again, after importing it
+        _quiet_third_party()
+    INTERRUPTED = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        for sig in _SIGNALS:
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # not if ignored (nohup)
+                previous[sig] = signal.signal(sig, _on_signal)
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: list[str]) -> int:
+    from typer import _click as click  # typer vendors its own click
+    from typer import exceptions as typer_exc
+
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="mom", standalone_mode=False)
-        return 0
+        # typer turns KeyboardInterrupt into exit code 130 and returns it (standalone_mode=False)
+        code = command.main(args=args, prog_name="mom", standalone_mode=False)
+        if code == 130:
+            return _interrupted()
+        return code if isinstance(code, int) else 0
     except typer_exc.Exit as e:
         return e.exit_code
-    except typer_exc.Abort:
-        print("mom: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except (typer_exc.Abort, KeyboardInterrupt):
+        return _interrupted()
     except click.exceptions.NoArgsIsHelpError as e:
         print(e.format_message(), file=sys.stderr)
         return 2
     except click.exceptions.ClickException as e:
-        if DEBUG:
-            raise
         sub = f" {e.ctx.info_name}" if getattr(e, "ctx", None) and e.ctx.info_name != "mom" else ""
-        print(f"mom: error: {e.format_message()} (see mom{sub} --help)", file=sys.stderr)
-        return 2
+        return _fail(f"{e.format_message()} (see mom{sub} --help)", 2)
     except MomError as e:
-        if DEBUG:
-            raise
-        print(f"mom: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("mom: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return _fail(str(e), e.exit_code)
     except Exception as e:  # an unexpected failure is still one line without --debug
-        if DEBUG:
-            raise
-        print(f"mom: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+        hint = "" if DEBUG else " (run with --debug for the traceback)"
+        return _fail(f"{type(e).__name__}: {e}{hint}", 1)
 
 
 if __name__ == "__main__":

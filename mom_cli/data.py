@@ -1,5 +1,5 @@
-"""Text data for every command that reads it: `.txt`, `.jsonl` (a `text` field), `.parquet`, a folder
-of them, or `hf:NAME[:CONFIG[:SPLIT]]` through `datasets`.
+"""Text data for every command that reads it: a text file, `.jsonl` (a `text` field), `.parquet`, a
+folder of `.txt`/`.jsonl`/`.parquet` files, or `hf:NAME[:CONFIG[:SPLIT]]` through `datasets`.
 
 Documents are tokenised, joined with the end-of-text token between them, and cut into blocks of
 `seq_len` tokens (non-overlapping, in file order: deterministic).
@@ -32,9 +32,7 @@ def iter_texts(spec: str) -> Iterator[str]:
 
 
 def _file_texts(path: Path) -> Iterator[str]:
-    if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
-    elif path.suffix == ".jsonl":
+    if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -50,8 +48,8 @@ def _file_texts(path: Path) -> Iterator[str]:
             raise UsageError("reading .parquet needs pyarrow: pip install pyarrow") from None
         table = pq.read_table(path, columns=["text"])
         yield from (t for t in table.column("text").to_pylist() if t)
-    else:
-        raise UsageError(f"{path}: unsupported data file; use .txt, .jsonl or .parquet")
+    else:  # any other single file is plain text (.txt, .md, .rst, ...)
+        yield path.read_text(encoding="utf-8", errors="replace")
 
 
 def _hf_texts(name: str) -> Iterator[str]:

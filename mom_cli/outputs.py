@@ -22,6 +22,8 @@ def check_output(path: Path, force: bool) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise UsageError(f"output folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise UsageError(f"output folder {parent} is not a directory; choose another -o")
     if not os.access(parent, os.W_OK):
         raise MomError(f"cannot write to {parent}: permission denied; choose a writable -o")
 
@@ -37,7 +39,12 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:  # put the previous output back rather than lose both
+                os.replace(old / "x", path)
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

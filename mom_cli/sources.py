@@ -8,6 +8,7 @@ they are loaded with `weights_only=True`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +72,24 @@ def resolve_path(ref: str) -> Path:
         return path
     if ref.lower() in ALIASES:
         return _packaged(ref.lower())
-    if ref.startswith((".", "/", "~")) or ref.endswith((".gguf", ".safetensors")) or ref.count("/") > 1:
+    if _looks_like_path(ref):
         raise UsageError(f"{ref} does not exist; pass an existing model directory, .gguf file or hub id")
     return _from_hub(ref)
+
+
+def _looks_like_path(ref: str) -> bool:
+    """What cannot be a hub id (`name` or `org/name`) is meant as a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if ref.startswith((".", "/", "~")) or ref.endswith((".gguf", ".safetensors", "/", os.sep)) or ref.count("/") > 1:
+        return True
+    if os.sep != "/" and os.sep in ref:
+        return True
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return True
+    return False
 
 
 def _packaged(alias: str) -> Path:
@@ -96,8 +112,8 @@ def _from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:
         raise MomError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
-            "check the name and your network, or pass a local model directory"
+            f"{repo_id} is not a local path, and fetching it from the Hugging Face hub failed ({type(e).__name__}); "
+            "check the name and your network, or pass an existing model directory"
         ) from e
 
 
@@ -105,6 +121,10 @@ def load_config(directory: Path) -> Any:
     from transformers import AutoConfig
 
     cfg_path = directory / "config.json"
+    if not directory.exists():
+        raise UsageError(f"{directory} does not exist; pass an existing model directory")
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory; pass a model directory")
     if not cfg_path.exists():
         raise UsageError(f"{directory} has no config.json; pass a transformers model directory, .gguf file or hub id")
     try:
