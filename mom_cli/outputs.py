@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from .errors import MomError, UsageError
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Delay SIGINT/SIGTERM/SIGHUP (to after the block) where the platform allows it."""
+    held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -49,7 +64,8 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -65,5 +81,6 @@ def atomic_file(path: Path, force: bool) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with _signals_held():
+            tmp.unlink(missing_ok=True)
         raise

@@ -9,6 +9,16 @@ _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+def _present(prefix: str, projections: tuple[str, ...], keys: set[str]) -> dict[str, Recipe]:
+    """Each projection's weight and, where the source has one, its bias."""
+    return {
+        f"{proj}.{kind}": same(f"{prefix}{proj}.{kind}")
+        for proj in projections
+        for kind in ("weight", "bias")
+        if f"{prefix}{proj}.{kind}" in keys
+    }
+
+
 class _Llama:
     name = "llama"
     model_types = ("llama", "mistral", "qwen2")
@@ -41,21 +51,11 @@ class _Llama:
 
     def mha_from_source(self, i: int, keys: set[str]) -> dict[str, Recipe]:
         p = f"model.layers.{i}."
-        out = {"norm.weight": same(p + "input_layernorm.weight")}
-        for proj in _ATTN:
-            for kind in ("weight", "bias"):
-                if f"{p}self_attn.{proj}.{kind}" in keys:
-                    out[f"{proj}.{kind}"] = same(f"{p}self_attn.{proj}.{kind}")
-        return out
+        return {"norm.weight": same(p + "input_layernorm.weight"), **_present(p + "self_attn.", _ATTN, keys)}
 
     def ffn_from_source(self, i: int, keys: set[str]) -> dict[str, Recipe]:
         p = f"model.layers.{i}."
-        out = {"norm.weight": same(p + "post_attention_layernorm.weight")}
-        for proj in _MLP:
-            for kind in ("weight", "bias"):
-                if f"{p}mlp.{proj}.{kind}" in keys:
-                    out[f"{proj}.{kind}"] = same(f"{p}mlp.{proj}.{kind}")
-        return out
+        return {"norm.weight": same(p + "post_attention_layernorm.weight"), **_present(p + "mlp.", _MLP, keys)}
 
     def globals_from_source(self, keys: set[str], tied: bool) -> dict[str, Recipe]:
         out = {"model.embed_tokens.weight": same("model.embed_tokens.weight"), "model.norm.weight": same("model.norm.weight")}
