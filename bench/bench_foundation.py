@@ -5,6 +5,7 @@ Run from the repository root with the project's venv active:
     python bench/bench_foundation.py                      # full run, CPU, float32
     python bench/bench_foundation.py --quick              # smoke run (small sizes, few repetitions)
     python bench/bench_foundation.py --device cuda --dtype bfloat16
+    python bench/bench_foundation.py --threads 1          # steadier CPU timings on a shared machine
 
 Every figure is a ratio against a baseline measured in the same run; nothing is hard-coded and
 nothing is asserted. Printed: each figure, its goal and whether it was met, then a table.
@@ -213,11 +214,14 @@ def bench_forward(hf, mom, ids: torch.Tensor, sizes: Sizes, device: str, fp32: b
 # ----------------------------------------------------------------------------- 3. generate
 
 
-def generate_once(model, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> tuple[torch.Tensor, float]:
+def generate_once(model, prompt: torch.Tensor, new_tokens: int, pad_id: int, device: str) -> tuple[torch.Tensor, float]:
+    """Greedy generation: (the new tokens, seconds)."""
     mask = torch.ones_like(prompt)
+    sync(device)
     t0 = time.perf_counter()
     out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=pad_id)
+    sync(device)
     return out[0, prompt.shape[1]:], time.perf_counter() - t0
 
 
@@ -225,21 +229,21 @@ def generate_once(model, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> 
 def bench_generate(hf, mom, ids: torch.Tensor, sizes: Sizes, device: str) -> list[Figure]:
     prompt = ids[: sizes.prompt_len][None].to(device)
     pad = hf.config.eos_token_id if isinstance(hf.config.eos_token_id, int) else 0
-    generate_once(hf, prompt, 4, pad), generate_once(mom, prompt, 4, pad)  # warm-up
+    generate_once(hf, prompt, 4, pad, device), generate_once(mom, prompt, 4, pad, device)  # warm-up
     rates: dict[str, list[float]] = {"hf": [], "mom": []}
     outs: dict[str, torch.Tensor] = {}
     for _ in range(sizes.gen_reps):
         for name, model in (("hf", hf), ("mom", mom)):
-            sync(device)
-            toks, secs = generate_once(model, prompt, sizes.new_tokens, pad)
-            sync(device)
+            toks, secs = generate_once(model, prompt, sizes.new_tokens, pad, device)
             rates[name].append(toks.numel() / secs)
             outs[name] = toks.cpu()
     r_hf, r_mom = statistics.median(rates["hf"]), statistics.median(rates["mom"])
     same = outs["hf"].shape == outs["mom"].shape and bool((outs["hf"] == outs["mom"]).all())
     ratio = r_mom / r_hf
     log(f"generate {sizes.prompt_len}-token prompt, {outs['hf'].numel()}/{outs['mom'].numel()} new tokens: "
-        f"transformers {r_hf:.1f} tok/s, MoM {r_mom:.1f} tok/s, ratio {ratio:.3f}; identical tokens: {same}")
+        f"transformers {r_hf:.1f} tok/s [{min(rates['hf']):.1f}-{max(rates['hf']):.1f}], "
+        f"MoM {r_mom:.1f} tok/s [{min(rates['mom']):.1f}-{max(rates['mom']):.1f}], "
+        f"ratio of medians {ratio:.3f}; identical tokens: {same}")
     if not same:
         log(f"  transformers: {outs['hf'].tolist()}\n  MoM:          {outs['mom'].tolist()}")
     return [
@@ -323,6 +327,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (smoke run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     return p.parse_args()
 
 
@@ -340,6 +346,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
     sizes = pick_sizes(args.quick, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     log(f"bench_foundation: device {args.device}, dtype {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, sizes {json.dumps(sizes.__dict__)}")

@@ -180,6 +180,9 @@ def decompose(
 
     check_output(out, force)  # fail before reading a large source
     source = open_source(source_ref, allow_pickle)
+    resolved = Path(out).resolve()
+    if resolved == source.path.resolve() or source.path.resolve() in resolved.parents:
+        raise UsageError(f"output {out} would overwrite the source {source_ref}; choose another -o")
     family = family_for(source.config.model_type)
     config = make_config(source, family, opts)
     recipes = tensor_recipes(source, family, config)

@@ -12,7 +12,7 @@ import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import MomError, UsageError
 
@@ -29,6 +29,16 @@ def _signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _discard(remove: Callable[[], None]) -> None:
+    """Remove a temporary output; a second Ctrl-C or SIGTERM must not cut this short."""
+    with _signals_held():
+        try:
+            remove()
+        except KeyboardInterrupt:  # one that was already pending: finish, then let it through
+            remove()
+            raise
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -64,8 +74,7 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except BaseException:
-        with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
-            shutil.rmtree(tmp, ignore_errors=True)
+        _discard(lambda: shutil.rmtree(tmp, ignore_errors=True))
         raise
 
 
@@ -81,6 +90,5 @@ def atomic_file(path: Path, force: bool) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
-        with _signals_held():
-            tmp.unlink(missing_ok=True)
+        _discard(lambda: tmp.unlink(missing_ok=True))
         raise

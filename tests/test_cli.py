@@ -122,7 +122,7 @@ def make_broken_inputs(root: Path, models: Path) -> None:
     # Sources that fail or block only once writing has begun: the layers' shard is bad.
     shard = _split_shards(models / "gpt2", root / "bad-shard")
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    for sig in ("SIGINT", "SIGTERM"):
+    for sig in ("SIGINT", "SIGTERM") if hasattr(os, "mkfifo") else ():
         shard = _split_shards(models / "gpt2", root / f"fifo-{sig}")
         shard.unlink()
         os.mkfifo(shard)  # opening it to read blocks until someone opens it to write
@@ -257,8 +257,7 @@ def job_pickle_allowed(ctx: Ctx) -> Run:
     return mom("decompose", "pickled", "--allow-pickle", "-q", "-o", "out-pickle/result", cwd=ctx.root)
 
 
-def job_eval_mom(ctx: Ctx) -> Run:
-    ctx.result("pipe")
+def job_eval_mom(ctx: Ctx) -> Run:  # after "pipe" (DEPS), which made pipe/gpt2-mom
     return mom("eval", "pipe/gpt2-mom", *EVAL, cwd=ctx.root)
 
 
@@ -266,8 +265,7 @@ def job_eval_source(ctx: Ctx) -> Run:
     return mom("eval", "gpt2", *EVAL, cwd=ctx.root)
 
 
-def job_info(ctx: Ctx) -> Run:
-    ctx.result("pipe")
+def job_info(ctx: Ctx) -> Run:  # after "pipe" (DEPS)
     return mom("info", "pipe/gpt2-mom", "--json", cwd=ctx.root)
 
 
@@ -344,17 +342,19 @@ def jobs(request, models_dir, tmp_path_factory):
     this = sys.modules[__name__]
     wanted = [j for item in request.session.items if item.module is this for j in _jobs_of(item)]
     ctx = Ctx(root, ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))))
-    make_base_inputs(root, models_dir)
-    for name in [n for n in SLOW if n in wanted]:  # these need only the base inputs
-        ctx.start(name)
-    make_broken_inputs(root, models_dir)
-    ctx.read_only_is_writable = _root_writes_anywhere(root)
-    for name in wanted:
-        if not (name == "bad-unwritable-parent" and ctx.read_only_is_writable):
+    try:
+        make_base_inputs(root, models_dir)
+        for name in [n for n in SLOW if n in wanted]:  # these need only the base inputs
             ctx.start(name)
-    yield ctx
-    wait(list(ctx.futures.values()))
-    ctx.pool.shutdown(wait=True)
+        make_broken_inputs(root, models_dir)
+        ctx.read_only_is_writable = _root_writes_anywhere(root)
+        for name in wanted:
+            if not (name == "bad-unwritable-parent" and ctx.read_only_is_writable):
+                ctx.start(name)
+        yield ctx
+    finally:
+        wait(list(ctx.futures.values()))
+        ctx.pool.shutdown(wait=True)
 
 
 SLOW = ("pipe", "eval-source", "eval-mom", "info")
@@ -507,12 +507,13 @@ def test_failure_while_writing_leaves_nothing_and_debug_shows_where(jobs):
     assert entries(res.extra["parent"]) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hold decompose mid-write")
 @pytest.mark.parametrize("sig_name", ["SIGINT", "SIGTERM"])
 def test_signal_while_writing_leaves_nothing(jobs, sig_name):
     # SIGKILL cannot be caught: a killed process leaves its hidden .NAME.tmp-* folder (never the output).
     res = jobs.result(f"signal-{sig_name}")
     assert res.extra["tmp_seen"], res  # the output was being written when the signal came
-    assert res.rc == 128 + getattr(signal, sig_name), res
+    assert entries(res.extra["parent"]) == [], res
+    assert res.rc == 128 + getattr(signal, sig_name), res  # not 0: a script must not go on
     assert res.out == "" and "Traceback" not in res.err, res
     assert res.err.splitlines()[-1] == "mom: interrupted; no output was written", res
-    assert entries(res.extra["parent"]) == []
