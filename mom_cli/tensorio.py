@@ -74,7 +74,9 @@ class SafetensorsReader:
         if name not in self._where:
             raise MomError(f"tensor {name!r} is missing from {self.directory}; the checkpoint is incomplete")
         try:
-            return self._open(self._where[name]).get_tensor(name)
+            # A fresh handle per tensor: a long-lived mmap keeps every page read resident.
+            with safe_open(str(self._where[name]), framework="pt") as handle:
+                return handle.get_tensor(name).clone()
         except MomError:
             raise
         except Exception as e:
@@ -169,7 +171,7 @@ def write_file(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str
             if tuple(value.shape) != t.shape:
                 raise MomError(f"tensor {t.name}: got shape {tuple(value.shape)}, expected {t.shape}; the source does not match its config")
             value = value.detach().to(device="cpu", dtype=t.dtype).contiguous()
-            f.write(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))  # no extra copy
             on_tensor(t)
         f.flush()
         os.fsync(f.fileno())
