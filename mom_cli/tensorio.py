@@ -24,6 +24,7 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -40,6 +41,7 @@ class SafetensorsReader:
         self.directory = Path(directory)
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self._layouts: dict[Path, tuple[int, dict]] = {}
         index = self.directory / INDEX_NAME
         if index.exists():
             try:
@@ -73,14 +75,46 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise MomError(f"tensor {name!r} is missing from {self.directory}; the checkpoint is incomplete")
+        path = self._where[name]
         try:
-            # A fresh handle per tensor: a long-lived mmap keeps every page read resident.
-            with safe_open(str(self._where[name]), framework="pt") as handle:
-                return handle.get_tensor(name).clone()
+            return self._read(path, name)
         except MomError:
             raise
         except Exception as e:
-            raise MomError(f"cannot read tensor {name!r} from {self._where[name]}: {e} (corrupt file?)") from e
+            raise MomError(f"cannot read tensor {name!r} from {path}: {e} (corrupt file?)") from e
+
+    def _read(self, path: Path, name: str) -> torch.Tensor:
+        """Read one tensor with plain file reads into a fresh buffer.
+
+        Not through mmap: mapped pages count as resident until the mapping goes, so mmap plus the
+        copy a caller may keep would cost twice the tensor. Here the tensor's bytes are all it costs.
+        """
+        start, entry = self._layout(path, name)
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:  # exotic dtypes (fp8, ...): let safetensors decode them
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name).clone()
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=dtype)
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if len(buffer) != end - begin:
+            raise MomError(f"tensor {name!r} in {path}: header size does not match its shape (corrupt file)")
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise MomError(f"{path} is truncated at tensor {name!r}; re-download or re-create it")
+        return out
+
+    def _layout(self, path: Path, name: str) -> tuple[int, dict]:
+        """(offset of the data section, the tensor's header entry); each header parsed once."""
+        if path not in self._layouts:
+            self._open(path)  # validates the whole file the first time
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            self._layouts[path] = (8 + n, header)
+        start, header = self._layouts[path]
+        return start, header[name]
 
     def shape(self, name: str) -> list[int]:
         return list(self._open(self._where[name]).get_slice(name).get_shape())
