@@ -59,6 +59,17 @@ def write_checkpoint(
     (directory / "README.md").write_text(model_card(config))
 
 
+def copy_extras(ckpt: Path, out: Path) -> None:
+    """Tokenizer files, generation config and model card travel with the weights."""
+    import shutil
+
+    from .sources import TOKENIZER_FILES
+
+    for name in (*TOKENIZER_FILES, "generation_config.json", "README.md"):
+        if (Path(ckpt) / name).exists():
+            shutil.copy2(Path(ckpt) / name, Path(out) / name)
+
+
 def read_mom(path: Path) -> tuple[MomConfig, SafetensorsReader]:
     """A MoM checkpoint's config and a lazy reader of its tensors."""
     from .sources import load_config

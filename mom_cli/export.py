@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_plan, param_shapes, read_mom
+from .checkpoint import copy_extras, copy_plan, param_shapes, read_mom
 from .configuration_mom import MomConfig
 from .console import log, progress
 from .errors import UsageError
 from .families import Recipe, family_named
 from .outputs import atomic_dir, atomic_file
-from .sources import TOKENIZER_FILES
 from .tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
 
 FORMATS = ("hf", "safetensors")
@@ -32,30 +31,41 @@ _CODE = ("configuration_mom.py", "modeling_mom.py")
 def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tuple[str, str]] | None:
     """(MHA prefix, FFN prefix) of each layer in order, if the MoM computes a plain stack; else None.
 
-    A block is a plain stack when it has one MHA and one FFN module per step, routes top-1, and
-    its routers are constant (zero head) with step h's bias picking module h strictly.
+    A block is a plain stack when it routes top-1 with constant routers (zero head) whose step
+    bias picks one slot strictly at every step. A step whose MHA and FFN both SKIP (pruned or
+    chosen) is no layer at all; a step that keeps only one of the two is not a standard layer.
     """
     if config.peer:
         return None
     layers = [(f"model.bottom.{i}.mha.", f"model.bottom.{i}.ffn.") for i in range(len(config.bottom_layers))]
     for b, spec in enumerate(config.blocks):
-        h = spec["steps"]
-        if config.router_top_k != 1 or len(spec["mha"]) != h or len(spec["ffn"]) != h:
+        if config.router_top_k != 1:
             return None
-        for kind in ("mha", "ffn"):
-            head = reader.get(f"model.blocks.{b}.{kind}_router.head.weight")
-            bias = reader.get(f"model.blocks.{b}.{kind}_router.step_bias").float()
-            if torch.count_nonzero(head) or not _picks_identity(bias):
+        picks = {kind: _constant_choice(reader, b, kind, spec[kind]) for kind in ("mha", "ffn")}
+        if picks["mha"] is None or picks["ffn"] is None:
+            return None
+        for mha, ffn in zip(picks["mha"], picks["ffn"]):
+            if mha is None and ffn is None:
+                continue
+            if mha is None or ffn is None:
                 return None
-        layers += [(f"model.blocks.{b}.mha.{s}.", f"model.blocks.{b}.ffn.{s}.") for s in range(h)]
+            layers.append((f"model.blocks.{b}.mha.{mha}.", f"model.blocks.{b}.ffn.{ffn}."))
     layers += [(f"model.top.{i}.mha.", f"model.top.{i}.ffn.") for i in range(len(config.top_layers))]
     return layers
 
 
-def _picks_identity(bias: torch.Tensor) -> bool:
-    top2 = bias.topk(2, dim=-1).values if bias.shape[-1] > 1 else None
-    strict = top2 is None or bool((top2[:, 0] > top2[:, 1]).all())
-    return strict and bool((bias.argmax(-1) == torch.arange(bias.shape[0])).all())
+def _constant_choice(reader: SafetensorsReader, block: int, kind: str, origins: list) -> list[int | None] | None:
+    """The live slot each step picks (None: it skips), if the router is constant and strict; else None."""
+    head = reader.get(f"model.blocks.{block}.{kind}_router.head.weight")
+    bias = reader.get(f"model.blocks.{block}.{kind}_router.step_bias").float()
+    if torch.count_nonzero(head):
+        return None
+    if bias.shape[-1] > 1:
+        top2 = bias.topk(2, dim=-1).values
+        if not bool((top2[:, 0] > top2[:, 1]).all()):
+            return None  # ties: the choice is not well defined
+    chosen = bias.argmax(-1).tolist()
+    return [m if m < len(origins) and origins[m] is not None else None for m in chosen]
 
 
 def export(ckpt: Path, out: Path, fmt: str, dtype: torch.dtype | None, shard_bytes: int, force: bool) -> tuple[Path, str]:
@@ -75,12 +85,6 @@ def _stream(tensors: list[PlannedTensor], directory: Path, shard_bytes: int, met
     with progress() as bar:
         task = bar.add_task("writing tensors", total=len(tensors))
         write_safetensors(directory, tensors, shard_bytes, metadata, lambda t: bar.advance(task))
-
-
-def _copy_extras(ckpt: Path, out: Path) -> None:
-    for name in (*TOKENIZER_FILES, "generation_config.json", "README.md"):
-        if (ckpt / name).exists():
-            shutil.copy2(ckpt / name, out / name)
 
 
 def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, force) -> Path:
@@ -107,7 +111,7 @@ def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, forc
     with atomic_dir(out, force) as tmp:
         src_cfg.save_pretrained(tmp)
         _stream(planned, tmp, shard_bytes)
-        _copy_extras(ckpt, tmp)
+        copy_extras(ckpt, tmp)
     return out
 
 
@@ -123,7 +127,7 @@ def _export_remote_code(ckpt, config, reader, out, dtype, shard_bytes, force) ->
         _stream(copy_plan(reader, config, dtype), tmp, shard_bytes)
         for name in _CODE:
             shutil.copy2(Path(__file__).with_name(name), tmp / name)
-        _copy_extras(ckpt, tmp)
+        copy_extras(ckpt, tmp)
     return out
 
 

@@ -163,15 +163,21 @@ class Routing:
     all_skip: torch.Tensor | None = None
 
 
-def route(logits: torch.Tensor, k: int, temperature: float, skip_id: int) -> Routing:
-    """Top-K of the scores; weights are the softmax over the chosen scores (= renormalised softmax)."""
+def route(logits: torch.Tensor, k: int, temperature: float, skip_id: int, remap: torch.Tensor | None = None) -> Routing:
+    """Top-K of the scores; weights are the softmax over the chosen scores (= renormalised softmax).
+
+    Choices are slots 0..M-1 and SKIP (= M). `remap` sends the slots of removed modules to SKIP,
+    so a pruned module's tokens skip, with the router itself unchanged.
+    """
     top, idx = logits.topk(k, dim=-1)
     weight = torch.softmax(top.float() / temperature, dim=-1).to(logits.dtype)
-    n = logits.shape[-1]
+    if remap is not None:
+        idx = remap[idx]
+    n = skip_id + 1
     r = Routing(idx=idx, weight=weight, n_modules=n, skip_id=skip_id)
     flat = idx.reshape(-1)
     counts = torch.bincount(flat, minlength=n).tolist()  # one host sync per routing decision
-    if len(counts) > skip_id >= 0 and counts[skip_id] > 0:
+    if counts[skip_id] > 0:
         r.all_skip = (idx == skip_id).all(-1)
         if not bool(r.all_skip.any()):
             r.all_skip = None
@@ -195,7 +201,7 @@ def aux_load_balancing(logits: torch.Tensor, r: Routing, temperature: float) -> 
     """Switch-style load balancing over the M+1 choices: n * sum_i f_i * P_i."""
     n = logits.shape[-1]
     probs = torch.softmax(logits.float() / temperature, dim=-1).mean(0)
-    frac = torch.bincount(r.idx.reshape(-1), minlength=n).float() / r.idx.numel()
+    frac = torch.bincount(r.idx.reshape(-1), minlength=r.n_modules).float()[:n] / r.idx.numel()
     return n * (frac * probs).sum()
 
 
@@ -204,13 +210,13 @@ class RoutingRecorder:
 
     `stats[(block, kind, step)]` -> (tokens per choice, weight mass per choice), SKIP last.
     Attach with `model.model.recorder = RoutingRecorder()`; `prune` and the plots read it.
+    A recorder sees each step's input and output too (`x_in`, `x_out`), for probes that need them.
     """
 
     def __init__(self) -> None:
         self.stats: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.tokens = 0
 
-    def record(self, block: int, kind: str, step: int, r: Routing) -> None:
+    def record(self, block: int, kind: str, step: int, r: Routing, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         flat = r.idx.reshape(-1)
         count = torch.bincount(flat, minlength=r.n_modules).double().cpu()
         mass = torch.zeros(r.n_modules, dtype=torch.float64, device=flat.device)
@@ -307,6 +313,17 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim)
 
 
+    def skip_all(self, x: torch.Tensor, ctx: "StepContext", layer_idx: int, track_valid: bool) -> None:
+        """A step where every token skips attention still fills its cache layer (with keys nobody
+        may attend to), so every layer's cache keeps the same length."""
+        if ctx.cache is None:
+            return
+        b, t = ctx.batch, ctx.seq
+        k = x.new_zeros(b, self.n_kv, t, self.head_dim)
+        v = x.new_zeros(b, self.n_kv, t, self.head_dim + track_valid)  # validity channel 0: masked
+        ctx.cache.update(k, v, layer_idx)
+
+
 @dataclass
 class StepContext:
     """What every attention call of one forward pass shares."""
@@ -355,8 +372,17 @@ class PlainLayer(nn.Module):
         return x + self.ffn(x)
 
 
+def make_pool(config: MomConfig, origins: list[int | None], cls: type) -> nn.ModuleDict:
+    """A pool keyed by slot: slot m holds a module unless it was pruned (origin None)."""
+    return nn.ModuleDict({str(m): cls(config) for m, origin in enumerate(origins) if origin is not None})
+
+
 class MomBlock(nn.Module):
-    """An MHA pool, an FFN pool, SKIP, two routers, and H steps over them."""
+    """An MHA pool, an FFN pool, SKIP, two routers, and H steps over them.
+
+    The routers score M slots per pool (+ SKIP). A slot whose module was pruned, or is switched
+    off for a measurement (`removed`), routes its tokens to SKIP.
+    """
 
     def __init__(self, config: MomConfig, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -364,19 +390,40 @@ class MomBlock(nn.Module):
         self.k = config.router_top_k
         self.temperature = config.router_temperature
         self.skip = config.skip
-        self.mha = nn.ModuleList(MhaModule(config) for _ in spec["mha"])
-        self.ffn = nn.ModuleList(FfnModule(config) for _ in spec["ffn"])
-        n_mha, n_ffn = len(self.mha) + self.skip, len(self.ffn) + self.skip
-        self.mha_router = Router(config, n_mha, self.steps)
-        self.ffn_router = Router(config, n_ffn, self.steps)
+        self.slots = {"mha": len(spec["mha"]), "ffn": len(spec["ffn"])}
+        self.mha = make_pool(config, spec["mha"], MhaModule)
+        self.ffn = make_pool(config, spec["ffn"], FfnModule)
+        self.mha_router = Router(config, self.slots["mha"] + self.skip, self.steps)
+        self.ffn_router = Router(config, self.slots["ffn"] + self.skip, self.steps)
         self.attn = Attention(config)
         self.d = config.hidden_size
         self.attn_dim = config.num_attention_heads * config.head_dim
         self.kv_dim = config.num_key_value_heads * config.head_dim
+        self.removed: dict[str, set[int]] = {}
+        self.set_removed(set(), set())
 
-    def _route(self, router: Router, x: torch.Tensor, state, step: int, pool: int, aux: list) -> tuple:
+    def set_removed(self, mha: set[int], ffn: set[int]) -> None:
+        """Switch slots off (on top of those pruned from the checkpoint): their tokens SKIP."""
+        self._remaps: dict[tuple[str, torch.device], torch.Tensor] = {}  # made on first use, per device
+        for kind, extra, pool in (("mha", mha, self.mha), ("ffn", ffn, self.ffn)):
+            self.removed[kind] = {m for m in range(self.slots[kind]) if str(m) not in pool} | set(extra)
+
+    def _remap(self, kind: str, device: torch.device) -> torch.Tensor | None:
+        """Slot -> slot, or SKIP (= M) for removed slots; None when nothing is removed."""
+        if not self.removed[kind]:
+            return None
+        key = (kind, device)
+        if key not in self._remaps:
+            n = self.slots[kind]
+            table = [n if m in self.removed[kind] else m for m in range(n)] + [n]
+            self._remaps[key] = torch.tensor(table, device=device)
+        return self._remaps[key]
+
+    def _route(self, kind: str, x: torch.Tensor, state, step: int, aux: list) -> tuple:
+        router = self.mha_router if kind == "mha" else self.ffn_router
         logits, state = router(x, state, step)
-        r = route(logits, min(self.k, logits.shape[-1]), self.temperature, pool if self.skip else -1)
+        remap = self._remap(kind, x.device)
+        r = route(logits, min(self.k, logits.shape[-1]), self.temperature, self.slots[kind], remap)
         if self.training and torch.is_grad_enabled():
             aux.append(aux_load_balancing(logits, r, self.temperature))
         return r, state
@@ -386,24 +433,28 @@ class MomBlock(nn.Module):
     ) -> torch.Tensor:
         s_mha = s_ffn = None
         for h in range(self.steps):
-            r, s_mha = self._route(self.mha_router, x, s_mha, h, len(self.mha), aux)
+            r, s_mha = self._route("mha", x, s_mha, h, aux)
+            y = x + self._attend(x, r, ctx, first_layer + h)
             if recorder is not None:
-                recorder.record(block_id, "mha", h, r)
-            x = x + self._attend(x, r, ctx, first_layer + h)
-            r, s_ffn = self._route(self.ffn_router, x, s_ffn, h, len(self.ffn), aux)
+                recorder.record(block_id, "mha", h, r, x, y)
+            r, s_ffn = self._route("ffn", y, s_ffn, h, aux)
+            x = y + scatter_modules(y, r, lambda m, xs: self.ffn[str(m)](xs), (self.d,), weighted=True)[0]
             if recorder is not None:
-                recorder.record(block_id, "ffn", h, r)
-            x = x + scatter_modules(x, r, lambda m, xs: self.ffn[m](xs), (self.d,), weighted=True)[0]
+                recorder.record(block_id, "ffn", h, r, y, x)
         return x
 
     def _attend(self, x: torch.Tensor, r: Routing, ctx: StepContext, layer_idx: int) -> torch.Tensor:
         mods = self.mha
+        track = self.skip or bool(self.removed["mha"])
+        if list(r.groups) == [r.skip_id]:  # every token skips: only keep the cache in step
+            self.attn.skip_all(x, ctx, layer_idx, track)
+            return x.new_zeros(x.shape)
         # Q, K and V are the plain sums of the chosen modules' projections (the paper's assembly);
         # only the output projections are weighted.
-        q, k, v = scatter_modules(x, r, lambda m, xs: mods[m].qkv(xs), (self.attn_dim, self.kv_dim, self.kv_dim), False)
+        q, k, v = scatter_modules(x, r, lambda m, xs: mods[str(m)].qkv(xs), (self.attn_dim, self.kv_dim, self.kv_dim), False)
         key_valid = None if r.all_skip is None else ~r.all_skip
-        a = self.attn(q, k, v, ctx, layer_idx, key_valid, track_valid=self.skip)
-        return scatter_modules(a, r, lambda m, xs: mods[m].o_proj(xs), (self.d,), weighted=True)[0]
+        a = self.attn(q, k, v, ctx, layer_idx, key_valid, track_valid=track)
+        return scatter_modules(a, r, lambda m, xs: mods[str(m)].o_proj(xs), (self.d,), weighted=True)[0]
 
 
 # ----------------------------------------------------------------------------- model

@@ -49,10 +49,15 @@ def model_card(config: Any) -> str:
     ]
     for i, b in enumerate(config.blocks):
         lines.append(
-            f"- block {i}: {len(b['mha'])} MHA + {len(b['ffn'])} FFN modules{' + SKIP' if config.skip else ''}, "
+            f"- block {i}: {_live(b['mha'])} MHA + {_live(b['ffn'])} FFN modules{' + SKIP' if config.skip else ''}, "
             f"{b['steps']} steps, top-{config.router_top_k}, {config.router} router"
         )
     lines += ["", "## Provenance", "", "| # | command | source | time | mom |", "|---|---|---|---|---|"]
     for i, r in enumerate(config.mom_provenance, 1):
         lines.append(f"| {i} | `{r['command']}` | {r['source']} | {r['time']} | {r['mom_version']} |")
     return "\n".join(lines) + "\n"
+
+
+def _live(origins: list) -> int:
+    """Modules a pool still holds (pruned slots are None)."""
+    return sum(o is not None for o in origins)

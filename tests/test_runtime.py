@@ -107,7 +107,7 @@ def test_dispatch_runs_each_module_only_on_its_tokens(llama_dir, tmp_path):
     mom = mom_cli.load(decomposed(llama_dir, tmp_path / "mom", depth=2, top_k=1)).eval()
     _perturb_routers(mom, seed=3)
     seen: list[int] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0])) for m in mom.model.blocks[0].ffn]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0])) for m in mom.model.blocks[0].ffn.values()]
     x = ids(1, 20)
     with torch.no_grad():
         mom(x, use_cache=False)
