@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -157,12 +158,75 @@ def info(
     from .checkpoint import read_mom
     from .info import summary
 
-    config, _ = read_mom(Path(checkpoint_arg(checkpoint)))
-    s = summary(config, seq_len)
+    config, reader = read_mom(Path(checkpoint_arg(checkpoint)))
+    s = summary(config, seq_len, reader.get)
     if as_json:
         print(json.dumps(s, default=str))
         return
     _print_info(s)
+
+
+@app.command()
+def prune(
+    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-pruned beside it)."),
+    keep_mha: Optional[str] = typer.Option(None, "--keep-mha", metavar="[N|P%]",
+                                           help="MHA modules to keep: a count or a share; the flag alone keeps all. Default 50%."),
+    keep_ffn: Optional[str] = typer.Option(None, "--keep-ffn", metavar="[N|P%]",
+                                           help="FFN modules to keep; the flag alone (or no flag) keeps all of them."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="greedy, loss, cosine, block-influence or usage "
+                                         "(default: greedy when affordable, else loss)."),
+    data: str = typer.Option(..., "--data", help="Calibration text: .txt/.jsonl/.parquet, a folder, or hf:NAME."),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens the scores are measured on."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."),
+    greedy_width: int = typer.Option(8, "--greedy-width", help="Candidates greedy re-measures per round after the first."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw scores and perplexity against modules removed (.png)."),
+    force: bool = Force,
+    as_json: bool = Json,
+) -> None:
+    """Measure which MHA and FFN modules are redundant and remove them.
+
+    Example: mom prune gpt2-mom --keep-ffn --keep-mha 50% --data docs/ -o gpt2-half-attn
+    """
+    from .decompose import default_output
+    from .models import pick_device
+    from .prune import PruneOptions
+    from .prune import prune as run
+
+    _quiet_third_party()
+    ckpt = Path(checkpoint_arg(checkpoint))
+    out = output or default_output(str(ckpt), "-pruned")
+    opts = PruneOptions(data=data, keep_mha=keep_mha, keep_ffn=keep_ffn, metric=metric, calib_tokens=calib_tokens,
+                        seq_len=seq_len, batch_size=batch_size, eval_data=eval_data, device=pick_device(device),
+                        greedy_width=greedy_width, plot=plot)
+    report = run(ckpt, out, opts, force)
+    if as_json:
+        print(json.dumps(report.as_dict(), default=str))
+        return
+    _print_prune(report.as_dict())
+    print(out)
+
+
+def _print_prune(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table("module", "origin layer", f"score ({r['metric']})", "removed")
+    for m in r["modules"]:
+        table.add_row(m["module"], str(m["origin"]), f"{m['score']:.6g}", "[red]yes[/red]" if m["removed"] else "")
+    out = console.stderr
+    if not console.QUIET:
+        out.print(table)
+    for label, key in (("calibration perplexity", "calibration_perplexity"), ("held-out perplexity", "heldout_perplexity")):
+        if r[key] is not None:
+            console.log(f"{label}: {r[key]['before']:.4f} -> {r[key]['after']:.4f}")
+    for label, key in (("parameters", "params_total"), ("active parameters per token", "params_active_per_token"),
+                       ("FLOPs per token", "flops_per_token")):
+        console.log(f"{label}: {r[key]['before']:,} -> {r[key]['after']:,}")
+    if r["note"]:
+        console.log(r["note"])
 
 
 def _print_info(s: dict) -> None:
@@ -231,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     DEBUG = "--debug" in args
     console.QUIET = "--quiet" in args or "-q" in args
-    args = [a for a in args if a not in ("--debug", "--quiet", "-q")]
+    args = _optional_values([a for a in args if a not in ("--debug", "--quiet", "-q")])
     if "transformers" in sys.modules:  # commands that load models call it again, after importing it
         _quiet_third_party()
     INTERRUPTED = None
@@ -245,6 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+OPTIONAL_VALUE = {"--keep-mha": "all", "--keep-ffn": "all"}
+
+
+def _optional_values(args: list[str]) -> list[str]:
+    """`--keep-ffn` may stand alone: give it its implicit value when no N or P% follows it."""
+    out: list[str] = []
+    for i, a in enumerate(args):
+        out.append(a)
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if a in OPTIONAL_VALUE and (nxt is None or not re.fullmatch(r"\d+(\.\d+)?%?|all", nxt)):
+            out.append(OPTIONAL_VALUE[a])
+    return out
 
 
 def _run(args: list[str]) -> int:
