@@ -108,9 +108,16 @@ class Measurer:
     batch_size: int
     device: str
     passes: int = 0
+    _seen: dict[frozenset, float] = field(default_factory=dict)  # the same set is measured once
+
+    def loss(self, off: Iterable[ModuleRef] = ()) -> float:
+        key = frozenset(off)
+        if key not in self._seen:
+            self._seen[key] = self._measure(key)
+        return self._seen[key]
 
     @torch.inference_mode()
-    def loss(self, off: Iterable[ModuleRef] = ()) -> float:
+    def _measure(self, off: frozenset) -> float:
         switch_off(self.model, off)
         total, count = 0.0, 0
         for i in range(0, self.batches.shape[0], self.batch_size):
@@ -174,7 +181,7 @@ def probe_scores(measurer: Measurer, refs: list[ModuleRef], whole_step: bool) ->
     probe = _CosineProbe(whole_step)
     inner.recorder = probe
     try:
-        measurer.loss()
+        measurer._measure(frozenset())  # a real pass, even when the loss itself is known
     finally:
         inner.recorder = None
     return probe.scores(refs)
@@ -230,15 +237,16 @@ def greedy_passes(n: dict[str, int], n_remove: dict[str, int], width: int) -> in
     return 1 + total + max(rounds - 1, 0) * width + 1  # + base and the one-shot check
 
 
-def greedy_plan(measurer: Measurer, refs: list[ModuleRef], n_remove: dict[str, int], base: float, width: int) -> PrunePlan:
+def greedy_plan(measurer: Measurer, refs: list[ModuleRef], n_remove: dict[str, int], base: float, width: int,
+                first: dict[ModuleRef, float] | None = None) -> PrunePlan:
     """Remove the least harmful module, re-measure the best-ranked candidates, repeat.
 
     The first round is the one-shot `loss` ranking. Later rounds re-measure the `width` candidates
     ranked best so far (everything else keeps its last score). If the one-shot ranking's removal
     set ends lower on the calibration text than the greedy path, it is used instead: greedy never
-    does worse than the ranking it started from.
+    does worse than the ranking it started from. `first`: that ranking, when already measured.
     """
-    first = loss_scores(measurer, refs, base, label="greedy: round 1")
+    first = first if first is not None else loss_scores(measurer, refs, base, label="greedy: round 1")
     scores = dict(first)
     need = dict(n_remove)
     removed: list[ModuleRef] = []

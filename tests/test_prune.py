@@ -17,6 +17,7 @@ from mom_cli import routing_stats
 from mom_cli.cli import _optional_values
 from mom_cli.errors import UsageError
 from mom_cli.export import export
+from mom_cli.models import load_model
 from mom_cli.prune import (
     Measurer, ModuleRef, PruneOptions, keep_counts, lowest, prune, remove_modules,
 )
@@ -97,7 +98,7 @@ def test_greedy_never_worse_than_its_one_shot_ranking(gpt2_dir, tmp_path, text_f
     o = opts(text_file, keep_mha="1", keep_ffn="3", greedy_width=2)
     one_shot = prune(ckpt, tmp_path / "loss", PruneOptions(**{**o.__dict__, "metric": "loss"}))
     greedy = prune(ckpt, tmp_path / "greedy", PruneOptions(**{**o.__dict__, "metric": "greedy"}))
-    model, _ = mom_cli.models.load_model(str(ckpt))
+    model, _ = load_model(str(ckpt))
     from mom_cli.data import blocks, token_stream
     from transformers import AutoTokenizer
 
