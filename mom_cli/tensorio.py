@@ -108,10 +108,19 @@ class SafetensorsReader:
     def _layout(self, path: Path, name: str) -> tuple[int, dict]:
         """(offset of the data section, the tensor's header entry); each header parsed once."""
         if path not in self._layouts:
-            self._open(path)  # validates the whole file the first time
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            if not path.exists():
+                raise MomError(f"shard {path} is missing; the checkpoint is incomplete")
+            # Python's own open() first: a signal that comes while it blocks (a slow or network
+            # file) interrupts it at once, where a blocked native open would delay Ctrl-C.
+            try:
+                with open(path, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(n))
+            except (ValueError, struct.error):
+                header = None
+            self._open(path)  # validates the whole file, and names the damage in one line
+            if not isinstance(header, dict):
+                raise MomError(f"cannot read the header of {path} (corrupt safetensors file; re-download or re-create it)")
             self._layouts[path] = (8 + n, header)
         start, header = self._layouts[path]
         return start, header[name]
