@@ -284,8 +284,11 @@ def _signal_job(sig_name: str) -> Callable[[Ctx], Run]:
         parent = ctx.root / f"out-{sig_name}"
         parent.mkdir()
         fifo = ctx.root / f"fifo-{sig_name}" / "model-00002-of-00002.safetensors"
+        # As from a terminal: a shell that starts a job in the background (`cmd &`, as some CI
+        # runners do) makes it ignore SIGINT, and the child would inherit that.
         proc = subprocess.Popen([*MOM, "decompose", fifo.parent.name, "-o", f"{parent.name}/result"], cwd=ctx.root, env=ENV,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + TIMEOUT
         seen: list[str] = []
         try:
