@@ -312,7 +312,6 @@ class Attention(nn.Module):
         )
         return out.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim)
 
-
     def skip_all(self, x: torch.Tensor, ctx: "StepContext", layer_idx: int, track_valid: bool) -> None:
         """A step where every token skips attention still fills its cache layer (with keys nobody
         may attend to), so every layer's cache keeps the same length."""
