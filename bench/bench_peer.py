@@ -40,13 +40,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_foundation import Figure, load_note, log, print_table, sync, time_call  # noqa: E402
 from mom_cli.peer import PeerLayer, _gathered_dot  # noqa: E402
 
 D, HEADS, TOPK, KEY_DIM = 512, 8, 16, 256  # d_key: full query width; PEER_pytorch's dim_key is one half
@@ -67,37 +67,6 @@ def pick_sizes(quick: bool) -> Sizes:
     if quick:
         return Sizes(64**2, 2, 128, 32**2, 128**2, 1, 1)
     return Sizes(512**2, 4, 512, 128**2, 1024**2, 3, 3)
-
-
-@dataclass
-class Figure:
-    name: str
-    value: float | None
-    goal: str
-    met: bool | None  # None: informational
-
-    def shown(self) -> str:
-        return "n/a" if self.value is None else f"{self.value:.3f}"
-
-    def verdict(self) -> str:
-        return {True: "MET", False: "NOT MET", None: "-"}[self.met]
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def spread(times: list[float], per: float = 1.0, unit: str = "ms") -> str:
@@ -146,9 +115,9 @@ def child_step(impl: str, n: int, batch: int, seq: int, reps: int, device: str) 
         torch.cuda.reset_peak_memory_stats()
     else:
         rest = rss_mib()
-    first = timed(step, device)  # warm-up, and the memory peak of a step
+    first = time_call(step, device)  # warm-up, and the memory peak of a step
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
-    times = [timed(step, device) for _ in range(reps)]
+    times = [time_call(step, device) for _ in range(reps)]
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20
     return {"rest_mib": rest, "peak_mib": peak, "grads_mib": grads, "first_s": first, "times": times,
             "tokens": batch * seq}
@@ -164,23 +133,23 @@ def child_forward(n: int, batch: int, seq: int, reps: int, device: str, bandwidt
     res: dict = {"build_s": built, "tokens": batch * seq}
     with torch.inference_mode():
         layer(x[:64])  # warm-up
-        res["times"] = [timed(lambda: layer(x), device) for _ in range(reps)]
-        res["retrieve_times"] = [timed(lambda: layer.retrieve(x), device) for _ in range(reps)]
+        res["times"] = [time_call(lambda: layer(x), device) for _ in range(reps)]
+        res["retrieve_times"] = [time_call(lambda: layer.retrieve(x), device) for _ in range(reps)]
         if bandwidth:
             scores, idx = layer.retrieve(x)
             idx = idx.flatten(1)
             coef = scores.softmax(-1).flatten(1)
             row_bytes = idx.numel() * D * layer.w_in.element_size()
             res["gather_bytes"] = row_bytes
-            res["gather_in"] = [timed(lambda: _gathered_dot(layer.w_in, idx, x, layer.chunk_size), device)
+            res["gather_in"] = [time_call(lambda: _gathered_dot(layer.w_in, idx, x, layer.chunk_size), device)
                                 for _ in range(reps + 1)][1:]
-            res["gather_out"] = [timed(lambda: torch.nn.functional.embedding_bag(
+            res["gather_out"] = [time_call(lambda: torch.nn.functional.embedding_bag(
                 idx, layer.w_out, per_sample_weights=coef, mode="sum"), device) for _ in range(reps + 1)][1:]
             del layer
             src = torch.randn(128 * 2**20, device=device)  # 512 MiB
             dst = torch.empty_like(src)
             res["copy_bytes"] = src.numel() * src.element_size()
-            res["copy"] = [timed(lambda: dst.copy_(src), device) for _ in range(reps + 2)][1:]
+            res["copy"] = [time_call(lambda: dst.copy_(src), device) for _ in range(reps + 2)][1:]
     return res
 
 
@@ -257,27 +226,7 @@ def bench_scaling_and_bandwidth(args: argparse.Namespace, s: Sizes) -> list[Figu
     ]
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def print_table(figures: list[Figure]) -> None:
-    w = max(len(f.name) for f in figures)
-    log("")
-    log(f"{'figure':<{w}}  {'value':>10}  {'goal':<8}  result")
-    log(f"{'-' * w}  {'-' * 10}  {'-' * 8}  -------")
-    for f in figures:
-        log(f"{f.name:<{w}}  {f.shown():>10}  {f.goal:<8}  {f.verdict()}")
-    log("")
-    for f in figures:
-        if f.met is not None:
-            log(f"goal {'MET    ' if f.met else 'NOT MET'}: {f.name} = {f.shown()} (goal {f.goal})")
-
-
-def load_note() -> str:
-    load = os.getloadavg()[0]
-    cpus = os.cpu_count() or 1
-    busy = " (busy machine: timings are noisy)" if load > 0.5 * cpus else ""
-    return f"load average {load:.2f} on {cpus} CPUs{busy}"
+# ----------------------------------------------------------------------------- main
 
 
 def parse_args() -> argparse.Namespace:

@@ -161,10 +161,11 @@ class _CosineProbe:
         sums = torch.zeros(r.n_modules, dtype=torch.float64, device=w.device)
         sums.index_add_(0, r.idx.flatten(), (w * change[:, None]).flatten().double())
         mass = torch.zeros_like(sums).index_add_(0, r.idx.flatten(), w.flatten().double())
+        sums, mass = sums.tolist(), mass.tolist()  # one host copy each, not one per slot
         for slot in range(r.n_modules - 1):  # SKIP (last) is not a module
             key = (kind, block, slot)
-            self.sum[key] = self.sum.get(key, 0.0) + float(sums[slot])
-            self.mass[key] = self.mass.get(key, 0.0) + float(mass[slot])
+            self.sum[key] = self.sum.get(key, 0.0) + sums[slot]
+            self.mass[key] = self.mass.get(key, 0.0) + mass[slot]
 
     def scores(self, refs: list[ModuleRef]) -> dict[ModuleRef, float]:
         # A module no token chose turns nothing: score 0 (removed first).
