@@ -18,7 +18,7 @@ from transformers import PreTrainedConfig
 
 class MomConfig(PreTrainedConfig):
     model_type = "mom"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -458,6 +458,10 @@ class MomBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`;
+# the model takes either name and returns the one this transformers knows.
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class MomPreTrainedModel(PreTrainedModel):
     config_class = MomConfig
@@ -513,20 +517,21 @@ class MomModel(MomPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
+        cache = cache if cache is not None else past_key_values  # the name before transformers 5.24
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        cache = past_key_values if use_cache else None
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
         if self.embed_positions is not None:
@@ -537,7 +542,7 @@ class MomModel(MomPreTrainedModel):
         pad = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             pad = attention_mask[:, -(past + t) :].bool()
-        ctx = StepContext(b, t, past, cache, cos, sin, pad, x.device)
+        ctx = StepContext(b, t, past, cache if use_cache else None, cos, sin, pad, x.device)
 
         h = x.reshape(b * t, -1)
         aux: list[torch.Tensor] = []
@@ -553,7 +558,7 @@ class MomModel(MomPreTrainedModel):
             layer += 1
         h = self.norm(h).view(b, t, -1)
         aux_loss = torch.stack(aux).mean() if aux else None
-        return h, past_key_values, aux_loss
+        return h, cache, aux_loss
 
 
 class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
@@ -573,18 +578,19 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         h, cache, aux_loss = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -595,4 +601,4 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if aux_loss is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, **{_CACHE_FIELD: cache})

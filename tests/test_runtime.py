@@ -67,9 +67,9 @@ def test_routed_plans_cache_matches_full_forward(family_dir, tmp_path, plan):
     x = ids(2, 16)
     full = mom(x, use_cache=False).logits
     out = mom(x[:, :10], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
+    cache, steps = out.cache, [out.logits]
     for t in range(10, 16):
-        out = mom(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = mom(x[:, t : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
     assert max_diff(full, torch.cat(steps, dim=1)) <= 1e-4
     assert torch.isfinite(full).all()
