@@ -22,6 +22,9 @@ that of one layer alone. Printed: the measurements, then a table of figures with
        the same less the parameter gradients' size (both hold the same dense N x d gradients:
          what remains is the activation memory the implementations differ in)  goal <= 0.5
        whole-process peak ratio as info
+       the same two figures for PeerLayer(sparse_grad=True): the expert tables' gradients are
+         sparse COO over the retrieved rows (as nn.Embedding(sparse=True); train with SGD or
+         SparseAdam), so a step holds no dense N x d gradient
     2. scaling           inference forward time per token at N = 1024^2 over N = 128^2    goal <= 2
     3. bandwidth         bytes of expert rows the gathers read per second (input side: gathered
                          dot, output side: embedding_bag), at N = 1024^2 with the layer's own
@@ -89,12 +92,29 @@ def peak_rss_mib() -> float:
 
 
 def build(impl: str, n: int, device: str) -> torch.nn.Module:
+    """theirs: PEER_pytorch as the paper; ours: PeerLayer as the paper; sparse: the same PeerLayer with
+    sparse expert-table gradients (sparse_grad=True, as nn.Embedding(sparse=True))."""
     if impl == "theirs":
         from PEER_pytorch import PEER
 
         return PEER(D, heads=HEADS, num_experts=n, num_experts_per_head=TOPK, dim_key=KEY_DIM // 2,
                     non_competing_scores=False).to(device)
-    return PeerLayer(D, n, HEADS, TOPK, KEY_DIM, activation="gelu", gate="softmax", in_bias=False).to(device)
+    return PeerLayer(D, n, HEADS, TOPK, KEY_DIM, activation="gelu", gate="softmax", in_bias=False,
+                     sparse_grad=impl == "sparse").to(device)
+
+
+def grad_bytes(params: list[torch.nn.Parameter]) -> int:
+    """Bytes the parameter gradients hold (a sparse gradient: its values and indices)."""
+    total = 0
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            total += g._values().numel() * g._values().element_size() + g._indices().numel() * 8
+        else:
+            total += g.numel() * g.element_size()
+    return total
 
 
 def child_step(impl: str, n: int, batch: int, seq: int, reps: int, device: str) -> dict:
@@ -117,8 +137,8 @@ def child_step(impl: str, n: int, batch: int, seq: int, reps: int, device: str) 
         rest = rss_mib()
     first = time_call(step, device)  # warm-up, and the memory peak of a step
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
+    grads = grad_bytes(params) / 2**20
     times = [time_call(step, device) for _ in range(reps)]
-    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20
     return {"rest_mib": rest, "peak_mib": peak, "grads_mib": grads, "first_s": first, "times": times,
             "tokens": batch * seq}
 
@@ -170,7 +190,7 @@ def bench_vs_peer_pytorch(args: argparse.Namespace, s: Sizes) -> list[Figure]:
     common = ["--n", str(s.n_vs), "--batch", str(s.batch), "--seq", str(s.seq), "--reps", str(s.reps)]
     idle = run_child(args, "--child", "idle")
     # alternate the two in separate rounds, so that drift in machine speed hits both alike
-    rounds = [{impl: run_child(args, "--child", "step", "--impl", impl, *common) for impl in ("theirs", "ours")}
+    rounds = [{impl: run_child(args, "--child", "step", "--impl", impl, *common) for impl in ("theirs", "ours", "sparse")}
               for _ in range(s.rounds)]
     r = rounds[0]
     for later in rounds[1:]:
@@ -190,12 +210,15 @@ def bench_vs_peer_pytorch(args: argparse.Namespace, s: Sizes) -> list[Figure]:
         log(f"vs-pp    idle `import torch, PEER_pytorch, mom_cli.peer` peak RSS {idle['peak_mib']:.0f} MiB")
     speed, mem, mem_total = tps["ours"] / tps["theirs"], extra["ours"] / extra["theirs"], total["ours"] / total["theirs"]
     mem_act = act["ours"] / act["theirs"]
+    speed_sp, mem_sp = tps["sparse"] / tps["theirs"], extra["sparse"] / extra["theirs"]
     n_txt = f"N={int(s.n_vs ** 0.5)}^2"
     return [
         Figure(f"fwd+bwd tokens/s ours/peer-pytorch ({n_txt})", speed, ">= 2", speed >= 2),
         Figure(f"step peak memory ours/peer-pytorch ({n_txt})", mem, "<= 0.5", mem <= 0.5),
         Figure("  same, less the parameter gradients (activations)", mem_act, "<= 0.5", mem_act <= 0.5),
         Figure("  whole-process peak (minus idle) ours/peer-pytorch", mem_total, "info", None),
+        Figure("sparse table grads: fwd+bwd tokens/s / peer-pytorch", speed_sp, ">= 2", speed_sp >= 2),
+        Figure("sparse table grads: step peak memory / peer-pytorch", mem_sp, "<= 0.5", mem_sp <= 0.5),
     ]
 
 
@@ -237,7 +260,7 @@ def parse_args() -> argparse.Namespace:
                    help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     # internal: one measurement in a subprocess
     p.add_argument("--child", choices=("idle", "step", "forward"), help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=("ours", "theirs"), default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=("ours", "theirs", "sparse"), default="ours", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=0, help=argparse.SUPPRESS)

@@ -138,12 +138,31 @@ def _rows_grad(idx: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, sr
     return F.embedding_bag(order // m, src, offsets, per_sample_weights=coef.reshape(-1)[order], mode="sum")
 
 
-def _sort_by_row(idx: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (t, j) pairs sorted by table row, and each row's start in that order (bag offsets)."""
+def _sort_by_row(idx: torch.Tensor, n_rows: int, sparse: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The (t, j) pairs sorted by table row, and each row's start in that order (bag offsets).
+
+    sparse=False: one bag per table row (empty for rows nobody retrieved), rows = None.
+    sparse=True: one bag per retrieved row only, and `rows` lists those rows (sorted).
+    """
     flat = idx.reshape(-1)
-    offsets = torch.zeros(n_rows, dtype=torch.long, device=idx.device)
-    offsets[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)[:-1]
-    return flat.argsort(), offsets
+    counts = torch.bincount(flat, minlength=n_rows)
+    rows = None
+    if sparse:
+        rows = counts.nonzero().squeeze(1)
+        counts = counts[rows]
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return flat.argsort(), offsets, rows
+
+
+def _table_grad(rows: torch.Tensor | None, values: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """A table gradient: dense as computed, or sparse COO over the retrieved rows (as
+    nn.Embedding(sparse=True)), so a step never holds a dense N x d gradient."""
+    if rows is None:
+        return values
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, (n_rows, values.shape[1]), is_coalesced=True,
+                                   check_invariants=False)
 
 
 class _GatheredDot(torch.autograd.Function):
@@ -162,7 +181,7 @@ class _GatheredDot(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g_x = F.embedding_bag(idx, table, per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[0]:
-            order, offsets = _sort_by_row(idx, table.shape[0])
+            order, offsets, _ = _sort_by_row(idx, table.shape[0])
             g_table = _rows_grad(idx, order, offsets, x.contiguous(), g)
         return g_table, None, g_x, None
 
@@ -178,7 +197,7 @@ class _ExpertMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, idx, w, w_out, w_in, b_in, w_gate, b_gate, act, chunk):
+    def forward(ctx, x, idx, w, w_out, w_in, b_in, w_gate, b_gate, act, chunk, sparse_grad=False):
         pre_in = _gathered_dot(w_in, idx, x, chunk)
         if b_in is not None:
             pre_in += b_in[idx]
@@ -193,6 +212,7 @@ class _ExpertMix(torch.autograd.Function):
         out = F.embedding_bag(idx, w_out, per_sample_weights=(w * a).to(w_out.dtype), mode="sum")
         ctx.save_for_backward(x, idx, w, pre_in, pre_g, w_out, w_in, w_gate)
         ctx.act, ctx.chunk, ctx.has_b_in, ctx.has_b_gate = act, chunk, b_in is not None, b_gate is not None
+        ctx.sparse_grad = sparse_grad
         return out
 
     @staticmethod
@@ -212,7 +232,7 @@ class _ExpertMix(torch.autograd.Function):
             g_in = _act_grad(act, pre_in, g_coef * w)
             g_g = None
 
-        grads: list[Any] = [None] * 10
+        grads: list[Any] = [None] * 11
         if need[0]:
             gx = F.embedding_bag(idx, w_in, per_sample_weights=g_in, mode="sum")
             if g_g is not None:
@@ -222,15 +242,15 @@ class _ExpertMix(torch.autograd.Function):
         if any(need[3:8]):
             flat = idx.reshape(-1)
             n_experts = w_out.shape[0]
-            order, offsets = _sort_by_row(idx, n_experts)
+            order, offsets, rows = _sort_by_row(idx, n_experts, ctx.sparse_grad)
             if need[3]:
-                grads[3] = _rows_grad(idx, order, offsets, gout, w * a)
+                grads[3] = _table_grad(rows, _rows_grad(idx, order, offsets, gout, w * a), n_experts)
             if need[4]:
-                grads[4] = _rows_grad(idx, order, offsets, x, g_in)
+                grads[4] = _table_grad(rows, _rows_grad(idx, order, offsets, x, g_in), n_experts)
             if need[5] and ctx.has_b_in:
                 grads[5] = g_in.new_zeros(n_experts).index_add_(0, flat, g_in.reshape(-1))
             if need[6] and g_g is not None:
-                grads[6] = _rows_grad(idx, order, offsets, x, g_g)
+                grads[6] = _table_grad(rows, _rows_grad(idx, order, offsets, x, g_g), n_experts)
             if need[7] and ctx.has_b_gate:
                 grads[7] = g_g.new_zeros(n_experts).index_add_(0, flat, g_g.reshape(-1))
         return tuple(grads)
@@ -252,7 +272,9 @@ class PeerLayer(nn.Module):
     Gate: "softmax" over each head's k scores (the paper), "sigmoid", or "none" (weight exactly 1;
     the scores still get a straight-through gradient, so query and keys remain trainable).
     Inputs (tokens, d) or (..., d). BatchNorm sees all tokens at once; retrieval and experts then
-    run `chunk_size` tokens at a time.
+    run `chunk_size` tokens at a time. sparse_grad=True gives the expert tables (w_in, w_gate,
+    w_out) sparse COO gradients over the retrieved rows, as nn.Embedding(sparse=True) does: a
+    training step then never holds a dense N x d gradient (optimizers: SGD, SparseAdam).
     """
 
     def __init__(
@@ -271,6 +293,7 @@ class PeerLayer(nn.Module):
         in_bias: bool | None = None,
         out_bias: bool = False,
         chunk_size: int = 512,
+        sparse_grad: bool = False,
     ) -> None:
         super().__init__()
         n_sub = math.isqrt(n_experts)
@@ -290,6 +313,7 @@ class PeerLayer(nn.Module):
         self.in_bias = (not gated) if in_bias is None else in_bias
         self.out_bias = out_bias
         self.chunk_size = chunk_size
+        self.sparse_grad = sparse_grad
 
         self.query = nn.Linear(d_model, heads * key_dim)
         self.query_bn = nn.BatchNorm1d(heads * key_dim) if query_bn else None
@@ -309,7 +333,8 @@ class PeerLayer(nn.Module):
         return dict(d_model=self.d_model, n_experts=self.n_experts, heads=self.heads, topk=self.topk,
                     key_dim=self.key_dim, gated=self.gated, activation=self.activation, gate=self.gate,
                     query_bn=self.query_bn is not None, shared_keys=self.shared_keys, in_bias=self.in_bias,
-                    out_bias=self.out_bias, chunk_size=self.chunk_size)
+                    out_bias=self.out_bias, chunk_size=self.chunk_size,
+                    sparse_grad=self.sparse_grad)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -362,7 +387,7 @@ class PeerLayer(nn.Module):
         scores, idx = self.retrieve(x)
         w = self.gate_weights(scores).flatten(1).to(x.dtype)
         out = _ExpertMix.apply(x, idx.flatten(1), w, self.w_out, self.w_in, self.b_in, self.w_gate,
-                               self.b_gate, self.act, self.chunk_size)
+                               self.b_gate, self.act, self.chunk_size, self.sparse_grad)
         if self.b_out is not None:
             out = out + self.b_out
         return out.view(shape)

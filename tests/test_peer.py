@@ -182,6 +182,28 @@ def test_fused_kernels_equal_naive_einsum(gated: bool, gate: str, shared: bool) 
         assert out["fused"][2]["sub_keys"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_sparse_table_gradients_equal_dense_on_retrieved_rows(gated: bool) -> None:
+    x = torch.randn(20, 32, generator=gen(10))
+    grads = {}
+    for sparse in (False, True):
+        layer = gpt2_peer_train(gated=gated, gate="softmax", chunk_size=8, sparse_grad=sparse)
+        layer(x).pow(2).sum().backward()
+        grads[sparse] = {n: p.grad for n, p in layer.named_parameters()}
+        _, idx = layer.retrieve(x)
+    retrieved = idx.unique()
+    tables = {"w_in", "w_out"} | ({"w_gate"} if gated else set())
+    for n, dense in grads[False].items():
+        g = grads[True][n]
+        if n in tables:
+            assert g.is_sparse and torch.equal(g._indices()[0], retrieved), n
+            g = g.to_dense()
+        else:
+            assert not g.is_sparse, n
+        torch.testing.assert_close(g, dense, rtol=1e-5, atol=1e-6, msg=n)
+    assert retrieved.numel() < 64  # some rows were not retrieved: the sparse gradient skips them
+
+
 def test_saved_activations_are_far_below_tokens_x_hk_x_d() -> None:
     """Everything autograd keeps for backward: O(tokens * (d + h*d_key + h*k)), not tokens*h*k*d."""
     d, heads, k, tokens = 256, 8, 16, 256
