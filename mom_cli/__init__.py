@@ -1,19 +1,38 @@
 """mom: model surgery for pretrained Transformers (Mixture-of-Modules, PEER, pruning).
 
 Importing `mom_cli` registers the `mom` model type with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained(path)` loads MoM checkpoints.
+`AutoModelForCausalLM.from_pretrained(path)` loads MoM checkpoints. The registration and the
+names below load on first use (see registration.py), so the `mom` command line starts fast.
 """
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from importlib import import_module
+from typing import Any
 
-from .checkpoint import load
-from .configuration_mom import MomConfig
-from .modeling_mom import MomForCausalLM, RoutingRecorder
-from .provenance import version
+from . import registration
 
-__version__ = version()
 __all__ = ["MomConfig", "MomForCausalLM", "RoutingRecorder", "load", "__version__"]
+_LAZY = {
+    "MomConfig": ".configuration_mom",
+    "MomForCausalLM": ".modeling_mom",
+    "RoutingRecorder": ".modeling_mom",
+    "load": ".checkpoint",
+}
 
-AutoConfig.register("mom", MomConfig, exist_ok=True)
-AutoModelForCausalLM.register(MomConfig, MomForCausalLM, exist_ok=True)
+registration.install()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from .provenance import version
+
+        return version()
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
