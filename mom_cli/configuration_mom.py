@@ -85,7 +85,7 @@ class MomConfig(PreTrainedConfig):
         self.router_hidden = router_hidden
         self.router_temperature = router_temperature
         self.aux_loss_coef = aux_loss_coef
-        # PEER FFN modules, keyed "block.module" (filled in by `mom convert-peer`).
+        # PEER FFN modules: "block.slot" -> the PeerLayer's arguments (filled in by `mom convert-peer`).
         self.peer = dict(peer or {})
         self.mom_provenance = list(mom_provenance or [])
         self.use_cache = use_cache

@@ -2,8 +2,9 @@
 
 - `hf`: a MoM that is still a plain stack of layers (identity routing, nothing replaced) is
   written back in its source family's standard format (`GPT2LMHeadModel`, `LlamaForCausalLM`),
-  loadable without mom. Anything else becomes a self-contained `trust_remote_code` directory: the
-  two modeling files beside the weights, and an `auto_map` in config.json.
+  loadable without mom. Anything else (routed, or with PEER modules) becomes a self-contained
+  `trust_remote_code` directory: the runtime's files (configuration, modeling, PEER layer) beside
+  the weights, and an `auto_map` in config.json.
 - `safetensors`: flat safetensors with the config as JSON in the header metadata.
 
 Tensors stream one at a time from the memory-mapped checkpoint; the model is never held whole.
@@ -25,7 +26,8 @@ from .outputs import atomic_dir, atomic_file
 from .tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
 
 FORMATS = ("hf", "safetensors")
-_CODE = ("configuration_mom.py", "modeling_mom.py")
+# The runtime's files for trust_remote_code; modeling_mom.py imports the PEER layer from peer.py.
+_CODE = ("configuration_mom.py", "modeling_mom.py", "peer.py")
 
 
 def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tuple[str, str]] | None:

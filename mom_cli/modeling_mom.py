@@ -1,8 +1,9 @@
 """The Mixture-of-Modules runtime (arXiv 2407.06677), as a `transformers` model.
 
-Read top to bottom: norms, the two kinds of module (MHA, FFN), the router, routing and dispatch,
-attention, the routed block, the plain layer, the model. This file and `configuration_mom.py` are
-copied verbatim into `trust_remote_code` exports, so they import nothing from `mom_cli`.
+Read top to bottom: norms, the kinds of module (MHA, dense FFN, PEER FFN), the router, routing and
+dispatch, attention, the routed block, the plain layer, the model. This file, `configuration_mom.py`
+and `peer.py` (the PEER layer, imported relatively) are copied verbatim into `trust_remote_code`
+exports, so they import nothing else from `mom_cli`.
 
 Symbols follow the paper: M modules per pool (+ SKIP, index M), H steps per block, top-K routing,
 temperature T. Per step, for every token:
@@ -12,7 +13,7 @@ temperature T. Per step, for every token:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_mom import MomConfig
+from .peer import PeerLayer
 
 
 # ----------------------------------------------------------------------------- norms
@@ -92,6 +94,39 @@ class FfnModule(nn.Module):
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
         return self.fc_out(self.act(self.fc_in(h)))
+
+
+class PeerFfnModule(nn.Module):
+    """An FFN module whose feed-forward is a PEER layer (arXiv 2407.04153): the same pre-norm as
+    the dense module, then N single-neuron experts found per token by product-key retrieval.
+
+    Made by `mom convert-peer` from `config.peer["block.slot"]` (the PeerLayer's arguments). PEER
+    works per token, so it needs no cache; its query BatchNorm uses running statistics in eval mode.
+    """
+
+    def __init__(self, config: MomConfig, peer_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.norm = make_norm(config)
+        self.peer = PeerLayer(**peer_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        bn = self.peer.query_bn
+        if bn is None or not bn.training or h.shape[0] > 1:
+            return self.peer(h)
+        # In training, a router may send this module a single token, whose batch variance is
+        # undefined (BatchNorm raises): that token uses the running statistics instead.
+        bn.eval()
+        try:
+            return self.peer(h)
+        finally:
+            bn.train()
+
+
+def make_ffn(config: MomConfig, block: int, slot: int) -> nn.Module:
+    """FFN slot `slot` of block `block`: a PEER module when config.peer names "block.slot", else dense."""
+    peer_kwargs = config.peer.get(f"{block}.{slot}")
+    return FfnModule(config) if peer_kwargs is None else PeerFfnModule(config, peer_kwargs)
 
 
 # ----------------------------------------------------------------------------- router
@@ -371,9 +406,9 @@ class PlainLayer(nn.Module):
         return x + self.ffn(x)
 
 
-def make_pool(config: MomConfig, origins: list[int | None], cls: type) -> nn.ModuleDict:
-    """A pool keyed by slot: slot m holds a module unless it was pruned (origin None)."""
-    return nn.ModuleDict({str(m): cls(config) for m, origin in enumerate(origins) if origin is not None})
+def make_pool(origins: list[int | None], make: Callable[[int], nn.Module]) -> nn.ModuleDict:
+    """A pool keyed by slot: slot m holds make(m) unless its module was pruned (origin None)."""
+    return nn.ModuleDict({str(m): make(m) for m, origin in enumerate(origins) if origin is not None})
 
 
 class MomBlock(nn.Module):
@@ -383,15 +418,15 @@ class MomBlock(nn.Module):
     off for a measurement (`removed`), routes its tokens to SKIP.
     """
 
-    def __init__(self, config: MomConfig, spec: dict[str, Any]) -> None:
+    def __init__(self, config: MomConfig, spec: dict[str, Any], block_id: int = 0) -> None:
         super().__init__()
         self.steps = int(spec["steps"])
         self.k = config.router_top_k
         self.temperature = config.router_temperature
         self.skip = config.skip
         self.slots = {"mha": len(spec["mha"]), "ffn": len(spec["ffn"])}
-        self.mha = make_pool(config, spec["mha"], MhaModule)
-        self.ffn = make_pool(config, spec["ffn"], FfnModule)
+        self.mha = make_pool(spec["mha"], lambda m: MhaModule(config))
+        self.ffn = make_pool(spec["ffn"], lambda m: make_ffn(config, block_id, m))
         self.mha_router = Router(config, self.slots["mha"] + self.skip, self.steps)
         self.ffn_router = Router(config, self.slots["ffn"] + self.skip, self.steps)
         self.attn = Attention(config)
@@ -477,6 +512,10 @@ class MomPreTrainedModel(PreTrainedModel):
             # Identity until trained: the logits are the step bias (set by `mom decompose`).
             init.zeros_(module.head.weight)
             init.zeros_(module.step_bias)
+        if isinstance(module, PeerLayer):
+            # Not saved (which neuron an expert came from is known only when it is built); loading
+            # would otherwise leave it uninitialised memory.
+            init.constant_(module.neuron_index, -1)
 
 
 class MomModel(MomPreTrainedModel):
@@ -489,11 +528,12 @@ class MomModel(MomPreTrainedModel):
             else None
         )
         self.bottom = nn.ModuleList(PlainLayer(config) for _ in config.bottom_layers)
-        self.blocks = nn.ModuleList(MomBlock(config, spec) for spec in config.blocks)
+        self.blocks = nn.ModuleList(MomBlock(config, spec, i) for i, spec in enumerate(config.blocks))
         self.top = nn.ModuleList(PlainLayer(config) for _ in config.top_layers)
         self.norm = make_norm(config)
         self.rotary_emb = self._make_rotary(config) if config.position_type == "rope" else None
         self.recorder: RoutingRecorder | None = None
+        self.gradient_checkpointing = False  # set by transformers' activation_checkpointing_enable()
         self.post_init()
 
     @staticmethod
@@ -529,6 +569,8 @@ class MomModel(MomPreTrainedModel):
         b, t, _ = x.shape
         cache = cache if cache is not None else past_key_values  # the name before transformers 5.24
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        use_cache = use_cache and not checkpointed  # a recomputed layer would write its cache twice
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
@@ -548,17 +590,49 @@ class MomModel(MomPreTrainedModel):
         aux: list[torch.Tensor] = []
         layer = 0
         for plain in self.bottom:
-            h = plain(h, ctx, layer)
+            h = self._gradient_checkpointing_func(plain, h, ctx, layer) if checkpointed else plain(h, ctx, layer)
             layer += 1
         for i, block in enumerate(self.blocks):
-            h = block(h, ctx, layer, aux, self.recorder, i)
+            if checkpointed:
+                h = self._checkpointed_block(block, h, ctx, layer, aux, i)
+            else:
+                h = block(h, ctx, layer, aux, self.recorder, i)
             layer += block.steps
         for plain in self.top:
-            h = plain(h, ctx, layer)
+            h = self._gradient_checkpointing_func(plain, h, ctx, layer) if checkpointed else plain(h, ctx, layer)
             layer += 1
         h = self.norm(h).view(b, t, -1)
         aux_loss = torch.stack(aux).mean() if aux else None
         return h, cache, aux_loss
+
+    def _checkpointed_block(self, block: MomBlock, h: torch.Tensor, ctx: StepContext, layer: int, aux: list, i: int) -> torch.Tensor:
+        """A block whose activations are recomputed in backward. The recomputation must not count
+        twice: the block's aux terms come back as an output (not appended again), and the recorder
+        sees only the first run (outside autograd, so both runs save the same tensors)."""
+        first = [True]
+        recorder = None if self.recorder is None else _FirstRunRecorder(self.recorder, first)
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            terms: list[torch.Tensor] = []
+            out = block(x, ctx, layer, terms, recorder, i)
+            first[0] = False
+            return out, torch.stack(terms) if terms else x.new_zeros(0)
+
+        h, terms = self._gradient_checkpointing_func(run, h)
+        aux.extend(terms.unbind(0))
+        return h
+
+
+class _FirstRunRecorder:
+    """Passes a checkpointed block's routing to the real recorder on its first run only."""
+
+    def __init__(self, recorder: Any, first: list[bool]) -> None:
+        self.recorder, self.first = recorder, first
+
+    def record(self, *args: Any) -> None:
+        if self.first[0]:
+            with torch.no_grad():
+                self.recorder.record(*args)
 
 
 class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
