@@ -397,6 +397,8 @@ def pruned_config(config: MomConfig, removed: Iterable[ModuleRef], record: dict[
         if ref.slot >= len(pool) or pool[ref.slot] is None:
             raise UsageError(f"module {ref.name} is not in the checkpoint (already pruned?)")
         pool[ref.slot] = None
+        if ref.kind == "ffn":
+            new.peer.pop(f"{ref.block}.{ref.slot}", None)  # a removed PEER module leaves no layer behind
     new.mom_provenance = [*config.mom_provenance, record]
     return new
 
