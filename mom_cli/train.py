@@ -1,0 +1,651 @@
+"""`mom train-routers`: the paper's second phase, training a decomposed model's routers (and, when
+asked, its PEER experts or everything) on text.
+
+    objective  next-token loss + aux_loss_coef * load balancing; with a teacher (`distill`): the
+               KL divergence from the teacher's next-token distribution + aux_loss_coef * balancing
+    what       `routers`: router parameters and the PEER query networks and sub-keys;
+               `routers+peer`: + PEER expert tables (RowSparseAdam: only retrieved rows change);
+               `all`: every parameter. Frozen parameters get no gradient and no optimizer state.
+    data       token blocks of `seq_len` from `tokencache`, in an order fixed by the seed: global
+               step s takes blocks [s*G, (s+1)*G) of a per-epoch permutation (G = batch x accum x
+               ranks), and rank r takes its own slice of them. The data position is the step.
+    state      `OUT.train-state/` beside the output: state.pt (written atomically every
+               `save_every` steps), train_metrics.jsonl; `resume` continues from it. It is removed
+               when the output is written (`keep_state` keeps it).
+    output     a normal MoM checkpoint at OUT (atomic), with provenance, train_metrics.jsonl and
+               routing_stats.json recorded over the last steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import console, distributed, optim, tokencache
+from .console import log
+from .errors import MomError, UsageError
+
+TRAIN_MODES = ("routers", "routers+peer", "all")
+SCHEDULES = ("cosine", "constant")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+PEER_RETRIEVAL = (".peer.query.", ".peer.query_bn.")
+PEER_EXPERTS = tuple(f".peer.{n}" for n in ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out"))
+STATE_FILE = "state.pt"
+METRICS_FILE = "train_metrics.jsonl"
+DEFAULT_LR = {"routers": 1e-3, "routers+peer": 1e-3, "all": 1e-4}
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    train: str = "routers"
+    steps: int | None = None  # default: one pass over the data (or --tokens)
+    tokens: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float | None = None  # default by mode (DEFAULT_LR)
+    warmup: int | None = None  # default: 5% of the steps
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    aux_loss_coef: float | None = None  # default: the checkpoint's config
+    distill: str | None = None  # a model reference, or "source" for the provenance's source model
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    eval_data: str | None = None
+    eval_every: int = 0
+    eval_tokens: int = 32768
+    save_every: int = 0
+    resume: bool = False
+    keep_state: bool = False
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    stop_after: int | None = None  # library only: stop after this step as if killed (nothing saved)
+
+
+@dataclass
+class TrainResult:
+    path: Path | None  # None on ranks other than 0, and when stopped early
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    loss_first: float | None
+    loss_last: float | None
+    eval_ppl_before: float | None
+    eval_ppl_after: float | None
+    trainable_params: int
+    main: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "main"}
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def group_of(name: str) -> str:
+    """router | peer_retrieval | peer_experts | other, by the parameter names in contracts.md."""
+    if "_router." in name:
+        return "router"
+    if any(s in name for s in PEER_RETRIEVAL) or name.endswith(".peer.sub_keys"):
+        return "peer_retrieval"
+    if name.endswith(PEER_EXPERTS):
+        return "peer_experts"
+    return "other"
+
+
+def select_trainable(model: nn.Module, mode: str) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """Set requires_grad per `mode`; returns (dense AdamW params, row-sparse PEER expert params)."""
+    wanted = {"routers": {"router", "peer_retrieval"}, "routers+peer": {"router", "peer_retrieval", "peer_experts"},
+              "all": {"router", "peer_retrieval", "peer_experts", "other"}}[mode]
+    dense, rows = [], []
+    for name, p in model.named_parameters():
+        g = group_of(name)
+        p.requires_grad_(g in wanted)
+        if g not in wanted:
+            continue
+        (rows if g == "peer_experts" and mode != "all" else dense).append((name, p))
+    return dense, rows
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_options(opts: TrainOptions) -> None:
+    if opts.train not in TRAIN_MODES:
+        raise UsageError(f"unknown --train {opts.train!r}: use one of {', '.join(TRAIN_MODES)}")
+    if opts.schedule not in SCHEDULES:
+        raise UsageError(f"unknown --schedule {opts.schedule!r}: use cosine or constant")
+    if opts.steps is not None and opts.tokens is not None:
+        raise UsageError("give --steps or --tokens, not both")
+    small = [(n, v) for n, v in (("--batch-size", opts.batch_size), ("--grad-accum", opts.grad_accum),
+                                 ("--steps", opts.steps), ("--tokens", opts.tokens)) if v is not None and v < 1]
+    if small or opts.seq_len < 2:
+        raise UsageError(f"{small[0][0] if small else '--seq-len'} is too small: batch sizes, steps and tokens must be >= 1, --seq-len >= 2")
+    if min(opts.eval_every, opts.save_every, opts.warmup or 0) < 0 or (opts.lr is not None and opts.lr <= 0):
+        raise UsageError("--eval-every, --save-every and --warmup must be >= 0, and --lr > 0")
+    if opts.dtype != "auto" and opts.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {opts.dtype!r}: use bf16, fp16, fp32 or auto")
+
+
+def amp_dtype(name: str, device: str) -> torch.dtype:
+    """The autocast dtype (float32: no autocast). Weights and optimizer state stay in float32."""
+    cuda = device.startswith("cuda")
+    if name == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and not cuda:
+        raise UsageError("--dtype fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if dtype == torch.bfloat16 and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU has no bf16 support; use --dtype fp16 or fp32")
+    return dtype
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Batches:
+    """Deterministic global batches of token blocks; this rank's micro-batches of each step."""
+
+    blocks: np.ndarray  # (n, seq_len) int32, memory-mapped
+    batch_size: int
+    grad_accum: int
+    dist: distributed.Dist
+    seed: int
+    _perms: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.dist.world
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {e: v for e, v in self._perms.items() if e >= epoch - 1}  # a step spans at most two
+            self._perms[epoch] = torch.randperm(self.blocks.shape[0], generator=g).numpy()
+        return self._perms[epoch]
+
+    def micro_batches(self, step: int) -> Iterator[torch.Tensor]:
+        n, g = self.blocks.shape[0], self.global_batch
+        ids = [self._order(pos // n)[pos % n] for pos in range(step * g, (step + 1) * g)]
+        mine = ids[self.dist.rank * self.batch_size * self.grad_accum:][: self.batch_size * self.grad_accum]
+        for a in range(self.grad_accum):
+            rows = sorted(mine[a * self.batch_size : (a + 1) * self.batch_size])  # sorted: sequential reads
+            yield torch.from_numpy(np.stack([self.blocks[i] for i in rows]).astype(np.int64))
+
+
+def load_blocks(spec: str, tokenizer: Any, seq_len: int, d: distributed.Dist, max_tokens: int | None) -> np.ndarray:
+    """Rank 0 tokenises (once, cached); the other ranks wait, then map the same file."""
+    if d.main:
+        path = tokencache.ensure(spec, tokenizer, max_tokens)
+    distributed.barrier(d)
+    if not d.main:
+        path = tokencache.ensure(spec, tokenizer, max_tokens)
+    return tokencache.open_blocks(path, seq_len)
+
+
+def split_data(opts: TrainOptions, tokenizer: Any, d: distributed.Dist) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training blocks, held-out blocks or None). Without --eval-data, the last blocks of DATA
+    (up to 10% of them and --eval-tokens) are held out for the periodic perplexity."""
+    cap = None
+    if opts.tokens is not None or opts.steps is not None:  # only `hf:` data is capped: it may be endless
+        per_step = opts.batch_size * opts.grad_accum * d.world * opts.seq_len
+        cap = (opts.tokens or opts.steps * per_step) + opts.eval_tokens + opts.seq_len
+    train = load_blocks(opts.data, tokenizer, opts.seq_len, d, cap)
+    n_eval = -(-opts.eval_tokens // opts.seq_len)
+    if opts.eval_data is not None:
+        held = load_blocks(opts.eval_data, tokenizer, opts.seq_len, d, n_eval * opts.seq_len)[:n_eval]
+        if held.shape[0] == 0:
+            raise UsageError(f"--eval-data {opts.eval_data} is shorter than one sequence of --seq-len {opts.seq_len}; give more text")
+        return train, held
+    n_eval = min(n_eval, train.shape[0] // 10)
+    global_batch = opts.batch_size * opts.grad_accum * d.world
+    if n_eval == 0 or train.shape[0] - n_eval < global_batch:
+        return train, None
+    return train[:-n_eval], train[-n_eval:]
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between next-token distributions."""
+    s = F.log_softmax(student.float(), dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher.float(), dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def step_losses(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, coef: float) -> dict[str, torch.Tensor]:
+    """The objective of one micro-batch and its parts (the parts detached, for logging)."""
+    out = model(input_ids=x, use_cache=False)
+    logits = out.logits
+    lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+    parts = {"lm_loss": lm}
+    loss = lm
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(input_ids=x, use_cache=False).logits
+        parts["kl"] = loss = kl_to_teacher(logits, target)
+    if out.aux_loss is not None:
+        parts["aux_loss"] = out.aux_loss
+        loss = loss + coef * out.aux_loss
+    return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+    """Everything one training run holds: model, teacher, data, optimizers, state dir, metrics."""
+
+    def __init__(self, ckpt: Path, out: Path, opts: TrainOptions, d: distributed.Dist, device: str) -> None:
+        from .checkpoint import read_mom
+        from .models import load_model
+
+        self.ckpt, self.out, self.opts, self.dist, self.device = ckpt, out, opts, d, device
+        self.config, _ = read_mom(ckpt)
+        if opts.seq_len > self.config.max_position_embeddings:
+            raise UsageError(f"--seq-len {opts.seq_len} is longer than the model's {self.config.max_position_embeddings} "
+                             f"positions; use --seq-len {self.config.max_position_embeddings} or less")
+        self.amp = amp_dtype(opts.dtype, device)
+        self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
+        self.model.train()
+        self.dense, self.rows = select_trainable(self.model, opts.train)
+        if not self.dense and not self.rows:
+            raise UsageError(f"{ckpt} has nothing to train with --train {opts.train} (no routers or PEER layers: "
+                             "a plain stack); decompose with --depth/--top-k or use --train all")
+        if opts.grad_checkpointing:
+            self.model.activation_checkpointing_enable()
+        if opts.compile:
+            self._compile()
+        self.coef = self.config.aux_loss_coef if opts.aux_loss_coef is None else opts.aux_loss_coef
+        self.teacher = self._teacher() if opts.distill else None
+        self._data()
+        self._optimizers()
+        self.ddp = distributed.wrap(d, self.model, device)
+        self.work = out.parent / f"{out.name}.train-state"
+        self.done = 0  # steps completed
+        self.recorder = None
+
+    def _data(self) -> None:
+        opts = self.opts
+        train, self.heldout = split_data(opts, self.tokenizer, self.dist)
+        self.batches = Batches(train, opts.batch_size, opts.grad_accum, self.dist, opts.seed)
+        if train.shape[0] < self.batches.global_batch:
+            raise UsageError(f"data {opts.data} gives {train.shape[0]} blocks of --seq-len {opts.seq_len}, fewer than one "
+                             f"global batch ({self.batches.global_batch} = batch x accum x ranks); give more text or "
+                             "a smaller --batch-size/--seq-len")
+        self.tokens_per_step = self.batches.global_batch * opts.seq_len
+        self.steps = self._total_steps(train.shape[0])
+
+    def _optimizers(self) -> None:
+        """AdamW for dense parameters, RowSparseAdam for PEER expert tables; one schedule for both."""
+        opts = self.opts
+        self.lr = opts.lr or DEFAULT_LR[opts.train]
+        self.warmup = opts.warmup if opts.warmup is not None else self.steps // 20
+        self.opt = optim.adamw(self.dense, self.lr, opts.weight_decay, self.device) if self.dense else None
+        self.row_opt = (optim.RowSparseAdam([p for _, p in self.rows], lr=self.lr, weight_decay=opts.weight_decay)
+                        if self.rows else None)
+        factor = optim.schedule(opts.schedule, self.warmup, self.steps)
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.opt, self.row_opt) if o is not None]
+        self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=self.amp == torch.float16)
+
+    def _total_steps(self, n_blocks: int) -> int:
+        if self.opts.steps is not None:
+            return self.opts.steps
+        if self.opts.tokens is not None:
+            return -(-self.opts.tokens // self.tokens_per_step)
+        return max(1, n_blocks // self.batches.global_batch)  # one pass over the data
+
+    def _compile(self) -> None:
+        """Compile the dense modules (FFNs, plain layers): routing itself has data-dependent shapes and
+        host syncs that would break the graph at every step."""
+        from .modeling_mom import FfnModule, PlainLayer
+
+        for module in self.model.modules():
+            if isinstance(module, (FfnModule, PlainLayer)):
+                module.compile()
+
+    def _teacher(self) -> nn.Module:
+        from .models import load_model
+
+        ref = self.opts.distill
+        if ref == "source":
+            prov = self.config.mom_provenance
+            if not prov or not prov[0].get("source"):
+                raise UsageError(f"{self.ckpt} records no source model; pass the teacher: --distill MODEL")
+            ref = prov[0]["source"]
+        try:
+            teacher, _ = load_model(ref, self.device, self.amp if self.device.startswith("cuda") else torch.float32)
+        except UsageError as e:
+            raise UsageError(f"cannot load the distillation teacher {ref}: {e}; pass --distill MODEL") from e
+        if teacher.config.vocab_size != self.config.vocab_size:
+            raise UsageError(f"teacher {ref} has a vocabulary of {teacher.config.vocab_size}, the model "
+                             f"{self.config.vocab_size}; distil from a model with the same tokenizer")
+        teacher.requires_grad_(False)
+        log(f"distilling from {ref}")
+        return teacher
+
+    # ------------------------------------------------------------------- state
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for `resume` to continue the same run."""
+        o = self.opts
+        return {"checkpoint": str(self.ckpt.resolve()), "data": tokencache.cache_path(o.data, self.tokenizer).name
+                if not o.data.startswith("hf:") else o.data, "train": o.train, "steps": self.steps,
+                "global_batch": self.batches.global_batch, "seq_len": o.seq_len, "lr": self.lr, "warmup": self.warmup,
+                "schedule": o.schedule, "weight_decay": o.weight_decay, "aux_loss_coef": self.coef,
+                "distill": o.distill, "seed": o.seed, "dtype": str(self.amp)}
+
+    def prepare_state_dir(self, force: bool) -> None:
+        state = self.work / STATE_FILE
+        if self.opts.resume:
+            if not state.exists():
+                raise UsageError(f"--resume: no saved training state at {self.work}; run without --resume to start")
+            self.load_state(state)
+        elif state.exists() and not force:
+            raise UsageError(f"a saved training state exists at {self.work}; pass --resume to continue it, "
+                             "or --force to start over")
+        elif self.dist.main:
+            shutil.rmtree(self.work, ignore_errors=True)
+        distributed.barrier(self.dist)
+        if self.dist.main:
+            self.work.mkdir(exist_ok=True)
+
+    def save_state(self) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "step": self.done, "fingerprint": self.fingerprint(),
+            "params": {n: p.detach().cpu() for n, p in (*self.dense, *self.rows)},
+            "opt": self.opt.state_dict() if self.opt else None,
+            "row_opt": self.row_opt.state_dict() if self.row_opt else None,
+            "scheds": [s.state_dict() for s in self.scheds], "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        tmp = self.work / f".{STATE_FILE}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.work / STATE_FILE)  # a kill during the save leaves the previous state
+
+    def load_state(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        except Exception as e:
+            raise MomError(f"cannot read the training state {path}: {e}; start over with --force") from e
+        saved, now = state["fingerprint"], self.fingerprint()
+        diff = [f"{k} ({saved.get(k)} saved, {now[k]} now)" for k in now if saved.get(k) != now[k]]
+        if diff:
+            raise UsageError(f"--resume: the saved run differs in {', '.join(diff[:3])}; run with its options, "
+                             "or --force without --resume to start over")
+        params = dict(self.dense + self.rows)
+        with torch.no_grad():
+            for n, value in state["params"].items():
+                params[n].copy_(value)
+        if self.opt:
+            self.opt.load_state_dict(state["opt"])
+        if self.row_opt:
+            self.row_opt.load_state_dict(state["row_opt"])
+        for s, sd in zip(self.scheds, state["scheds"]):
+            s.load_state_dict(sd)
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.done = int(state["step"])
+        log(f"resuming {self.work} at step {self.done}/{self.steps}")
+
+    # ------------------------------------------------------------------- steps
+
+    def autocast(self):
+        if self.amp == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.amp)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        params = [p for _, p in (*self.dense, *self.rows)]
+        sums: dict[str, torch.Tensor] = {}
+        for a, x in enumerate(self.batches.micro_batches(step)):
+            last = a == self.opts.grad_accum - 1
+            sync = nullcontext() if last or not self.dist.active else self.ddp.no_sync()
+            with sync:
+                with self.autocast():
+                    parts = step_losses(self.ddp, self.teacher, x.to(self.device), self.coef)
+                self.scaler.scale(parts["loss"] / self.opts.grad_accum).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / self.opts.grad_accum
+        for o in (self.opt, self.row_opt):
+            if o is not None:
+                self.scaler.unscale_(o)
+        if self.opts.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.opts.max_grad_norm)
+        for o in (self.opt, self.row_opt):
+            if o is not None:
+                self.scaler.step(o)
+        self.scaler.update()
+        for s in self.scheds:
+            s.step()
+        for o in (self.opt, self.row_opt):
+            if o is not None:
+                o.zero_grad(set_to_none=True)
+        names = sorted(sums)
+        values = distributed.mean(self.dist, torch.stack([sums[k] for k in names])).tolist()
+        return dict(zip(names, values))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Held-out perplexity (rank 0 only; the other ranks wait at the next step's all-reduce)."""
+        if self.heldout is None or not self.dist.main:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for i in range(0, self.heldout.shape[0], self.opts.batch_size):
+                x = torch.from_numpy(self.heldout[i : i + self.opts.batch_size].astype(np.int64)).to(self.device)
+                with self.autocast():
+                    logits = self.model(input_ids=x, use_cache=False).logits
+                total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
+                count += x[:, 1:].numel()
+        finally:
+            self.model.train()
+        return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """train_metrics.jsonl in the state dir (rank 0), plus TensorBoard when it is installed."""
+
+    def __init__(self, work: Path, main: bool, resume_step: int) -> None:
+        self.path = work / METRICS_FILE
+        self.main = main
+        self.tb = None
+        if not main:
+            return
+        if self.path.exists():  # drop what was logged after the saved state
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(work / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, line: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.tb is not None:
+            for k, v in line.items():
+                if k not in ("step", "tokens") and v is not None:
+                    self.tb.add_scalar(k, v, line["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress_bar():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+        console=console.stderr, disable=console.QUIET, transient=True,
+    )
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_output(run: Run, stats: dict | None, stat_tokens: int, force: bool) -> None:
+    """The trained model as a normal MoM checkpoint (rank 0), with metrics and routing statistics."""
+    from . import provenance, routing_stats
+    from .checkpoint import copy_extras, param_shapes, write_checkpoint
+    from .configuration_mom import MomConfig
+    from .outputs import atomic_dir
+    from .tensorio import PlannedTensor, SafetensorsReader
+
+    o = run.opts
+    args = {k: v for k, v in asdict(o).items() if k not in ("stop_after",)}
+    args.update(steps=run.steps, tokens=run.steps * run.tokens_per_step, lr=run.lr, warmup=run.warmup,
+                aux_loss_coef=run.coef, ranks=run.dist.world)
+    new = MomConfig.from_dict(run.config.to_dict())
+    new.mom_provenance = [*run.config.mom_provenance, provenance.record("train-routers", args, str(run.ckpt))]
+    new.aux_loss_coef = run.coef
+    reader = SafetensorsReader(run.ckpt)
+    stored = reader.keys()
+    weights = run.model.state_dict()
+    tensors = [
+        PlannedTensor(name, shape, reader.dtype(name) if name in stored else torch.float32,
+                      lambda name=name: weights[name])
+        for name, shape in param_shapes(new).items()
+    ]
+    with atomic_dir(run.out, force) as tmp:
+        write_checkpoint(tmp, new, tensors, lambda dst: copy_extras(run.ckpt, dst))
+        shutil.copy2(run.work / METRICS_FILE, tmp / METRICS_FILE)
+        if (run.work / "tensorboard").is_dir():
+            shutil.copytree(run.work / "tensorboard", tmp / "tensorboard")
+        if stats:
+            routing_stats.save(tmp, stats, stat_tokens)
+    if not o.keep_state:
+        shutil.rmtree(run.work, ignore_errors=True)
+
+
+def reduced_stats(run: Run) -> dict | None:
+    """The routing statistics of the recorded steps, summed over ranks."""
+    if run.recorder is None:
+        return None
+    return {key: (distributed.total(run.dist, c), distributed.total(run.dist, m))
+            for key, (c, m) in sorted(run.recorder.stats.items())}
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def train(ckpt: Path, out: Path, opts: TrainOptions, force: bool = False) -> TrainResult:
+    """Train `ckpt` per `opts` and write the result to `out` (see the module docstring)."""
+    from .models import pick_device
+    from .outputs import check_output
+
+    ckpt, out = Path(ckpt), Path(out)
+    check_options(opts)
+    check_output(out, force)  # fail before training for hours
+    d = distributed.from_env()
+    if not d.main:  # rank 0 speaks for the job
+        console.QUIET = True
+    device = distributed.init(d, pick_device(opts.device))
+    try:
+        torch.manual_seed(opts.seed)
+        run = Run(ckpt, out, opts, d, device)
+        run.prepare_state_dir(force)
+        return _loop(run, force)
+    finally:
+        distributed.shutdown(d)
+
+
+def _loop(run: Run, force: bool) -> TrainResult:
+    from .modeling_mom import RoutingRecorder
+
+    o, d = run.opts, run.dist
+    metrics = Metrics(run.work, d.main, run.done)
+    record_from = run.steps - max(1, min(50, run.steps // 10))  # routing statistics over the last steps
+    n_trainable = sum(p.numel() for _, p in (*run.dense, *run.rows))
+    log(f"train-routers {run.ckpt}: --train {o.train} ({n_trainable:,} parameters), {run.steps} steps of "
+        f"{run.tokens_per_step} tokens, {d.world} process(es) on {run.device}, autocast {run.amp}")
+    before = run.evaluate() if run.done == 0 else None
+    if before is not None:
+        metrics.write({"step": 0, "tokens": 0, "eval_loss": math.log(before), "eval_ppl": before})
+    first = last = None
+    start = time.perf_counter()
+    start_step = run.done
+    with progress_bar() as bar:
+        task = bar.add_task("training", total=run.steps, completed=run.done, loss="-", tps="-")
+        for step in range(run.done, run.steps):
+            if step >= record_from and run.recorder is None:
+                run.recorder = run.model.model.recorder = RoutingRecorder()
+            t0 = time.perf_counter()
+            m = run.train_step(step)
+            if not math.isfinite(m["loss"]):
+                raise MomError(f"the loss became {m['loss']} at step {step + 1}; lower --lr (or use --dtype bf16/fp32), "
+                               f"and --resume from the last saved state if there is one")
+            run.done = step + 1
+            tps = run.tokens_per_step / (time.perf_counter() - t0)
+            first = m["loss"] if first is None else first
+            last = m["loss"]
+            metrics.write({"step": run.done, "tokens": run.done * run.tokens_per_step, "loss": m["loss"],
+                           "lm_loss": m["lm_loss"], "aux_loss": m.get("aux_loss"), "kl": m.get("kl"),
+                           "lr": run.scheds[0].get_last_lr()[0], "tokens_per_s": tps})
+            bar.update(task, completed=run.done, loss=f"{m['loss']:.4f}", tps=f"{tps:.0f}")
+            if o.eval_every and run.done % o.eval_every == 0 and run.done < run.steps:
+                _log_eval(run, metrics)
+            if o.save_every and run.done % o.save_every == 0:
+                run.save_state()
+            if run.done == o.stop_after:
+                return _result(run, None, first, last, before, None, time.perf_counter() - start, start_step)
+    seconds = time.perf_counter() - start  # the training steps only: not evaluation or writing
+    run.model.model.recorder = None
+    after = _log_eval(run, metrics)
+    stats = reduced_stats(run)
+    metrics.close()
+    stat_tokens = (run.steps - max(record_from, start_step)) * run.tokens_per_step
+    if d.main:
+        write_output(run, stats, stat_tokens, force)
+    distributed.barrier(d)
+    return _result(run, run.out if d.main else None, first, last, before, after, seconds, start_step)
+
+
+def _log_eval(run: Run, metrics: Metrics) -> float | None:
+    ppl = run.evaluate()
+    if ppl is not None:
+        metrics.write({"step": run.done, "tokens": run.done * run.tokens_per_step, "eval_loss": math.log(ppl), "eval_ppl": ppl})
+        log(f"step {run.done}: held-out perplexity {ppl:.4f}")
+    return ppl
+
+
+def _result(run: Run, path: Path | None, first, last, before, after, seconds: float, start_step: int) -> TrainResult:
+    tokens = (run.done - start_step) * run.tokens_per_step
+    return TrainResult(path, run.done, run.done * run.tokens_per_step, seconds, tokens / seconds if seconds else 0.0,
+                       first, last, before, after, sum(p.numel() for _, p in (*run.dense, *run.rows)), run.dist.main)
