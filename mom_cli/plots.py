@@ -4,6 +4,7 @@ with `--json`, so what is drawn is what was measured.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,22 +23,22 @@ def _pyplot():
     return plt
 
 
-def check_target(path: Path) -> None:
+def check_target(path: Path, force: bool = True) -> None:
     """Fail before any work if the picture could not be drawn or written."""
     from .outputs import check_output
 
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"plot file {path} must end in .png, .svg or .pdf")
-    check_output(path, force=True)  # the folder exists and is writable; a plot may be replaced
+    check_output(path, force)  # the folder exists and is writable; `--plot` of a command may replace its picture
     _pyplot()
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, force: bool = True) -> Path:
     from .outputs import atomic_file
 
     path = Path(path)
-    with atomic_file(path, force=True) as tmp:
+    with atomic_file(path, force) as tmp:
         fig.savefig(tmp, format=path.suffix[1:].lower(), dpi=120, bbox_inches="tight")
     return path
 
@@ -65,5 +66,136 @@ def plot_prune(report: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     try:
         return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_prune_report(report: dict[str, Any], path: Path, force: bool = False) -> Path:
+    """`mom plot prune`: the picture of a saved `mom prune --json` report."""
+    if not isinstance(report, dict) or not {"modules", "trace_loss", "metric"} <= set(report):
+        raise UsageError("not a prune report: save one with `mom prune ... --json > report.json`")
+    check_target(path, force)
+    return plot_prune(report, path)
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def routing_figure(pic: Any) -> Any:
+    """Per block, a row with the MHA and FFN heatmaps of module share per step (SKIP included, as
+    in the paper's analysis figures), then a row with the paths of the sample's tokens."""
+    plt = _pyplot()
+    blocks = sorted({b for b, _ in pic.shares})
+    rows_per_block = 2 if pic.paths else 1
+    fig, axes = plt.subplots(rows_per_block * len(blocks), 2, figsize=(11, 4.6 * rows_per_block * len(blocks)),
+                             squeeze=False)
+    for i, b in enumerate(blocks):
+        row = rows_per_block * i
+        for col, kind in enumerate(("mha", "ffn")):
+            if (b, kind) in pic.shares:
+                _share_map(fig, axes[row][col], pic, b, kind)
+            else:
+                axes[row][col].set_axis_off()
+            if pic.paths:
+                _path_map(axes[row + 1][col], pic, b, kind)
+    fig.suptitle(f"routing on {pic.tokens:,} tokens", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _share_map(fig: Any, ax: Any, pic: Any, b: int, kind: str) -> None:
+    share = pic.shares[(b, kind)]
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    names = pic.names[(b, kind)]
+    ax.set_yticks(range(len(names)), names, fontsize=6 if len(names) > 12 else 8)
+    steps = share.shape[1]
+    ax.set_xticks(range(steps), [str(h + 1) for h in range(steps)], fontsize=6 if steps > 12 else 8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("module (source layer)")
+    ax.set_title(f"block {b} {kind.upper()}: share of tokens")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+
+
+def _path_map(ax: Any, pic: Any, b: int, kind: str) -> None:
+    path = pic.paths[(b, kind)]  # (steps, tokens)
+    names = pic.names[(b, kind)]
+    ax.imshow(path, aspect="auto", cmap="tab20", vmin=0, vmax=max(19, len(names) - 1), interpolation="nearest")
+    steps, n = path.shape
+    if steps * n <= 900:  # small enough to label every cell with the module it chose
+        for h in range(steps):
+            for t in range(n):
+                label = "S" if names[path[h, t]] == "SKIP" else str(path[h, t])
+                ax.text(t, h, label, ha="center", va="center", fontsize=5)
+    ax.set_xticks(range(n), [repr(s)[1:-1] for s in pic.sample], rotation=90, fontsize=6)
+    ax.set_yticks(range(steps), [str(h + 1) for h in range(steps)], fontsize=6 if steps > 12 else 8)
+    ax.set_ylabel("step")
+    ax.set_title(f"block {b} {kind.upper()}: each token's top module (S = SKIP)")
+
+
+def plot_routing(pic: Any, path: Path, force: bool = False) -> Path:
+    plt = _pyplot()
+    fig = routing_figure(pic)
+    try:
+        return _save(fig, path, force)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """train_metrics.jsonl (a checkpoint folder or the file itself): one JSON object per line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train_metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist; `mom train-routers` writes train_metrics.jsonl into its output")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise UsageError(f"{path}:{i}: not a JSON line") from None
+    if not any("loss" in r for r in rows):
+        raise UsageError(f"{path} has no training steps to draw")
+    return rows
+
+
+def training_figure(rows: list[dict[str, Any]]) -> Any:
+    """Left: training loss (total and next-token part) and held-out loss against tokens seen.
+    Right: learning rate and throughput."""
+    plt = _pyplot()
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = [r["tokens"] for r in train]
+    ax.plot(x, [r["loss"] for r in train], label="loss", color="tab:blue")
+    if any(r.get("lm_loss") is not None for r in train):
+        ax.plot(x, [r.get("lm_loss") for r in train], label="next-token loss", color="tab:green", alpha=0.8)
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss", color="tab:red")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.set_title("training")
+    ax.legend(fontsize=8)
+    ax_lr.plot(x, [r.get("lr") for r in train], color="tab:purple", label="learning rate")
+    ax_lr.set_xlabel("tokens")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title("schedule and speed")
+    if any(r.get("tokens_per_s") is not None for r in train):
+        speed = ax_lr.twinx()
+        speed.plot(x, [r.get("tokens_per_s") for r in train], color="tab:gray", alpha=0.6, label="tokens/s")
+        speed.set_ylabel("tokens/s")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training(rows: list[dict[str, Any]], path: Path, force: bool = False) -> Path:
+    plt = _pyplot()
+    fig = training_figure(rows)
+    try:
+        return _save(fig, path, force)
     finally:
         plt.close(fig)
