@@ -9,15 +9,6 @@ from transformers.activations import ACT2FN
 from mom_cli.peer import PeerLayer, oracle_mass_fraction, peer_from_dense, product_key_topk, usage_stats
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: OpenMP threads only add contention (2 shared cores here: 30 ms became 2 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
