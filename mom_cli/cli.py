@@ -210,6 +210,307 @@ def prune(
     print(out)
 
 
+@app.command("convert-peer")
+def convert_peer(
+    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-peer beside it)."),
+    layers: str = typer.Option(..., "--layers", metavar="SPEC",
+                               help="FFN modules by source layer: 10-19, 0,4,8, all (every dense pooled one) or middle (their middle third)."),
+    experts: Optional[int] = typer.Option(None, "--experts", help="N experts, a perfect square (default: the smallest >= d_ff)."),
+    heads: int = typer.Option(8, "--heads", help="h query heads sharing the pool."),
+    topk: Optional[int] = typer.Option(None, "--topk", help="k experts per head (default: h*k = 50% of d_ff)."),
+    key_dim: int = typer.Option(128, "--key-dim", help="d_key: query/key width, two halves of d_key/2."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="softmax, sigmoid or none (default: none with --init neurons, "
+                                       "the FFN's own sum; softmax with --init random, as the paper)."),
+    init: str = typer.Option("neurons", "--init", help="neurons (expert i = a trained neuron) or random (a fresh layer, as the paper)."),
+    no_query_bn: bool = typer.Option(False, "--no-query-bn", help="No BatchNorm on the query (the paper has it)."),
+    per_head_keys: bool = typer.Option(False, "--per-head-keys", help="Each head its own sub-keys (default: shared, as the paper)."),
+    drop_neurons: Optional[str] = typer.Option(None, "--drop-neurons", metavar="SPEC",
+                                               help="Neurons left out when N < d_ff: weakest (keep the N strongest) or indexes (0-99,512)."),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATA",
+                                            help="Train retrieval to reproduce each dense layer on this text (.txt/.jsonl/.parquet, folder, hf:)."),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
+    calib_steps: int = typer.Option(30, "--calib-steps", help="Calibration steps per layer."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    force: bool = Force,
+    as_json: bool = Json,
+) -> None:
+    """Replace dense FFN modules with PEER layers whose experts are the trained neurons.
+
+    Example: mom convert-peer smol-mom --layers 10-19 --calibrate docs/ -o smol-peer
+    """
+    from .convert_peer import ConvertOptions
+    from .convert_peer import convert_peer as run
+    from .decompose import default_output
+    from .models import pick_device
+
+    _quiet_third_party()
+    ckpt = Path(checkpoint_arg(checkpoint))
+    out = output or default_output(str(ckpt), "-peer")
+    opts = ConvertOptions(layers=layers, experts=experts, heads=heads, topk=topk, key_dim=key_dim, gate=gate, init=init,
+                          query_bn=not no_query_bn, shared_keys=not per_head_keys, drop_neurons=drop_neurons,
+                          calibrate=calibrate, calib_tokens=calib_tokens, calib_steps=calib_steps, seq_len=seq_len,
+                          batch_size=batch_size, eval_data=eval_data, device=pick_device(device))
+    report = run(ckpt, out, opts, force)
+    if as_json:
+        print(json.dumps(report.as_dict(), default=str))
+        return
+    _print_convert_peer(report.as_dict())
+    print(out)
+
+
+def _print_convert_peer(r: dict) -> None:
+    from rich.table import Table
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
+    # N, h and k are the same for every layer (the log line names them); on held-out tokens:
+    # mass = share of the oracle's top-h*k contribution found, error = relative to the dense layer
+    table = Table("layer", "mass", "error", "calib. error", "usage", "KL", "active", "total")
+    for x in r["layers"]:
+        calib = "-" if x["calib_error_before"] is None else f"{x['calib_error_before']:.3g}→{x['calib_error_after']:.3g}"
+        table.add_row(str(x["origin"]), num(x["oracle_mass_found"]), num(x["output_error"]), calib,
+                      num(x["expert_usage"]), num(x["usage_kl_uniform"]), _short(x["params_active_per_token"]),
+                      _short(x["params_total"]))
+    if not console.QUIET:
+        console.stderr.print(table)
+    if r["heldout_perplexity"] is not None:
+        p = r["heldout_perplexity"]
+        console.log(f"held-out perplexity ({r['heldout_tokens']} tokens): {p['before']:.4f} -> {p['after']:.4f}")
+    for label, key in (("parameters", "params_total"), ("active parameters per token", "params_active_per_token"),
+                       ("FLOPs per token", "flops_per_token")):
+        console.log(f"{label}: {r[key]['before']:,} -> {r[key]['after']:,}")
+
+
+@app.command("train-routers")
+def train_routers(
+    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
+    data: str = typer.Option(..., "--data", help="Training text: .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-trained beside it)."),
+    train: str = typer.Option("routers", "--train", help="routers (+ PEER queries and keys), routers+peer (+ PEER expert "
+                              "tables, sparse updates) or all."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one pass over DATA)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Train on this many tokens instead of --steps."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per micro-batch, per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 for routers, 1e-4 for all)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 5% of the steps)."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine (down to 10% of --lr) or constant."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay of weight matrices."),
+    aux_loss_coef: Optional[float] = typer.Option(None, "--aux-loss-coef", help="Load-balancing loss weight (default: the checkpoint's, 0.01)."),
+    distill: Optional[str] = typer.Option(None, "--distill", metavar="[TEACHER]", help="Train toward a teacher's logits (KL); "
+                                          "the flag alone (or `source`) uses the source model in the provenance."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: bf16, fp16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the dense modules."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (long sequences)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: the last blocks of DATA)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Held-out perplexity every N steps (always at start and end)."),
+    eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Held-out tokens per evaluation."),
+    save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (OUT.train-state/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the saved training state."),
+    keep_state: bool = typer.Option(False, "--keep-state", help="Keep OUT.train-state/ after the run completes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
+    force: bool = Force,
+    as_json: bool = Json,
+) -> None:
+    """Train the routers (and, when asked, PEER experts or everything) of a MoM checkpoint.
+
+    Scale out with: torchrun --nproc-per-node N -m mom_cli train-routers ...
+
+    Example: mom train-routers smol-c15 --data docs/ --distill --steps 500 --seq-len 256 -o smol-c15-trained
+    """
+    from .decompose import default_output
+    from .train import TrainOptions
+    from .train import train as run
+
+    _quiet_third_party()
+    ckpt = Path(checkpoint_arg(checkpoint))
+    out = output or default_output(str(ckpt), "-trained")
+    opts = TrainOptions(data=data, train=train, steps=steps, tokens=tokens, batch_size=batch_size, grad_accum=grad_accum,
+                        seq_len=seq_len, lr=lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
+                        aux_loss_coef=aux_loss_coef, distill=distill, device=device, dtype=dtype, compile=compile_,
+                        grad_checkpointing=grad_checkpointing, eval_data=eval_data, eval_every=eval_every,
+                        eval_tokens=eval_tokens, save_every=save_every, resume=resume, keep_state=keep_state, seed=seed)
+    result = run(ckpt, out, opts, force)
+    if not result.main:  # other torchrun ranks: rank 0 prints the result
+        return
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    if result.loss_first is not None:
+        console.log(f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
+                    f"loss {result.loss_first:.4f} -> {result.loss_last:.4f}")
+    print(result.path)
+
+
+# ----------------------------------------------------------------------------- recipes and pictures (issue 6)
+
+recipes_app = typer.Typer(help="The shipped recipes: list, show, copy to edit.", no_args_is_help=True)
+plot_app = typer.Typer(help="Pictures: routing heatmaps and paths, pruning scores, training curves.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(plot_app, name="plot")
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument(..., help="A recipe name (mom recipes list) or a path to a .yaml recipe.",
+                                 autocompletion=lambda incomplete: _recipe_names(incomplete)),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set a variable (source=gpt2) or a step's "
+                                   "option (prune.keep-mha=75%); repeatable."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="The result (default: the recipe's output, else NAME-out)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where intermediate checkpoints go (default: .OUT.mom-work beside OUT)."),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep the intermediate checkpoints (a rerun then skips finished steps)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Run every step again, even if its output is in the work directory."),
+    force: bool = Force,
+    as_json: bool = Json,
+) -> None:
+    """Run a recipe: every step is validated first, then run like a pipe of mom commands.
+
+    Example: mom run compressed-depth --set source=gpt2 --set data=docs/ -o gpt2-c6
+    """
+    from .recipes import RunOptions
+    from .recipes import run as run_recipe
+
+    result = run_recipe(recipe, RunOptions(sets, output, work_dir, keep_work, fresh, force))
+    if as_json:
+        print(json.dumps(result.as_dict(), default=str))
+    else:
+        print(result.path)
+
+
+@recipes_app.command("list")
+def recipes_list(as_json: bool = Json) -> None:
+    """The shipped recipes, one per line: name and what it does.
+
+    Example: mom recipes list
+    """
+    from .recipes import description, shipped
+
+    found = {name: {"path": str(p), "description": description(p)} for name, p in shipped().items()}
+    if as_json:
+        print(json.dumps(found))
+        return
+    width = max((len(n) for n in found), default=0)
+    for name, r in found.items():
+        print(f"{name:<{width}}  {r['description']}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="A recipe name or path.",
+                                           autocompletion=lambda incomplete: _recipe_names(incomplete))) -> None:
+    """Print a recipe.
+
+    Example: mom recipes show prune-attention
+    """
+    from .recipes import find
+
+    print(find(name).read_text(), end="")
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: str = typer.Argument(..., help="A recipe name or path.", autocompletion=lambda incomplete: _recipe_names(incomplete)),
+    dest: Path = typer.Argument(..., help="A file, or a folder to copy it into."),
+    force: bool = Force,
+) -> None:
+    """Copy a recipe to edit it, then run the copy with mom run FILE.
+
+    Example: mom recipes cp compressed-depth my-plan.yaml
+    """
+    from .recipes import copy
+
+    print(copy(name, dest, force))
+
+
+@plot_app.command("routing")
+def plot_routing(
+    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or -."),
+    data: str = typer.Option(..., "--data", help="Text to route: .txt/.jsonl/.parquet, a folder, or hf:NAME."),
+    output: Path = typer.Option(..., "-o", "--output", help="Picture file (.png, .svg or .pdf)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Tokens the shares are measured on."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
+    sample_tokens: int = typer.Option(24, "--sample-tokens", help="Tokens of DATA whose paths are drawn."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    force: bool = Force,
+) -> None:
+    """Heatmaps of the module each routed step selects (share of tokens, SKIP included) and token paths.
+
+    One row per block: MHA and FFN shares over DATA, then the top module of each sample token.
+
+    Example: mom plot routing smol-mom --data README.md -o routing.png
+    """
+    from .models import load_model, pick_device
+    from .plots import check_target
+    from .plots import plot_routing as draw
+    from .routing_trace import trace
+
+    _quiet_third_party()
+    check_target(output, force)
+    if max_tokens < 2 or seq_len < 2 or batch_size < 1 or sample_tokens < 1:
+        raise UsageError("--max-tokens and --seq-len must be >= 2, --batch-size and --sample-tokens >= 1")
+    dev = pick_device(device)
+    model, tok = load_model(checkpoint_arg(checkpoint), dev)
+    print(draw(trace(model, tok, data, max_tokens, seq_len, batch_size, sample_tokens, dev), output, force))
+
+
+@plot_app.command("prune")
+def plot_prune(
+    report: str = typer.Argument(..., help="A `mom prune --json` report file, or - to read it from stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Picture file (.png, .svg or .pdf)."),
+    force: bool = Force,
+) -> None:
+    """Module scores (removed ones in red) and calibration perplexity against modules removed.
+
+    Example: mom prune gpt2-mom --data docs/ --json | mom plot prune - -o prune.png
+    """
+    from .plots import plot_prune_report
+
+    text = sys.stdin.read() if report == "-" else _read_text(report)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise UsageError(f"{report} is not JSON; save the report with `mom prune ... --json > report.json`") from None
+    print(plot_prune_report(data, output, force))
+
+
+@plot_app.command("training")
+def plot_training(
+    checkpoint: str = typer.Argument(..., help="A checkpoint made by train-routers (or its train_metrics.jsonl), or -."),
+    output: Path = typer.Option(..., "-o", "--output", help="Picture file (.png, .svg or .pdf)."),
+    force: bool = Force,
+) -> None:
+    """Training and held-out loss against tokens, learning rate and tokens/s, from train_metrics.jsonl.
+
+    Example: mom plot training smol-c15-trained -o training.png
+    """
+    from .plots import check_target, read_metrics
+    from .plots import plot_training as draw
+
+    check_target(output, force)
+    print(draw(read_metrics(Path(checkpoint_arg(checkpoint))), output, force))
+
+
+def _recipe_names(incomplete: str) -> list[str]:
+    """Shell completion of recipe names (cheap: reads file names only)."""
+    from .recipes import shipped
+
+    return [n for n in shipped() if n.startswith(incomplete)]
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{path} does not exist")
+    return p.read_text()
+
+
 def _print_prune(r: dict) -> None:
     from rich.table import Table
 
@@ -243,8 +544,22 @@ def _print_info(s: dict) -> None:
     out.print(table)
     out.print(f"parameters: {s['params_total']:,} total, at most {s['params_active_per_token']:,} active per token")
     out.print(f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context)")
+    if s.get("peer_modules"):
+        peer = Table("PEER module", "origin", "N", "h×k", "d_key", "gate", "active params", "total params", "FLOPs/call")
+        for p in s["peer_modules"]:
+            peer.add_row(p["module"], str(p["origin"]), f"{p['n_experts']:,}", f"{p['heads']}×{p['topk']}", str(p["key_dim"]),
+                         p["gate"], _short(p["params_active_per_token"]), _short(p["params_total"]), _short(p["flops_per_call"]))
+        out.print(peer)
     for i, r in enumerate(s["provenance"], 1):
         out.print(f"{i}. {r['time']}  mom {r['mom_version']}  {r['command']} {r['source']}  {json.dumps(r['args'])}")
+
+
+def _short(n: int) -> str:
+    """1925696 -> '1.93M': keeps wide tables readable in 80 columns."""
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 def _quiet_third_party() -> None:
@@ -312,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OPTIONAL_VALUE = {"--keep-mha": "all", "--keep-ffn": "all"}
+# `--distill` alone means the source model recorded in the provenance; a value is anything but an option.
+OPTIONAL_REF = {"--distill": "source"}
 
 
 def _optional_values(args: list[str]) -> list[str]:
@@ -322,6 +639,8 @@ def _optional_values(args: list[str]) -> list[str]:
         nxt = args[i + 1] if i + 1 < len(args) else None
         if a in OPTIONAL_VALUE and (nxt is None or not re.fullmatch(r"\d+(\.\d+)?%?|all", nxt)):
             out.append(OPTIONAL_VALUE[a])
+        if a in OPTIONAL_REF and (nxt is None or nxt.startswith("-")):
+            out.append(OPTIONAL_REF[a])
     return out
 
 
