@@ -35,11 +35,15 @@ def check_target(path: Path, force: bool = True) -> None:
 
 
 def _save(fig: Any, path: Path, force: bool = True) -> Path:
+    """Write the figure atomically, then close it (pyplot keeps every open figure alive)."""
     from .outputs import atomic_file
 
     path = Path(path)
-    with atomic_file(path, force) as tmp:
-        fig.savefig(tmp, format=path.suffix[1:].lower(), dpi=120, bbox_inches="tight")
+    try:
+        with atomic_file(path, force) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:].lower(), dpi=120, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -64,10 +68,7 @@ def plot_prune(report: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("modules removed")
     ax.set_ylabel("perplexity")
     fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_prune_report(report: dict[str, Any], path: Path, force: bool = False) -> Path:
@@ -133,12 +134,7 @@ def _path_map(ax: Any, pic: Any, b: int, kind: str) -> None:
 
 
 def plot_routing(pic: Any, path: Path, force: bool = False) -> Path:
-    plt = _pyplot()
-    fig = routing_figure(pic)
-    try:
-        return _save(fig, path, force)
-    finally:
-        plt.close(fig)
+    return _save(routing_figure(pic), path, force)
 
 
 # ----------------------------------------------------------------------------- training
@@ -193,9 +189,4 @@ def training_figure(rows: list[dict[str, Any]]) -> Any:
 
 
 def plot_training(rows: list[dict[str, Any]], path: Path, force: bool = False) -> Path:
-    plt = _pyplot()
-    fig = training_figure(rows)
-    try:
-        return _save(fig, path, force)
-    finally:
-        plt.close(fig)
+    return _save(training_figure(rows), path, force)

@@ -16,7 +16,7 @@ import torch
 import mom_cli
 from mom_cli.convert_peer import ConvertOptions, convert_peer
 from mom_cli.errors import UsageError
-from tests.helpers import decomposed, ids, max_diff
+from tests.helpers import decomposed, ids, max_diff, remote_code_check
 
 D_FF = {"gpt2": 256, "llama": 128}  # the fixtures' FFN widths
 SHARD = 2 * 10**9
@@ -100,28 +100,15 @@ def test_exports_remote_code_without_mom_and_flat_safetensors(moms, tmp_path):
     from mom_cli.configuration_mom import MomConfig
     from mom_cli.export import export
     from mom_cli.modeling_mom import MomForCausalLM
-    from tests.test_export import _fresh_python
 
     ckpt = convert_peer(moms["gpt2"], tmp_path / "peer", ConvertOptions(layers="1,3", heads=2, topk=32)).path
     x = ids(1, 10)
     expect = logits(ckpt, x)
     out, kind = export(ckpt, tmp_path / "rc", "hf", None, SHARD, False)
     assert kind == "remote-code" and (out / "peer.py").exists()
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(expect, tmp_path / "expect.pt")
-    printed = _fresh_python(
-        f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        x = torch.load({str(tmp_path / 'x.pt')!r})
-        with torch.no_grad():
-            d = (m(x).logits - torch.load({str(tmp_path / 'expect.pt')!r})).abs().max().item()
-        print(type(m.model.blocks[0].ffn["1"].peer).__module__, d)
-        """,
-        tmp_path,
-    )
-    module, diff = printed.split()
+    diff, module = remote_code_check(out, x, expect, tmp_path, """
+        print(type(m.model.blocks[0].ffn["1"].peer).__module__)
+        """)
     assert "mom_cli" not in module and module.endswith("peer") and float(diff) <= 1e-5
 
     flat, _ = export(ckpt, tmp_path / "flat.safetensors", "safetensors", None, SHARD, False)

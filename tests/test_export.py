@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import torch
 from safetensors import safe_open
@@ -12,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import mom_cli
 from mom_cli.export import export
-from tests.helpers import decomposed, ids, max_diff
+from tests.helpers import decomposed, ids, max_diff, remote_code_check
 
 SHARD = 2 * 10**9
 
@@ -30,38 +27,17 @@ def test_identity_exports_standard_format(family_dir, tmp_path):
     assert max_diff(ref(x).logits, back(x).logits) <= 1e-5
 
 
-def _fresh_python(script: str, cwd) -> str:
-    """Run in a Python where `mom_cli` cannot be imported."""
-    guard = "import sys; sys.modules['mom_cli'] = None\n"
-    res = subprocess.run([sys.executable, "-c", guard + textwrap.dedent(script)], cwd=cwd, capture_output=True, text=True,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
-
-
 def test_routed_mom_exports_remote_code_loadable_without_mom(llama_dir, tmp_path):
     ckpt = decomposed(llama_dir, tmp_path / "mom", depth=2, top_k=2)
     out, kind = export(ckpt, tmp_path / "rc", "hf", None, SHARD, False)
     assert kind == "remote-code" and (out / "modeling_mom.py").exists()
     x = ids(1, 10)
-    torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         expect = mom_cli.load(ckpt).eval()(x).logits
-    torch.save(expect, tmp_path / "expect.pt")
-    printed = _fresh_python(
-        f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        x = torch.load({str(tmp_path / 'x.pt')!r})
-        with torch.no_grad():
-            d = (m(x).logits - torch.load({str(tmp_path / 'expect.pt')!r})).abs().max().item()
+    diff, module, length = remote_code_check(out, x, expect, tmp_path, """
         g = m.generate(x[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
-        print(type(m).__module__, d, g.shape[1])
-        """,
-        tmp_path,
-    )
-    module, diff, length = printed.split()
+        print(type(m).__module__, g.shape[1])
+        """)
     assert "mom_cli" not in module and float(diff) <= 1e-5 and int(length) == 9
 
 
