@@ -41,6 +41,14 @@ def _discard(remove: Callable[[], None]) -> None:
             raise
 
 
+def _as_if_created(path: Path, mode: int) -> None:
+    """mkdtemp/mkstemp make private (0700/0600) entries; give the output the permissions a plain
+    mkdir/open would have (mode less the umask), so a checkpoint is as readable as any other file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, mode & ~mask)
+
+
 def check_output(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise UsageError(f"output {path} already exists; pass --force to replace it or choose another -o")
@@ -60,6 +68,7 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     check_output(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        _as_if_created(tmp, 0o777)
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -87,6 +96,7 @@ def atomic_file(path: Path, force: bool) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        _as_if_created(tmp, 0o666)
         yield tmp
         os.replace(tmp, path)
     except BaseException:

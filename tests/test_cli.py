@@ -458,6 +458,24 @@ def test_force_replaces_output_and_json_is_one_object(jobs):
     assert json.loads((parent / "result" / "config.json").read_text())["model_type"] == "mom"
 
 
+def test_outputs_get_the_permissions_of_a_plain_mkdir_or_open(tmp_path):
+    """Temporary outputs are private while written; the finished output is not (umask applies)."""
+    import stat
+
+    from mom_cli.outputs import atomic_dir, atomic_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "ckpt", force=False) as d:
+            (d / "config.json").write_text("{}")
+        with atomic_file(tmp_path / "picture.png", force=False) as f:
+            f.write_bytes(b"png")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "picture.png").stat().st_mode) == 0o644
+
+
 def test_pickle_accepted_with_allow_pickle(jobs):
     from safetensors.torch import load_file
 
