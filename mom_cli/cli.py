@@ -316,6 +316,8 @@ def train_routers(
     resume: bool = typer.Option(False, "--resume", help="Continue from the saved training state."),
     keep_state: bool = typer.Option(False, "--keep-state", help="Keep OUT.train-state/ after the run completes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
+    strategy: str = typer.Option("ddp", "--strategy", help="Under torchrun: ddp (the whole model on every process) or "
+                                 "fsdp (parameters, gradients and optimizer state sharded over the processes)."),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -336,7 +338,8 @@ def train_routers(
                         seq_len=seq_len, lr=lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
                         aux_loss_coef=aux_loss_coef, distill=distill, device=device, dtype=dtype, compile=compile_,
                         grad_checkpointing=grad_checkpointing, eval_data=eval_data, eval_every=eval_every,
-                        eval_tokens=eval_tokens, save_every=save_every, resume=resume, keep_state=keep_state, seed=seed)
+                        eval_tokens=eval_tokens, save_every=save_every, resume=resume, keep_state=keep_state, seed=seed,
+                        strategy=strategy)
     result = run(ckpt, out, opts, force)
     if not result.main:  # other torchrun ranks: rank 0 prints the result
         return

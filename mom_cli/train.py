@@ -6,6 +6,8 @@ asked, its PEER experts or everything) on text.
     what       `routers`: router parameters and the PEER query networks and sub-keys;
                `routers+peer`: + PEER expert tables (RowSparseAdam: only retrieved rows change);
                `all`: every parameter. Frozen parameters get no gradient and no optimizer state.
+    ranks      under torchrun, `strategy` ddp (whole model per rank) or fsdp (FSDP2: parameters,
+               gradients and optimizer moments sharded over ranks); see `distributed`.
     data       token blocks of `seq_len` from `tokencache`, in an order fixed by the seed: global
                step s takes blocks [s*G, (s+1)*G) of a per-epoch permutation (G = batch x accum x
                ranks), and rank r takes its own slice of them. The data position is the step.
@@ -74,6 +76,7 @@ class TrainOptions:
     resume: bool = False
     keep_state: bool = False
     seed: int = 0
+    strategy: str = "ddp"  # under torchrun: ddp, or fsdp (sharded; see distributed.shard)
     max_grad_norm: float = 1.0
     stop_after: int | None = None  # library only: stop after this step as if killed (nothing saved)
 
@@ -142,6 +145,18 @@ def check_options(opts: TrainOptions) -> None:
         raise UsageError("--eval-every, --save-every and --warmup must be >= 0, and --lr > 0")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {opts.dtype!r}: use bf16, fp16, fp32 or auto")
+    if opts.strategy not in distributed.STRATEGIES:
+        raise UsageError(f"unknown --strategy {opts.strategy!r}: use ddp or fsdp")
+    if opts.strategy == "fsdp" and opts.train == "routers+peer":
+        raise UsageError("--train routers+peer cannot run with --strategy fsdp (the row-sparse PEER optimizer "
+                         "needs whole expert tables); use --strategy ddp, or --train all")
+
+
+def check_strategy(opts: TrainOptions, d: distributed.Dist) -> None:
+    """FSDP shards over torchrun's processes: alone it would only be slower than no sharding."""
+    if opts.strategy == "fsdp" and not d.active:
+        raise UsageError("--strategy fsdp shards the model over processes: launch with "
+                         "torchrun --nproc-per-node N -m mom_cli train-routers ..., or drop --strategy fsdp")
 
 
 def amp_dtype(name: str, device: str) -> torch.dtype:
@@ -278,8 +293,11 @@ class Run:
         self.coef = self.config.aux_loss_coef if opts.aux_loss_coef is None else opts.aux_loss_coef
         self.teacher = self._teacher() if opts.distill else None
         self._data()
+        self.ddp = distributed.wrap(d, self.model, device, opts.strategy)
+        self.sharded = distributed.is_sharded(self.model)
+        self.used = distributed.UsedParams(self.model) if self.sharded else None
+        self.dense, self.rows = select_trainable(self.model, opts.train)  # FSDP made them DTensors
         self._optimizers()
-        self.ddp = distributed.wrap(d, self.model, device)
         self.work = out.parent / f"{out.name}.train-state"
         self.done = 0  # steps completed
         self.recorder = None
@@ -370,12 +388,12 @@ class Run:
             self.work.mkdir(exist_ok=True)
 
     def save_state(self) -> None:
+        params = distributed.full_params(self.dist, [*self.dense, *self.rows])  # collectives under FSDP
+        opt = distributed.full_optim_state(self.dist, self.model, self.opt) if self.opt else None
         if not self.dist.main:
             return
         state = {
-            "step": self.done, "fingerprint": self.fingerprint(),
-            "params": {n: p.detach().cpu() for n, p in (*self.dense, *self.rows)},
-            "opt": self.opt.state_dict() if self.opt else None,
+            "step": self.done, "fingerprint": self.fingerprint(), "params": params, "opt": opt,
             "row_opt": self.row_opt.state_dict() if self.row_opt else None,
             "scheds": [s.state_dict() for s in self.scheds], "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -395,12 +413,9 @@ class Run:
         if diff:
             raise UsageError(f"--resume: the saved run differs in {', '.join(diff[:3])}; run with its options, "
                              "or --force without --resume to start over")
-        params = dict(self.dense + self.rows)
-        with torch.no_grad():
-            for n, value in state["params"].items():
-                params[n].copy_(value)
+        distributed.load_params(self.dense + self.rows, state["params"])
         if self.opt:
-            self.opt.load_state_dict(state["opt"])
+            distributed.load_optim_state(self.model, self.opt, state["opt"])
         if self.row_opt:
             self.row_opt.load_state_dict(state["row_opt"])
         for s, sd in zip(self.scheds, state["scheds"]):
@@ -426,13 +441,15 @@ class Run:
         sums: dict[str, torch.Tensor] = {}
         for a, x in enumerate(self.batches.micro_batches(step)):
             last = a == self.opts.grad_accum - 1
-            sync = nullcontext() if last or not self.dist.active else self.ddp.no_sync()
+            sync = nullcontext() if last or not self.dist.active else distributed.no_sync(self.ddp)
             with sync:
                 with self.autocast():
                     parts = step_losses(self.ddp, self.teacher, x.to(self.device), self.coef)
                 self.scaler.scale(parts["loss"] / self.opts.grad_accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.opts.grad_accum
+        if self.sharded:
+            distributed.drop_unused_grads([*self.dense, *self.rows], self.used)
         for o in (self.opt, self.row_opt):
             if o is not None:
                 self.scaler.unscale_(o)
@@ -453,10 +470,12 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Held-out perplexity (rank 0 only; the other ranks wait at the next step's all-reduce)."""
-        if self.heldout is None or not self.dist.main:
+        """Held-out perplexity on rank 0; the other ranks wait at the next step's all-reduce, except
+        under FSDP, where every forward is a collective: every rank runs it, rank 0 reports."""
+        if self.heldout is None or not (self.dist.main or self.sharded):
             return None
         self.model.eval()
+        recorder, self.model.model.recorder = self.model.model.recorder, None  # routing of training steps only
         total, count = 0.0, 0
         try:
             for i in range(0, self.heldout.shape[0], self.opts.batch_size):
@@ -467,7 +486,8 @@ class Run:
                 count += x[:, 1:].numel()
         finally:
             self.model.train()
-        return math.exp(total / count)
+            self.model.model.recorder = recorder
+        return math.exp(total / count) if self.dist.main else None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -520,7 +540,7 @@ def progress_bar():
 # ----------------------------------------------------------------------------- output
 
 
-def write_output(run: Run, stats: dict | None, stat_tokens: int, force: bool) -> None:
+def write_output(run: Run, weights: dict[str, torch.Tensor], stats: dict | None, stat_tokens: int, force: bool) -> None:
     """The trained model as a normal MoM checkpoint (rank 0), with metrics and routing statistics."""
     from . import provenance, routing_stats
     from .checkpoint import copy_extras, param_shapes, write_checkpoint
@@ -537,7 +557,6 @@ def write_output(run: Run, stats: dict | None, stat_tokens: int, force: bool) ->
     new.aux_loss_coef = run.coef
     reader = SafetensorsReader(run.ckpt)
     stored = reader.keys()
-    weights = run.model.state_dict()
     tensors = [
         PlannedTensor(name, shape, reader.dtype(name) if name in stored else torch.float32,
                       lambda name=name: weights[name])
@@ -576,6 +595,7 @@ def train(ckpt: Path, out: Path, opts: TrainOptions, force: bool = False) -> Tra
     d = distributed.from_env()
     if not d.main:  # rank 0 speaks for the job
         console.QUIET = True
+    check_strategy(opts, d)
     device = distributed.init(d, pick_device(opts.device))
     try:
         torch.manual_seed(opts.seed)
@@ -631,8 +651,9 @@ def _loop(run: Run, force: bool) -> TrainResult:
     stats = reduced_stats(run)
     metrics.close()
     stat_tokens = (run.steps - max(record_from, start_step)) * run.tokens_per_step
+    weights = distributed.full_state_dict(d, run.model)  # a collective under FSDP
     if d.main:
-        write_output(run, stats, stat_tokens, force)
+        write_output(run, weights, stats, stat_tokens, force)
     distributed.barrier(d)
     return _result(run, run.out if d.main else None, first, last, before, after, seconds, start_step)
 
