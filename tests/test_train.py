@@ -97,21 +97,55 @@ def test_resume_after_an_interruption_is_bit_equal(work):
     assert drop(metrics(work / "straight")) == drop(metrics(work / "resumed"))
 
 
-def test_two_process_gloo_ddp_matches_one_process(work):
-    """torchrun with 2 x batch 2 against one process with 2 micro-batches of 2: the same global batch."""
+def torchrun(work: Path, ckpt: str, *args: str) -> subprocess.CompletedProcess:
+    """2 processes x batch 2 over gloo: the global batch of one process with 2 micro-batches of 2."""
     common = ["--data", "text.txt", "--train", "all", "--steps", "3", "--seq-len", "32", "--lr", "3e-3", "--device", "cpu"]
-    train(work / "c2", work / "one", TrainOptions(data=str(work / "text.txt"), train="all", steps=3, lr=3e-3,
-                                                  grad_accum=2, device="cpu", **SMALL))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "mom_cli", "train-routers", "c2", *common, "--batch-size", "2", "-o", "two", "--json"]
+           "-m", "mom_cli", "train-routers", ckpt, *common, "--batch-size", "2", "--json", *args]
     res = subprocess.run(cmd, cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def one_process(work: Path, ckpt: str, out: str, **kw) -> Path:
+    train(work / ckpt, work / out, TrainOptions(data=str(work / "text.txt"), train="all", steps=3, lr=3e-3,
+                                                grad_accum=2, device="cpu", **SMALL, **kw))
+    return work / out
+
+
+def test_two_process_gloo_ddp_matches_one_process(work):
+    """torchrun with 2 x batch 2 against one process with 2 micro-batches of 2: the same global batch."""
+    one_process(work, "c2", "one")
+    res = torchrun(work, "c2", "-o", "two")
     assert json.loads(res.stdout)["path"] == "two"  # one JSON object: only rank 0 prints
     a, b = params(work / "one"), params(work / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     ma, mb = metrics(work / "one"), metrics(work / "two")
     losses = lambda ms: [m[k] for m in ms for k in ("loss", "eval_ppl") if k in m]  # noqa: E731
     assert losses(ma) == pytest.approx(losses(mb), rel=1e-5)
+
+
+def test_two_process_gloo_fsdp_matches_one_process_and_resumes_its_state(work, models_dir):
+    """FSDP2 over 2 processes gives the parameters of one process. Top-1 routing leaves some modules
+    unused by every rank in the first step: they must get no AdamW step, as in one process. The
+    training state has the same format (whole tensors, optimizer by index) whichever the strategy:
+    the sharded run resumes the one-process state of step 2."""
+    decomposed(models_dir / "llama", work / "c1", depth=2, top_k=1)
+    one = one_process(work, "c1", "one1", save_every=2, keep_state=True)
+    torchrun(work, "c1", "--strategy", "fsdp", "--save-every", "1", "--keep-state", "-o", "fsdp")
+    a, b = params(one), params(work / "fsdp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    losses = lambda ms: [m[k] for m in ms for k in ("loss", "eval_ppl") if k in m]  # noqa: E731
+    assert losses(metrics(one)) == pytest.approx(losses(metrics(work / "fsdp")), rel=1e-5)
+    state = lambda p: torch.load(p / "state.pt", weights_only=True)  # noqa: E731
+    saved, sharded = state(work / "one1.train-state"), state(work / "fsdp.train-state")  # steps 2 and 3
+    assert saved["params"].keys() == sharded["params"].keys()
+    groups = lambda st: [{k: v for k, v in g.items() if k != "lr"} for g in st["opt"]["param_groups"]]  # noqa: E731
+    assert groups(saved) == groups(sharded) and saved["opt"]["state"].keys() == sharded["opt"]["state"].keys()
+    shutil.copytree(work / "one1.train-state", work / "fsdp-resumed.train-state")
+    torchrun(work, "c1", "--strategy", "fsdp", "--resume", "-o", "fsdp-resumed")  # step 3 only, sharded
+    c = params(work / "fsdp-resumed")
+    assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_cli_distill_from_source_starts_at_kl_zero_and_errors(work):
@@ -165,6 +199,10 @@ def test_bad_input_is_a_clear_usage_error(work, tmp_path):
         train(work / "c2", tmp_path / "o", TrainOptions(data=text, seq_len=256, batch_size=64))
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         train(work / "c2", tmp_path / "o", TrainOptions(data=text, dtype="fp16", device="cpu", **SMALL))
+    with pytest.raises(UsageError, match="launch with torchrun"):  # one process: nothing to shard over
+        train(work / "c2", tmp_path / "o", TrainOptions(data=text, strategy="fsdp", **SMALL))
+    with pytest.raises(UsageError, match="routers\\+peer cannot run with --strategy fsdp"):
+        train(work / "c2", tmp_path / "o", TrainOptions(data=text, train="routers+peer", strategy="fsdp", **SMALL))
     cfg = MomConfig.from_pretrained(work / "c2")
     cfg.bottom_layers, cfg.blocks = [0, 1, 2, 3], []  # a plain stack: no routers
     MomForCausalLM(cfg).save_pretrained(tmp_path / "plain")
