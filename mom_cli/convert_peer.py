@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .configuration_mom import MomConfig
-from .console import log, progress, warn
+from .console import log, progress
 from .errors import UsageError
 
 INITS = ("neurons", "random")
@@ -275,33 +275,6 @@ def capture(model: Any, plans: list[LayerPlan], batches: torch.Tensor, batch_siz
     return got
 
 
-def _token_blocks(tokenizer: Any, opts: ConvertOptions) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(calibration blocks or None, held-out blocks or None), as `mom prune` splits DATA."""
-    from .data import blocks, token_stream
-
-    n_eval = opts.eval_tokens or opts.calib_tokens
-    calib = rest = None
-    if opts.calibrate:
-        stream = token_stream(opts.calibrate, tokenizer, opts.calib_tokens + (0 if opts.eval_data else n_eval))
-        if stream.numel() < opts.calib_tokens:
-            raise UsageError(f"calibration data {opts.calibrate} has {stream.numel()} tokens, fewer than --calib-tokens "
-                             f"{opts.calib_tokens}; give more text or a smaller --calib-tokens")
-        calib = blocks(stream[: opts.calib_tokens], opts.seq_len)
-        rest = None if opts.eval_data else stream[opts.calib_tokens :]
-    if opts.eval_data:
-        rest = token_stream(opts.eval_data, tokenizer, n_eval)
-        if rest.numel() < opts.seq_len:
-            raise UsageError(f"--eval-data {opts.eval_data} has {rest.numel()} tokens, fewer than one --seq-len "
-                             f"{opts.seq_len}; give more text or a shorter --seq-len")
-    if rest is None or rest.numel() < opts.seq_len:
-        warn("no held-out text beyond the calibration tokens: pass --eval-data (or more DATA) to measure the result on unseen text")
-        return calib, None
-    return calib, blocks(rest, opts.seq_len)
-
-
-# ----------------------------------------------------------------------------- building a layer
-
-
 def ffn_dtype(reader: Any, config: MomConfig, prefix: str) -> torch.dtype:
     """The dtype the dense FFN at `prefix` is stored in: its PEER layer is saved in it too."""
     return reader.dtype(prefix + ("up_proj.weight" if config.gated_mlp else "fc_in.weight"))
@@ -482,10 +455,12 @@ def _ppl(model: Any, batches: torch.Tensor, batch_size: int, device: str) -> flo
 
 def _load_data(ckpt: Path, opts: ConvertOptions) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
     """(model, calibration blocks, held-out blocks); every data error comes before any log line."""
+    from .data import calibration_split
     from .models import load_model
 
     model, tokenizer = load_model(str(ckpt), opts.device)
-    return (model, *_token_blocks(tokenizer, opts))
+    return (model, *calibration_split(tokenizer, opts.calibrate, opts.calib_tokens, opts.seq_len,
+                                      opts.eval_data, opts.eval_tokens))
 
 
 def _record(model: Any, calib_blocks: torch.Tensor | None, held_blocks: torch.Tensor | None,

@@ -92,3 +92,35 @@ def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     if n == 0:
         raise UsageError(f"data has {stream.numel()} tokens, fewer than one sequence of --seq-len {seq_len}; give more text or a shorter --seq-len")
     return stream[: n * seq_len].view(n, seq_len)
+
+
+def calibration_split(tokenizer: Any, data: str | None, calib_tokens: int, seq_len: int,
+                      eval_data: str | None = None, eval_tokens: int | None = None,
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(calibration blocks, held-out blocks) for the commands that measure on text (prune,
+    convert-peer): the first `calib_tokens` of DATA, then held-out text from `eval_data`, or else
+    DATA after the calibration tokens (as many as `eval_tokens`, default `calib_tokens`).
+
+    Either is None when there is no such text (no DATA; nothing beyond the calibration tokens,
+    with a warning). A DATA or `eval_data` too short for what was asked is a usage error.
+    """
+    from .console import warn
+
+    n_eval = eval_tokens or calib_tokens
+    calib = rest = None
+    if data:
+        stream = token_stream(data, tokenizer, calib_tokens + (0 if eval_data else n_eval))
+        if stream.numel() < calib_tokens:
+            raise UsageError(f"calibration data {data} has {stream.numel()} tokens, fewer than --calib-tokens "
+                             f"{calib_tokens}; give more text or a smaller --calib-tokens")
+        calib = blocks(stream[:calib_tokens], seq_len)
+        rest = None if eval_data else stream[calib_tokens:]
+    if eval_data:
+        rest = token_stream(eval_data, tokenizer, n_eval)
+        if rest.numel() < seq_len:
+            raise UsageError(f"--eval-data {eval_data} has {rest.numel()} tokens, fewer than one --seq-len "
+                             f"{seq_len}; give more text or a shorter --seq-len")
+    if rest is None or rest.numel() < seq_len:
+        warn("no held-out text beyond the calibration tokens: pass --eval-data (or more DATA) to measure the result on unseen text")
+        return calib, None
+    return calib, blocks(rest, seq_len)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_mom import MomConfig
-from .console import log, progress, warn
+from .console import log, progress
 from .errors import UsageError
 
 METRICS = ("greedy", "loss", "cosine", "block-influence", "usage")
@@ -373,23 +373,6 @@ class PruneReport:
         }
 
 
-def _token_blocks(data: str, tokenizer: Any, opts: PruneOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(calibration blocks, held-out blocks or None)."""
-    from .data import blocks, token_stream
-
-    n_eval = opts.eval_tokens or opts.calib_tokens
-    stream = token_stream(data, tokenizer, opts.calib_tokens + (0 if opts.eval_data else n_eval))
-    if stream.numel() < opts.calib_tokens:
-        raise UsageError(f"calibration data {data} has {stream.numel()} tokens, fewer than --calib-tokens "
-                         f"{opts.calib_tokens}; give more text or a smaller --calib-tokens")
-    calib = blocks(stream[: opts.calib_tokens], opts.seq_len)
-    rest = token_stream(opts.eval_data, tokenizer, n_eval) if opts.eval_data else stream[opts.calib_tokens :]
-    if rest.numel() < opts.seq_len:
-        warn("no held-out text beyond the calibration tokens: pass --eval-data (or more DATA) to measure the result on unseen text")
-        return calib, None
-    return calib, blocks(rest, opts.seq_len)
-
-
 def pruned_config(config: MomConfig, removed: Iterable[ModuleRef], record: dict[str, Any]) -> MomConfig:
     new = MomConfig.from_dict(config.to_dict())
     for ref in removed:
@@ -420,6 +403,7 @@ def remove_modules(ckpt: Path, out: Path, removed: Iterable[ModuleRef], record: 
 def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> PruneReport:
     from . import provenance
     from .checkpoint import read_mom
+    from .data import calibration_split
     from .info import summary
     from .models import load_model
     from .outputs import check_output
@@ -443,7 +427,8 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
         raise UsageError(f"--seq-len {opts.seq_len} is longer than the model's {config.max_position_embeddings} positions")
 
     model, tokenizer = load_model(str(ckpt), opts.device)
-    calib, heldout = _token_blocks(opts.data, tokenizer, opts)
+    calib, heldout = calibration_split(tokenizer, opts.data, opts.calib_tokens, opts.seq_len, opts.eval_data,
+                                       opts.eval_tokens)
     log(f"prune {ckpt}: {n['mha']} MHA + {n['ffn']} FFN modules, removing {n_remove['mha']} MHA and "
         f"{n_remove['ffn']} FFN by {metric}, on {calib.numel()} calibration tokens")
     measurer = Measurer(model, calib, opts.batch_size, opts.device)
