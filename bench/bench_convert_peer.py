@@ -52,7 +52,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_foundation import Figure, load_note, log, prepare_hf, print_table  # noqa: E402
+from bench.bench_foundation import Figure, bench_parser, load_note, log, prepare_hf, print_table, token_blocks  # noqa: E402
 from bench.fetch import pydocs_text  # noqa: E402
 
 LAYERS = range(10, 20)
@@ -80,10 +80,7 @@ def pick_sizes(args: argparse.Namespace) -> Sizes:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer tokens and steps (smoke run)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p = bench_parser(__doc__, "fewer tokens and steps")
     p.add_argument("--calib-tokens", type=int, default=None, help="default 16384 (quick: 2048)")
     p.add_argument("--eval-tokens", type=int, default=None, help="default 8192 (quick: 1024)")
     p.add_argument("--steps", type=int, default=None, help="calibration steps per layer (default 30, quick: 20; 0: neuron init alone)")
@@ -101,12 +98,6 @@ def load_model(device: str):
     src = prepare_hf()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(device).eval()
     return model, AutoTokenizer.from_pretrained(src)
-
-
-def token_blocks(path: Path, tokenizer, n: int, seq_len: int) -> torch.Tensor:
-    from mom_cli.data import blocks, token_stream
-
-    return blocks(token_stream(str(path), tokenizer, n), seq_len)
 
 
 @torch.no_grad()
@@ -173,15 +164,11 @@ def dense_rows(mlp: nn.Module) -> dict[str, torch.Tensor]:
                 w_out=mlp.down_proj.weight.detach().t(), out_bias=None)
 
 
-@torch.no_grad()
 def perplexity(model, batches: torch.Tensor, batch: int = 4) -> float:
-    total, count = 0.0, 0
-    for s in range(0, batches.shape[0], batch):
-        x = batches[s : s + batch].to(model.device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        total += nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
+    """As `mom eval` measures it."""
+    from mom_cli.evaluate import perplexity as mean_loss
+
+    return math.exp(mean_loss(model, batches, batch, model.device)[0])
 
 
 @contextmanager

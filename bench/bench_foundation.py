@@ -322,13 +322,26 @@ def print_table(figures: list[Figure]) -> None:
             log(f"goal {'MET    ' if f.met else 'NOT MET'}: {f.name} = {f.shown()} (goal {f.goal})")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (smoke run)")
+def bench_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The options every bench script has: --quick (what it shrinks: `quick`), --device, --threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"{quick} (smoke run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    return p
+
+
+def token_blocks(path: Path, tokenizer, n: int, seq_len: int) -> torch.Tensor:
+    """The first n tokens of a text file as (n // seq_len, seq_len) blocks, as the commands read DATA."""
+    from mom_cli.data import blocks, token_stream
+
+    return blocks(token_stream(str(path), tokenizer, n), seq_len)
+
+
+def parse_args() -> argparse.Namespace:
+    p = bench_parser(__doc__, "small sizes and few repetitions")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     return p.parse_args()
 
 

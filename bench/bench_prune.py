@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_foundation import (  # noqa: E402
-    Figure, generate_once, load_note, log, paired_times, prepare_hf, prepare_mom, print_table,
+    Figure, bench_parser, generate_once, load_note, log, paired_times, prepare_hf, prepare_mom, print_table,
+    token_blocks,
 )
 from bench.fetch import pydocs_text  # noqa: E402
 
@@ -44,21 +45,12 @@ SHARES = (25, 50)  # percent of the MHA modules removed
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (smoke run)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p = bench_parser(__doc__, "fewer tokens and repetitions")
     p.add_argument("--calib-tokens", type=int, default=None, help="default 1024 (quick: 512)")
     p.add_argument("--eval-tokens", type=int, default=None, help="default 8192 (quick: 1024)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--greedy-width", type=int, default=8, help="as `mom prune --greedy-width` (default 8)")
     return p.parse_args()
-
-
-def token_blocks(path: Path, tokenizer, n: int, seq_len: int) -> torch.Tensor:
-    from mom_cli.data import blocks, token_stream
-
-    return blocks(token_stream(str(path), tokenizer, n), seq_len)
 
 
 def plans(measurer, refs, n_removed: dict[int, int], width: int) -> dict[str, dict[int, list]]:

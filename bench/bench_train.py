@@ -36,17 +36,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_foundation import HF_DIR, MOM_DIR, Figure, load_note, log, prepare_hf, prepare_mom, print_table, sync  # noqa: E402
+from bench.bench_foundation import (  # noqa: E402
+    HF_DIR, MOM_DIR, Figure, bench_parser, load_note, log, prepare_hf, prepare_mom, print_table, sync,
+)
 from bench.fetch import pydocs_text  # noqa: E402
 
 LR = 1e-4
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short sequences and few steps (smoke run)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p = bench_parser(__doc__, "short sequences and few steps")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default: cpu 6, quick 3, cuda 30)")
     p.add_argument("--batch-size", type=int, default=None, help="default: cpu 2, cuda 8")
     p.add_argument("--seq-len", type=int, default=None, help="default: cpu 256, quick 64, cuda 1024")
