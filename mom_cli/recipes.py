@@ -155,10 +155,10 @@ def command_specs() -> dict[str, CommandSpec]:
                 specs[" ".join(path)] = _spec(" ".join(path), sub, path[0] in PICTURE_GROUPS)
 
     visit(typer.main.get_command(cli.app), ())
+    # options that may stand alone on the command line (`--keep-ffn`, `--distill`): `true` in a recipe
+    alone = {**cli.OPTIONAL_VALUE, **cli.OPTIONAL_REF}
     for spec in specs.values():
         for p in spec.params.values():
-            # options that may stand alone on the command line (`--keep-ffn`, `--distill`): `true` in a recipe
-            alone = {**getattr(cli, "OPTIONAL_VALUE", {}), **getattr(cli, "OPTIONAL_REF", {})}
             p.optional_value = alone.get(p.flag or "")
     return specs
 
@@ -463,8 +463,9 @@ def run(ref: str, opts: RunOptions) -> RunResult:
     from .outputs import check_output
 
     recipe = load(ref)
-    steps = resolve(recipe, parse_sets(opts.sets))
-    values = {**recipe.vars, **{k: v for k, v in parse_sets(opts.sets).items() if "." not in k}}
+    sets = parse_sets(opts.sets)
+    steps = resolve(recipe, sets)
+    values = {**recipe.vars, **{k: v for k, v in sets.items() if "." not in k}}
     out = Path(opts.output or substitute(recipe.output or f"{recipe.name}-out", values, str(recipe.path)))
     check_output(out, opts.force)  # before minutes of work
     work = opts.work_dir or out.parent / f".{out.name}.mom-work"
@@ -565,10 +566,7 @@ def _run_step(r: Resolved, total: int, input_ref: str | None, target: Path, fres
         log(f"{label}: done before, reusing {target}")
         return StepResult(r.step.index, r.step.id, r.spec.name, _shown(r, target), True, 0.0, json.loads(done.read_text()))
     for stale in (target, done):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
+        _remove(stale)
     argv = argv_for(r, input_ref, target)
     log(f"{label}: mom {' '.join(argv)}")
     start = time.perf_counter()
@@ -700,12 +698,17 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _remove(path: Path, ignore_errors: bool = False) -> None:
+    """A step's output, a folder or a file, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    elif path.exists():
+        path.unlink()
+
+
 def _clean(work: Path, made: list[Path], whole: bool) -> None:
     for p in made:
         for q in (p, p.with_name(p.name + ".result.json")):
-            if q.is_dir():
-                shutil.rmtree(q, ignore_errors=True)
-            elif q.exists():
-                q.unlink()
+            _remove(q, ignore_errors=True)
     if whole:
         shutil.rmtree(work, ignore_errors=True)
