@@ -317,8 +317,10 @@ def test_shell_completion_installs_and_completes(tmp_path):
     if not script.exists():
         pytest.skip("the `mom` console script is not installed beside this Python")
     env = {**ENV, "HOME": str(tmp_path), "SHELL": "/bin/bash", "PATH": f"{script.parent}{os.pathsep}{ENV.get('PATH', '')}"}
-    # the shell named: detecting it walks the process tree, which depends on how the tests were started
-    inst = subprocess.run([str(script), "--install-completion", "bash"], env=env, capture_output=True, text=True, timeout=120)
+    # The shell is named rather than detected: detection walks the process tree (shellingham), which
+    # finds no shell when the tests run detached; typer's own switch makes the option take a value.
+    detect_off = {**env, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    inst = subprocess.run([str(script), "--install-completion", "bash"], env=detect_off, capture_output=True, text=True, timeout=120)
     assert inst.returncode == 0, inst.stderr
     complete = textwrap.dedent("""\
         source ~/.bash_completions/mom.sh
