@@ -26,10 +26,19 @@ bench_foundation.py), one calibration text and one held-out text. For each budge
                 spare cell scores like a filled one (its key is a centroid sum too), so a larger
                 N only spends retrievals on empty experts (`--experts` to try)
 
-Per layer it prints the fraction of the oracle's contribution mass retrieval finds and the
-relative output error ||f(x) - y||^2 / ||y||^2 (mean over tokens), before and after calibration,
-on 2048 held-out tokens; and the same for the best unconstrained linear score (ridge regression
-of each neuron's contribution on [x; 1]): a PEER query is linear in x, so this bounds calibration.
+Two references locate the limit of the design, each as perplexity and per layer:
+
+    linear      each token keeps the m neurons of best linear score [x; 1] z_i, z_i the ridge
+                regression of neuron i's contribution on [x; 1] over the calibration tokens, with
+                no product-key grid: a PEER query is linear in x, so this is roughly the best a
+                calibrated retrieval can do (the product keys constrain it further)
+    reranked    the linear score proposes 2m candidates and the m of largest true contribution
+                among them are kept: a two-stage retrieval that also computes the input side of m
+                extra neurons per token, which no PEER layer does
+
+Per layer it prints the fraction of the oracle's contribution mass each finds and the relative
+output error ||f(x) - y||^2 / ||y||^2 (mean over tokens), before and after calibration, on 2048
+held-out tokens.
 The layers' inputs are the dense model's (collected once per run, cached under /tmp), the
 converted layers then run together in one model for the perplexity. Every figure is measured in
 this run; nothing is hard-coded and nothing is asserted.
@@ -59,6 +68,7 @@ LAYERS = range(10, 20)
 SHARES = (50, 25)  # h*k as percent of d_ff
 HEADS = 8
 KEY_DIM = 128
+RERANK = 2  # the two-stage reference: a linear score proposes RERANK * m candidates
 CACHE_DIR = Path("/tmp/mom-bench-convert-peer")
 
 
@@ -158,6 +168,23 @@ class OracleMLP(nn.Module):
         return oracle_ffn(self.peer, x, self.m)
 
 
+class LinearPickMLP(nn.Module):
+    """A Llama MLP whose tokens each keep m neurons chosen by a linear score [x; 1] z (the ridge
+    predictor of `linear_ceiling`). With rerank r > 1 the score only proposes r*m candidates and the
+    m of largest true contribution among them are kept: a two-stage retrieval that computes the
+    candidates' activations (their input side) before choosing."""
+
+    def __init__(self, peer: nn.Module, z: torch.Tensor, m: int, rerank: int = 1) -> None:
+        super().__init__()
+        self.peer, self.z, self.m, self.rerank = peer, z, m, rerank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        pick = linear_pick(self.peer, self.z, x, self.m, self.rerank)
+        return picked_ffn(self.peer, x, pick).view(shape)
+
+
 def dense_rows(mlp: nn.Module) -> dict[str, torch.Tensor]:
     """Llama MLP -> per-neuron rows, as peer_from_dense takes them."""
     return dict(w_in=mlp.up_proj.weight.detach(), b_in=None, w_gate=mlp.gate_proj.weight.detach(),
@@ -196,18 +223,18 @@ class LayerReport:
     mass_after: float
     err_after: float
     err_oracle: float
-    mass_linear: float  # the unconstrained linear score's (`linear_ceiling`)
+    mass_linear: float  # the unconstrained linear score's (`ridge_scores`)
     err_linear: float
+    mass_rerank: float  # ridge proposes RERANK * m candidates, the m largest true contributions kept
     calib_loss: tuple[float, float]
     seconds: float
 
 
 @torch.no_grad()
-def linear_ceiling(layer, x: torch.Tensor, xh: torch.Tensor, yh: torch.Tensor, m: int) -> tuple[float, float]:
-    """(mass found, relative output error) on held-out tokens of the best unconstrained linear
-    score: each neuron's contribution predicted from [x; 1] by ridge regression on the calibration
-    tokens, each token keeping its m best-predicted neurons. A PEER query is linear in x and its
-    product keys constrain it further, so this bounds what retrieval calibration can reach."""
+def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
+    """z, (d + 1, N): each neuron's contribution |a_i(x)| ||v_i|| predicted from [x; 1] by ridge
+    regression over the calibration tokens x, the best unconstrained linear score in the least-squares
+    sense. A PEER query is linear in x and its product keys constrain it further."""
     from mom_cli.peer_calibrate import _activations
 
     norms = layer.w_out.norm(dim=1)
@@ -216,12 +243,41 @@ def linear_ceiling(layer, x: torch.Tensor, xh: torch.Tensor, yh: torch.Tensor, m
     m2 += 1e-4 * m2.diagonal().mean() * torch.eye(m2.shape[0], device=x.device)
     rhs = sum(xt[s : s + 4096].t() @ (_activations(layer, x[s : s + 4096]).abs() * norms)
               for s in range(0, x.shape[0], 4096)) / x.shape[0]
-    z = torch.linalg.solve(m2, rhs)
-    a = _activations(layer, xh)
-    contrib = a.abs() * norms
-    pick = (torch.cat([xh, torch.ones(xh.shape[0], 1, device=xh.device)], 1) @ z).topk(m, dim=1).indices
+    return torch.linalg.solve(m2, rhs)
+
+
+@torch.no_grad()
+def linear_pick(layer, z: torch.Tensor, x: torch.Tensor, m: int, rerank: int = 1) -> torch.Tensor:
+    """(tokens, m) neurons per token: the m best by [x; 1] z, or with rerank r the m of largest true
+    contribution among the r*m best by [x; 1] z."""
+    from mom_cli.peer_calibrate import _activations
+
+    score = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1) @ z
+    cand = score.topk(min(rerank * m, score.shape[1]), dim=1).indices
+    if rerank == 1:
+        return cand
+    contrib = _activations(layer, x).gather(1, cand).abs() * layer.w_out.norm(dim=1)[cand]
+    return cand.gather(1, contrib.topk(m, dim=1).indices)
+
+
+@torch.no_grad()
+def picked_ffn(layer, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """The layer's experts with each token keeping only the picked ones, at weight 1 (dense, for
+    measurement only)."""
+    from mom_cli.peer_calibrate import _activations
+
+    a = _activations(layer, x)
     out = torch.zeros_like(a).scatter_(1, pick, a.gather(1, pick)) @ layer.w_out
-    err = ((out - yh).pow(2).sum(-1) / yh.pow(2).sum(-1).clamp(min=1e-12)).mean().item()
+    return out if layer.b_out is None else out + layer.b_out
+
+
+@torch.no_grad()
+def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m: int) -> tuple[float, float]:
+    """(fraction of the oracle's contribution mass the picked neurons hold, relative output error)."""
+    from mom_cli.peer_calibrate import _activations
+
+    contrib = _activations(layer, x).abs() * layer.w_out.norm(dim=1)
+    err = ((picked_ffn(layer, x, pick) - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp(min=1e-12)).mean().item()
     return contrib.gather(1, pick).sum().item() / contrib.topk(m, dim=1).values.sum().item(), err
 
 
@@ -230,7 +286,7 @@ def convert_layers(model, acts_cal, acts_held, m: int, sizes: Sizes, n_experts: 
     from mom_cli.peer import oracle_mass_fraction, peer_from_dense
     from mom_cli.peer_calibrate import calibrate, oracle_ffn, relative_error
 
-    peers, reports = {}, []
+    peers, scores, reports = {}, {}, []
     for i, (x, y) in acts_cal.items():
         t0 = time.perf_counter()
         xh, yh = (t.to(device) for t in acts_held[i])
@@ -238,18 +294,21 @@ def convert_layers(model, acts_cal, acts_held, m: int, sizes: Sizes, n_experts: 
                                 topk=m // HEADS, key_dim=KEY_DIM, calib_x=x.to(device)).to(device).eval()
         mass0, err0 = oracle_mass_fraction(layer, xh), relative_error(layer, xh, yh)
         err_oracle = ((oracle_ffn(layer, xh, m) - yh).pow(2).sum(-1) / yh.pow(2).sum(-1).clamp(min=1e-12)).mean().item()
-        lin_mass, lin_err = linear_ceiling(layer, x.to(device), xh, yh, m)
+        z = ridge_scores(layer, x.to(device))
+        lin_mass, lin_err = pick_figures(layer, xh, yh, linear_pick(layer, z, xh, m), m)
+        rr_mass, _ = pick_figures(layer, xh, yh, linear_pick(layer, z, xh, m, RERANK), m)
         res = calibrate(layer, x.to(device), y.to(device), steps=sizes.steps, batch_tokens=sizes.batch_tokens, seed=i)
         rep = LayerReport(i, mass0, err0, oracle_mass_fraction(layer.eval(), xh), relative_error(layer, xh, yh),
-                          err_oracle, lin_mass, lin_err, (res.loss_before, res.loss_after), time.perf_counter() - t0)
+                          err_oracle, lin_mass, lin_err, rr_mass, (res.loss_before, res.loss_after), time.perf_counter() - t0)
         log(f"  layer {i}: mass found {rep.mass_init:.3f} -> {rep.mass_after:.3f}, relative output error "
             f"{rep.err_init:.4f} -> {rep.err_after:.4f} (oracle {rep.err_oracle:.4f}; best linear score: mass "
-            f"{rep.mass_linear:.3f}, error {rep.err_linear:.4f}; calibration set "
+            f"{rep.mass_linear:.3f}, error {rep.err_linear:.4f}; {RERANK}x candidates reranked: mass "
+            f"{rep.mass_rerank:.3f}; calibration set "
             f"{res.loss_before:.4f} -> {res.loss_after:.4f}), {res.steps} steps x {sizes.batch_tokens} tokens, "
             f"{rep.seconds:.0f} s")
-        peers[i] = layer
+        peers[i], scores[i] = layer, z
         reports.append(rep)
-    return peers, reports
+    return peers, scores, reports
 
 
 def main() -> None:
@@ -287,26 +346,34 @@ def main() -> None:
         m = d_ff * share // 100
         log(f"h*k = {share}% of d_ff = {m} (h = {HEADS}, k = {m // HEADS}):")
         t0 = time.perf_counter()
-        peers, reports = convert_layers(model, acts_cal, acts_held, m, sizes, args.experts, args.device)
+        peers, scores, reports = convert_layers(model, acts_cal, acts_held, m, sizes, args.experts, args.device)
         calib_s = time.perf_counter() - t0
         with swapped(model, {i: OracleMLP(p, m) for i, p in peers.items()}):
             oracle = perplexity(model, held_ids)
+        with swapped(model, {i: LinearPickMLP(p, scores[i], m) for i, p in peers.items()}):
+            linear = perplexity(model, held_ids)
+        with swapped(model, {i: LinearPickMLP(p, scores[i], m, RERANK) for i, p in peers.items()}):
+            rerank = perplexity(model, held_ids)
         with swapped(model, {i: PeerMLP(p) for i, p in peers.items()}):
             converted = perplexity(model, held_ids)
-        log(f"  perplexity: dense {dense:.3f}, oracle {oracle:.3f}, converted {converted:.3f}; conversion and "
+        log(f"  perplexity: dense {dense:.3f}, oracle {oracle:.3f}, best linear score {linear:.3f}, "
+            f"{RERANK}x candidates reranked {rerank:.3f}, converted {converted:.3f}; conversion and "
             f"calibration of {len(peers)} layers {calib_s:.0f} s")
-        results[f"{share}%"] = {"m": m, "oracle": oracle, "converted": converted,
+        results[f"{share}%"] = {"m": m, "oracle": oracle, "linear": linear, "rerank": rerank, "converted": converted,
                                 "layers": [r.__dict__ for r in reports]}
         ratio_dense = converted / dense
         excess = (converted - dense) / (oracle - dense) if oracle > dense else float("inf")
         figures.append(Figure(f"{share}%: converted ppl / dense", ratio_dense, "<= 1.02" if share == 50 else "-",
                               ratio_dense <= 1.02 if share == 50 else None))
         figures.append(Figure(f"{share}%: oracle ppl / dense", oracle / dense, "-", None))
+        figures.append(Figure(f"{share}%: best linear score ppl / dense", linear / dense, "-", None))
+        figures.append(Figure(f"{share}%: {RERANK}x reranked ppl / dense", rerank / dense, "-", None))
         figures.append(Figure(f"{share}%: converted increase / oracle increase", excess,
                               "<= 1.25" if share == 25 else "-", excess <= 1.25 if share == 25 else None))
         mean = lambda f: sum(f(r) for r in reports) / len(reports)  # noqa: E731
         figures.append(Figure(f"{share}%: mean mass found after calibration", mean(lambda r: r.mass_after), "-", None))
         figures.append(Figure(f"{share}%: mean mass found, best linear score", mean(lambda r: r.mass_linear), "-", None))
+        figures.append(Figure(f"{share}%: mean mass found, {RERANK}x reranked", mean(lambda r: r.mass_rerank), "-", None))
         log(f"  mean over layers: mass found {mean(lambda r: r.mass_init):.3f} -> {mean(lambda r: r.mass_after):.3f}, "
             f"relative output error {mean(lambda r: r.err_init):.4f} -> {mean(lambda r: r.err_after):.4f} "
             f"(oracle {mean(lambda r: r.err_oracle):.4f}; best linear score: mass {mean(lambda r: r.mass_linear):.3f}, "
