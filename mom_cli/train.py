@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import console, distributed, optim, tokencache
-from .console import log
+from .console import log, warn
 from .errors import MomError, UsageError
 
 TRAIN_MODES = ("routers", "routers+peer", "all")
@@ -111,6 +111,16 @@ def group_of(name: str) -> str:
     if name.endswith(PEER_EXPERTS):
         return "peer_experts"
     return "other"
+
+
+def one_module_per_step(config) -> bool:
+    """Every block has as many steps as modules and each router picks one: the routing decompose
+    starts from, each step on its own layer's modules. Balancing load across a step's choices is
+    then the opposite of what the model computes: with top-1 a step that moves off its module loses
+    that layer (measured in the README's convert-peer section)."""
+    blocks = config.blocks
+    return bool(blocks) and config.router_top_k == 1 and all(
+        b["steps"] == len(b["mha"]) == len(b["ffn"]) for b in blocks)
 
 
 def select_trainable(model: nn.Module, mode: str) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
@@ -615,6 +625,10 @@ def _loop(run: Run, force: bool) -> TrainResult:
     n_trainable = sum(p.numel() for _, p in (*run.dense, *run.rows))
     log(f"train-routers {run.ckpt}: --train {o.train} ({n_trainable:,} parameters), {run.steps} steps of "
         f"{run.tokens_per_step} tokens, {d.world} process(es) on {run.device}, autocast {run.amp}")
+    if run.coef > 0 and one_module_per_step(run.config) and d.main:
+        warn(f"{run.ckpt} runs one module per step (depth = pool size, top-1, as decompose leaves it): the "
+             f"load-balancing loss (--aux-loss-coef {run.coef:g}) pushes every step off its own module, which can "
+             "wreck the model; pass --aux-loss-coef 0 to train with this routing kept")
     before = run.evaluate() if run.done == 0 else None
     if before is not None:
         metrics.write({"step": 0, "tokens": 0, "eval_loss": math.log(before), "eval_ppl": before})

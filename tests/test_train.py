@@ -153,9 +153,13 @@ def test_cli_distill_from_source_starts_at_kl_zero_and_errors(work):
     run = mom("train-routers", "gpt2-mom", "--data", "text.txt", "--steps", "2", "--seq-len", "32",
               "--batch-size", "2", "--distill", "--json", cwd=work)
     assert run.rc == 0, run
+    assert "pass --aux-loss-coef 0" in run.err  # identity routing with load balancing: warned
     result = json.loads(run.out)
     kl = [m["kl"] for m in metrics(work / result["path"]) if "kl" in m]
     assert kl[0] < 1e-6 and len(kl) == 2
+    kept = mom("train-routers", "gpt2-mom", "--data", "text.txt", "--steps", "1", "--seq-len", "32",
+               "--batch-size", "2", "--aux-loss-coef", "0", "-o", "kept", cwd=work)
+    assert kept.rc == 0 and "aux-loss-coef" not in kept.err, kept
     bad = mom("train-routers", "gpt2-mom", "--data", "text.txt", "--seq-len", "32", "--resume", "-o", "x", cwd=work)
     assert_one_line_error(bad, 2, "no saved training state")
     assert not (work / "x").exists()
