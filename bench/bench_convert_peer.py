@@ -34,7 +34,8 @@ Two references locate the limit of the design, each as perplexity and per layer:
                 calibrated retrieval can do (the product keys constrain it further)
     reranked    the linear score proposes 2m candidates and the m of largest true contribution
                 among them are kept: a two-stage retrieval that also computes the input side of m
-                extra neurons per token, which no PEER layer does
+                extra neurons per token, which no PEER layer does (at 50%, 2m is every neuron:
+                then it is only the oracle computed densely)
 
 Per layer it prints the fraction of the oracle's contribution mass each finds and the relative
 output error ||f(x) - y||^2 / ||y||^2 (mean over tokens), before and after calibration, on 2048
