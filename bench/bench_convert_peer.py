@@ -171,7 +171,7 @@ class OracleMLP(nn.Module):
 
 class LinearPickMLP(nn.Module):
     """A Llama MLP whose tokens each keep m neurons chosen by a linear score [x; 1] z (the ridge
-    predictor of `linear_ceiling`). With rerank r > 1 the score only proposes r*m candidates and the
+    predictor of `ridge_scores`). With rerank r > 1 the score only proposes r*m candidates and the
     m of largest true contribution among them are kept: a two-stage retrieval that computes the
     candidates' activations (their input side) before choosing."""
 
@@ -261,31 +261,36 @@ def linear_pick(layer, z: torch.Tensor, x: torch.Tensor, m: int, rerank: int = 1
     return cand.gather(1, contrib.topk(m, dim=1).indices)
 
 
+def _kept_output(layer, a: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """The output of the experts with activations a when each token keeps only the picked ones."""
+    out = torch.zeros_like(a).scatter_(1, pick, a.gather(1, pick)) @ layer.w_out
+    return out if layer.b_out is None else out + layer.b_out
+
+
 @torch.no_grad()
 def picked_ffn(layer, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """The layer's experts with each token keeping only the picked ones, at weight 1 (dense, for
     measurement only)."""
     from mom_cli.peer_calibrate import _activations
 
-    a = _activations(layer, x)
-    out = torch.zeros_like(a).scatter_(1, pick, a.gather(1, pick)) @ layer.w_out
-    return out if layer.b_out is None else out + layer.b_out
+    return _kept_output(layer, _activations(layer, x), pick)
 
 
 @torch.no_grad()
 def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m: int) -> tuple[float, float]:
     """(fraction of the oracle's contribution mass the picked neurons hold, relative output error)."""
-    from mom_cli.peer_calibrate import _activations
+    from mom_cli.peer_calibrate import _activations, token_errors
 
-    contrib = _activations(layer, x).abs() * layer.w_out.norm(dim=1)
-    err = ((picked_ffn(layer, x, pick) - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp(min=1e-12)).mean().item()
-    return contrib.gather(1, pick).sum().item() / contrib.topk(m, dim=1).values.sum().item(), err
+    a = _activations(layer, x)
+    contrib = a.abs() * layer.w_out.norm(dim=1)
+    mass = contrib.gather(1, pick).sum().item() / contrib.topk(m, dim=1).values.sum().item()
+    return mass, token_errors(_kept_output(layer, a, pick), y).mean().item()
 
 
 def convert_layers(model, acts_cal, acts_held, m: int, sizes: Sizes, n_experts: int, device: str):
     """PEER layers for every converted layer at budget m = h*k, calibrated; with per-layer figures."""
     from mom_cli.peer import oracle_mass_fraction, peer_from_dense
-    from mom_cli.peer_calibrate import calibrate, oracle_ffn, relative_error
+    from mom_cli.peer_calibrate import calibrate, oracle_ffn, relative_error, token_errors
 
     peers, scores, reports = {}, {}, []
     for i, (x, y) in acts_cal.items():
@@ -294,7 +299,7 @@ def convert_layers(model, acts_cal, acts_held, m: int, sizes: Sizes, n_experts: 
         layer = peer_from_dense(**dense_rows(model.model.layers[i].mlp), n_experts=n_experts, heads=HEADS,
                                 topk=m // HEADS, key_dim=KEY_DIM, calib_x=x.to(device)).to(device).eval()
         mass0, err0 = oracle_mass_fraction(layer, xh), relative_error(layer, xh, yh)
-        err_oracle = ((oracle_ffn(layer, xh, m) - yh).pow(2).sum(-1) / yh.pow(2).sum(-1).clamp(min=1e-12)).mean().item()
+        err_oracle = token_errors(oracle_ffn(layer, xh, m), yh).mean().item()
         z = ridge_scores(layer, x.to(device))
         lin_mass, lin_err = pick_figures(layer, xh, yh, linear_pick(layer, z, xh, m), m)
         rr_mass, _ = pick_figures(layer, xh, yh, linear_pick(layer, z, xh, m, RERANK), m)

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,7 +58,7 @@ def trained_scores(layer, x: torch.Tensor, z: torch.Tensor, m: int, scores_per_n
                    steps: int = 300, batch: int = 1024, seed: int = 0) -> torch.Tensor:
     """Linear scores [x; 1] W per neuron (scores_per_neuron of them, the largest counting), started
     from ridge's z and trained with the calibration loss against each token's oracle top-m."""
-    from mom_cli.peer_calibrate import _activations
+    from mom_cli.peer_calibrate import _activations, oracle_bce
 
     gen = torch.Generator().manual_seed(seed)
     n = z.shape[1]
@@ -73,15 +72,8 @@ def trained_scores(layer, x: torch.Tensor, z: torch.Tensor, m: int, scores_per_n
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
         s = (xt[idx] @ w).view(batch, scores_per_neuron, n).amax(1)
-        contrib = contrib_all[idx]
-        with torch.no_grad():
-            bound = contrib.topk(m, dim=1).values[:, -1:]
-            label = (contrib >= bound).float()
-            weight = (contrib - bound).abs()
-            weight = weight / weight.mean(1, keepdim=True).clamp(min=1e-12)
         theta = s.topk(m, dim=1).values[:, -1:]
-        bce = F.binary_cross_entropy_with_logits((s - theta) * log_beta.exp(), label, reduction="none")
-        loss = (bce * weight).mean()
+        loss = oracle_bce((s - theta) * log_beta.exp(), contrib_all[idx], m)
         opt.zero_grad()
         loss.backward()
         opt.step()

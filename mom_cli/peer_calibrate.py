@@ -71,9 +71,14 @@ def relative_error(layer: PeerLayer, x: torch.Tensor, y: torch.Tensor, chunk: in
     layer.eval()
     total = 0.0
     for xc, yc in zip(x.split(chunk), y.split(chunk)):
-        total += ((layer(xc) - yc).pow(2).sum(-1) / yc.pow(2).sum(-1).clamp(min=1e-12)).sum().item()
+        total += token_errors(layer(xc), yc).sum().item()
     layer.train(was_training)
     return total / max(x.shape[0], 1)
+
+
+def token_errors(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||out_t - y_t||^2 / ||y_t||^2 for each token t: (tokens,)."""
+    return (out - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp(min=1e-12)
 
 
 def _activations(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
@@ -163,13 +168,18 @@ def retrieval_loss(layer: PeerLayer, x: torch.Tensor, contrib: torch.Tensor, own
     # a head owning fewer than k experts retrieves all of them: a boundary below them all
     theta = torch.where(torch.isfinite(theta), theta, own_scores.detach().min() - 1)
     logit = own_scores - theta[:, owner]  # >= 0 iff the owner retrieves it
+    return oracle_bce(logit * log_beta.exp(), contrib, min(layer.heads * layer.topk, contrib.shape[1]))
+
+
+def oracle_bce(logit: torch.Tensor, contrib: torch.Tensor, m: int) -> torch.Tensor:
+    """Binary cross-entropy of logit (tokens, N; >= 0 means "retrieved") against each token's m
+    largest contributions, each expert weighted by how far its contribution is from the m-th."""
     with torch.no_grad():
-        m = min(layer.heads * layer.topk, contrib.shape[1])
         boundary = contrib.topk(m, dim=1).values[:, -1:]  # the oracle's m-th contribution
         label = (contrib >= boundary).to(contrib.dtype)
         weight = (contrib - boundary).abs()
         weight = weight / weight.mean(dim=1, keepdim=True).clamp(min=1e-12)  # every token counts alike
-    bce = F.binary_cross_entropy_with_logits(logit * log_beta.exp(), label, reduction="none")
+    bce = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
     return (bce * weight).mean()
 
 
