@@ -13,7 +13,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -202,11 +202,15 @@ def prune(
     opts = PruneOptions(data=data, keep_mha=keep_mha, keep_ffn=keep_ffn, metric=metric, calib_tokens=calib_tokens,
                         seq_len=seq_len, batch_size=batch_size, eval_data=eval_data, device=pick_device(device),
                         greedy_width=greedy_width, plot=plot)
-    report = run(ckpt, out, opts, force)
+    _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, _print_prune)
+
+
+def _emit_report(report: dict, out: Path, as_json: bool, show: Callable[[dict], None]) -> None:
+    """--json: the report on stdout; otherwise its table on stderr (`show`) and the output path on stdout."""
     if as_json:
-        print(json.dumps(report.as_dict(), default=str))
+        print(json.dumps(report, default=str))
         return
-    _print_prune(report.as_dict())
+    show(report)
     print(out)
 
 
@@ -254,12 +258,7 @@ def convert_peer(
                           query_bn=not no_query_bn, shared_keys=not per_head_keys, drop_neurons=drop_neurons,
                           calibrate=calibrate, calib_tokens=calib_tokens, calib_steps=calib_steps, seq_len=seq_len,
                           batch_size=batch_size, eval_data=eval_data, device=pick_device(device))
-    report = run(ckpt, out, opts, force)
-    if as_json:
-        print(json.dumps(report.as_dict(), default=str))
-        return
-    _print_convert_peer(report.as_dict())
-    print(out)
+    _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, _print_convert_peer)
 
 
 def _print_convert_peer(r: dict) -> None:
