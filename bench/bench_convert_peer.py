@@ -16,7 +16,7 @@ bench_foundation.py), one calibration text and one held-out text. For each budge
     oracle      each token keeps exactly its m neurons of largest contribution |a_i(x)| ||v_i||
                 in each converted layer: the limit any router over these neurons can reach
     converted   PEER layers from `peer_from_dense` (neuron init, calib_x), retrieval trained by
-                `mom_cli.peer_calibrate.calibrate`
+                `mom_cli.surgery.peer_calibrate.calibrate`
 
     goals       at 50%: converted perplexity / dense <= 1.02
                 at 25%: (converted - dense) / (oracle - dense) <= 1.25
@@ -164,7 +164,7 @@ class OracleMLP(nn.Module):
         self.peer, self.m = peer, m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from mom_cli.peer_calibrate import oracle_ffn
+        from mom_cli.surgery.peer_calibrate import oracle_ffn
 
         return oracle_ffn(self.peer, x, self.m)
 
@@ -194,7 +194,7 @@ def dense_rows(mlp: nn.Module) -> dict[str, torch.Tensor]:
 
 def perplexity(model, batches: torch.Tensor, batch: int = 4) -> float:
     """As `mom eval` measures it."""
-    from mom_cli.evaluate import perplexity as mean_loss
+    from mom_cli.analysis.evaluate import perplexity as mean_loss
 
     return math.exp(mean_loss(model, batches, batch, model.device)[0])
 
@@ -236,7 +236,7 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
     """z, (d + 1, N): each neuron's contribution |a_i(x)| ||v_i|| predicted from [x; 1] by ridge
     regression over the calibration tokens x, the best unconstrained linear score in the least-squares
     sense. A PEER query is linear in x and its product keys constrain it further."""
-    from mom_cli.peer_calibrate import _activations
+    from mom_cli.surgery.peer_calibrate import _activations
 
     norms = layer.w_out.norm(dim=1)
     xt = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1)
@@ -251,7 +251,7 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
 def linear_pick(layer, z: torch.Tensor, x: torch.Tensor, m: int, rerank: int = 1) -> torch.Tensor:
     """(tokens, m) neurons per token: the m best by [x; 1] z, or with rerank r the m of largest true
     contribution among the r*m best by [x; 1] z."""
-    from mom_cli.peer_calibrate import _activations
+    from mom_cli.surgery.peer_calibrate import _activations
 
     score = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1) @ z
     cand = score.topk(min(rerank * m, score.shape[1]), dim=1).indices
@@ -271,7 +271,7 @@ def _kept_output(layer, a: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
 def picked_ffn(layer, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """The layer's experts with each token keeping only the picked ones, at weight 1 (dense, for
     measurement only)."""
-    from mom_cli.peer_calibrate import _activations
+    from mom_cli.surgery.peer_calibrate import _activations
 
     return _kept_output(layer, _activations(layer, x), pick)
 
@@ -279,7 +279,7 @@ def picked_ffn(layer, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m: int) -> tuple[float, float]:
     """(fraction of the oracle's contribution mass the picked neurons hold, relative output error)."""
-    from mom_cli.peer_calibrate import _activations, token_errors
+    from mom_cli.surgery.peer_calibrate import _activations, token_errors
 
     a = _activations(layer, x)
     contrib = a.abs() * layer.w_out.norm(dim=1)
@@ -289,8 +289,8 @@ def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m:
 
 def convert_layers(model, acts_cal, acts_held, m: int, sizes: Sizes, n_experts: int, device: str):
     """PEER layers for every converted layer at budget m = h*k, calibrated; with per-layer figures."""
-    from mom_cli.peer import oracle_mass_fraction, peer_from_dense
-    from mom_cli.peer_calibrate import calibrate, oracle_ffn, relative_error, token_errors
+    from mom_cli.modeling.peer import oracle_mass_fraction, peer_from_dense
+    from mom_cli.surgery.peer_calibrate import calibrate, oracle_ffn, relative_error, token_errors
 
     peers, scores, reports = {}, {}, []
     for i, (x, y) in acts_cal.items():

@@ -334,7 +334,7 @@ def bench_parser(doc: str, quick: str) -> argparse.ArgumentParser:
 
 def token_blocks(path: Path, tokenizer, n: int, seq_len: int) -> torch.Tensor:
     """The first n tokens of a text file as (n // seq_len, seq_len) blocks, as the commands read DATA."""
-    from mom_cli.data import blocks, token_stream
+    from mom_cli.io.text import blocks, token_stream
 
     return blocks(token_stream(str(path), tokenizer, n), seq_len)
 

@@ -1,4 +1,4 @@
-"""PEER kernel benchmark: mom_cli.peer.PeerLayer against PEER_pytorch, retrieval scaling, gather bandwidth.
+"""PEER kernel benchmark: mom_cli.modeling.peer.PeerLayer against PEER_pytorch, retrieval scaling, gather bandwidth.
 
 Run from the repository root with the project's venv active:
 
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_foundation import Figure, load_note, log, print_table, sync, time_call  # noqa: E402
-from mom_cli.peer import PeerLayer, _gathered_dot  # noqa: E402
+from mom_cli.modeling.peer import PeerLayer, _gathered_dot  # noqa: E402
 
 D, HEADS, TOPK, KEY_DIM = 512, 8, 16, 256  # d_key: full query width; PEER_pytorch's dim_key is one half
 
@@ -207,7 +207,7 @@ def bench_vs_peer_pytorch(args: argparse.Namespace, s: Sizes) -> list[Figure]:
     log(f"vs-pp    ours/theirs tokens/s: ratio of medians {tps['ours'] / tps['theirs']:.2f}, of best steps "
         f"{min(r['theirs']['times']) / min(r['ours']['times']):.2f}")
     if args.device == "cpu":
-        log(f"vs-pp    idle `import torch, PEER_pytorch, mom_cli.peer` peak RSS {idle['peak_mib']:.0f} MiB")
+        log(f"vs-pp    idle `import torch, PEER_pytorch, mom_cli.modeling.peer` peak RSS {idle['peak_mib']:.0f} MiB")
     speed, mem, mem_total = tps["ours"] / tps["theirs"], extra["ours"] / extra["theirs"], total["ours"] / total["theirs"]
     mem_act = act["ours"] / act["theirs"]
     speed_sp, mem_sp = tps["sparse"] / tps["theirs"], extra["sparse"] / extra["theirs"]

@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
 
 def plans(measurer, refs, n_removed: dict[int, int], width: int) -> dict[str, dict[int, list]]:
     """For each metric and share, the modules it removes (as `mom prune` would choose them)."""
-    from mom_cli.prune import greedy_plan, loss_scores, lowest, probe_scores
+    from mom_cli.surgery.prune import greedy_plan, loss_scores, lowest, probe_scores
 
     base = measurer.loss()
     t0 = time.perf_counter()
@@ -110,9 +110,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     import mom_cli
-    from mom_cli import console, provenance
-    from mom_cli.models import load_model
-    from mom_cli.prune import Measurer, pooled_modules, remove_modules
+    from mom_cli import console
+    from mom_cli.io import provenance
+    from mom_cli.io.loading import load_model
+    from mom_cli.surgery.prune import Measurer, pooled_modules, remove_modules
 
     hf_logging.disable_progress_bar()
     console.QUIET = True  # the library's progress bars; this script prints its own lines

@@ -12,7 +12,7 @@ train every parameter with AdamW on the same token blocks of the Python docs, wi
 sequence length, learning rate, autocast dtype and device:
 
     transformers  model(input_ids, labels) -> loss.backward() -> clip -> AdamW.step()
-    mom           mom_cli.train.train(..., TrainOptions(train="all")): the loop `mom train-routers` runs
+    mom           mom_cli.training.train.train(..., TrainOptions(train="all")): the loop `mom train-routers` runs
 
 Each side runs in its own subprocess, one after the other, so that its peak memory is its own.
 Printed: training tokens/s (median over the steps after the first) as a ratio mom / transformers,
@@ -72,8 +72,9 @@ def run_hf(data: Path, steps: int, batch: int, seq: int, device: str) -> list[fl
     """Plain transformers training on the blocks train-routers reads; tokens/s of each step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mom_cli.train import Batches
-    from mom_cli import distributed, tokencache
+    from mom_cli.training.train import Batches
+    from mom_cli.training import distributed
+    from mom_cli.io import tokencache
 
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     blocks = tokencache.open_blocks(tokencache.ensure(str(data), tok), seq)
@@ -99,7 +100,7 @@ def run_hf(data: Path, steps: int, batch: int, seq: int, device: str) -> list[fl
 
 
 def run_mom(data: Path, heldout: Path, steps: int, batch: int, seq: int, device: str) -> list[float]:
-    from mom_cli.train import TrainOptions, train
+    from mom_cli.training.train import TrainOptions, train
 
     with tempfile.TemporaryDirectory(prefix="mom-bench-train-") as tmp:
         out = Path(tmp) / "out"

@@ -14,7 +14,7 @@ contribution mass that each choice of m neurons per token holds:
                   the cost of dealing the neurons to h heads with k each (not of retrieval)
     ridge         the m best of a linear score [x; 1] z_i per neuron (ridge regression)
     trained 1     a linear score per neuron, no product-key grid, trained from ridge with the
-                  calibration loss of mom_cli.peer_calibrate (contribution-weighted BCE against
+                  calibration loss of mom_cli.surgery.peer_calibrate (contribution-weighted BCE against
                   the oracle's choice), one global boundary per token
     trained max2  the same with two linear scores per neuron, the larger counting: what
                   overlapping heads that each score every neuron could add
@@ -43,7 +43,7 @@ CALIB_TOKENS, HELD_TOKENS, SEQ_LEN = 16384, 8192, 512  # bench_convert_peer's, s
 
 def head_quota_pick(layer, x: torch.Tensor, calib_x: torch.Tensor, k: int) -> torch.Tensor:
     """(tokens, h*k): each head's k largest true contributions among the experts it owns."""
-    from mom_cli.peer_calibrate import _activations, expert_owners
+    from mom_cli.surgery.peer_calibrate import _activations, expert_owners
 
     contrib = _activations(layer, x).abs() * layer.w_out.norm(dim=1)
     owner = expert_owners(layer, calib_x[:1024])
@@ -58,7 +58,7 @@ def trained_scores(layer, x: torch.Tensor, z: torch.Tensor, m: int, scores_per_n
                    steps: int = 300, batch: int = 1024, seed: int = 0) -> torch.Tensor:
     """Linear scores [x; 1] W per neuron (scores_per_neuron of them, the largest counting), started
     from ridge's z and trained with the calibration loss against each token's oracle top-m."""
-    from mom_cli.peer_calibrate import _activations, oracle_bce
+    from mom_cli.surgery.peer_calibrate import _activations, oracle_bce
 
     gen = torch.Generator().manual_seed(seed)
     n = z.shape[1]
@@ -91,7 +91,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     layers = [10] if args.quick else [int(v) for v in args.layers.split(",")]
-    from mom_cli.peer import peer_from_dense
+    from mom_cli.modeling.peer import peer_from_dense
     model, tok = load_model("cpu")
     calib_file, heldout_file = pydocs_text()
     cal = cached_activations(model, token_blocks(calib_file, tok, CALIB_TOKENS, SEQ_LEN), layers, "calib")

@@ -9,14 +9,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from . import registration
+from mom_cli import registration
 
 __all__ = ["MomConfig", "MomForCausalLM", "RoutingRecorder", "load", "__version__"]
 _LAZY = {
-    "MomConfig": ".configuration_mom",
-    "MomForCausalLM": ".modeling_mom",
-    "RoutingRecorder": ".modeling_mom",
-    "load": ".checkpoint",
+    "MomConfig": ".modeling.configuration_mom",
+    "MomForCausalLM": ".modeling.modeling_mom",
+    "RoutingRecorder": ".modeling.modeling_mom",
+    "load": ".io.checkpoint",
 }
 
 registration.install()
@@ -24,7 +24,7 @@ registration.install()
 
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        from .provenance import version
+        from mom_cli.io.provenance import version
 
         return version()
     if name in _LAZY:

@@ -20,7 +20,7 @@ from typing import Callable
 def register_config() -> None:
     from transformers import AutoConfig
 
-    from .configuration_mom import MomConfig
+    from mom_cli.modeling.configuration_mom import MomConfig
 
     AutoConfig.register("mom", MomConfig, exist_ok=True)
 
@@ -28,8 +28,8 @@ def register_config() -> None:
 def register_model() -> None:
     from transformers import AutoModelForCausalLM
 
-    from .configuration_mom import MomConfig
-    from .modeling_mom import MomForCausalLM
+    from mom_cli.modeling.configuration_mom import MomConfig
+    from mom_cli.modeling.modeling_mom import MomForCausalLM
 
     AutoModelForCausalLM.register(MomConfig, MomForCausalLM, exist_ok=True)
 

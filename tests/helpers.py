@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mom_cli.decompose import PlanOptions, decompose
+from mom_cli.surgery.decompose import PlanOptions, decompose
 
 
 def decomposed(src: Path, out: Path, **plan) -> Path:

@@ -462,7 +462,7 @@ def test_outputs_get_the_permissions_of_a_plain_mkdir_or_open(tmp_path):
     """Temporary outputs are private while written; the finished output is not (umask applies)."""
     import stat
 
-    from mom_cli.outputs import atomic_dir, atomic_file
+    from mom_cli.io.atomic import atomic_dir, atomic_file
 
     mask = os.umask(0o022)
     try:

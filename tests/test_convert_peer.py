@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mom_cli
-from mom_cli.convert_peer import ConvertOptions, convert_peer
+from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 from mom_cli.errors import UsageError
 from tests.helpers import decomposed, ids, max_diff, remote_code_check
 
@@ -97,9 +97,9 @@ def test_exports_remote_code_without_mom_and_flat_safetensors(moms, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mom_cli.configuration_mom import MomConfig
-    from mom_cli.export import export
-    from mom_cli.modeling_mom import MomForCausalLM
+    from mom_cli.modeling.configuration_mom import MomConfig
+    from mom_cli.surgery.export import export
+    from mom_cli.modeling.modeling_mom import MomForCausalLM
 
     ckpt = convert_peer(moms["gpt2"], tmp_path / "peer", ConvertOptions(layers="1,3", heads=2, topk=32)).path
     x = ids(1, 10)
@@ -127,9 +127,9 @@ def test_exports_remote_code_without_mom_and_flat_safetensors(moms, tmp_path):
 
 
 def test_report_and_info_after_calibration(moms, models_dir, tmp_path):
-    from mom_cli.data import blocks, token_stream
-    from mom_cli.evaluate import perplexity
-    from mom_cli.info import peer_costs, summary
+    from mom_cli.io.text import blocks, token_stream
+    from mom_cli.analysis.evaluate import perplexity
+    from mom_cli.analysis.info import peer_costs, summary
 
     opts = ConvertOptions(layers="middle", calibrate=str(models_dir / "text.txt"), calib_tokens=1024,
                           calib_steps=3, seq_len=64, eval_tokens=512)
@@ -210,8 +210,8 @@ def test_already_peer_is_refused(moms, tmp_path):
     again = convert_peer(once, tmp_path / "rest", ConvertOptions(layers="all"))  # all = the dense ones left
     assert [r.origin for r in again.layers] == [0, 3]
 
-    from mom_cli.provenance import record
-    from mom_cli.prune import ModuleRef, remove_modules
+    from mom_cli.io.provenance import record
+    from mom_cli.surgery.prune import ModuleRef, remove_modules
 
     remove_modules(moms["gpt2"], tmp_path / "pruned", [ModuleRef("ffn", 0, 2, 2)], record("prune", {}, "test"))
     with pytest.raises(UsageError, match=r"FFN module of layer 2 was pruned.*choose among 0-1,3"):
@@ -248,7 +248,7 @@ def test_cli_json_result_and_one_line_errors(moms, tmp_path):
 def test_help_has_example_and_every_option():
     import typer
 
-    from mom_cli.cli import app
+    from mom_cli.cli.app import app
 
     command = typer.main.get_command(app).commands["convert-peer"]
     assert "Example: mom convert-peer" in command.help

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import mom_cli
-from mom_cli.export import export
+from mom_cli.surgery.export import export
 from tests.helpers import decomposed, ids, max_diff, remote_code_check
 
 SHARD = 2 * 10**9
@@ -54,7 +54,7 @@ def test_flat_safetensors_carries_config_and_shards(gpt2_dir, tmp_path):
 
 @torch.no_grad()
 def test_sharded_checkpoint_loads(gpt2_dir, tmp_path):
-    from mom_cli.decompose import PlanOptions, decompose
+    from mom_cli.surgery.decompose import PlanOptions, decompose
 
     ckpt = decompose(str(gpt2_dir), tmp_path / "mom", PlanOptions(), shard_bytes=200_000)
     assert (ckpt / "model.safetensors.index.json").exists()

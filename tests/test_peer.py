@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from mom_cli.peer import PeerLayer, oracle_mass_fraction, peer_from_dense, product_key_topk, usage_stats
+from mom_cli.modeling.peer import PeerLayer, oracle_mass_fraction, peer_from_dense, product_key_topk, usage_stats
 
 
 def gen(seed: int) -> torch.Generator:

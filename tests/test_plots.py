@@ -11,9 +11,9 @@ import torch
 
 import mom_cli
 from helpers import decomposed
-from mom_cli import plots
+from mom_cli.analysis import plots
 from mom_cli.errors import UsageError
-from mom_cli.routing_trace import trace
+from mom_cli.analysis.routing_trace import trace
 
 matplotlib = pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg  # noqa: E402
@@ -43,7 +43,7 @@ def test_routing_heatmaps_and_paths_are_the_recorded_routing(gpt2_dir, tmp_path,
     assert pic.tokens == 512 and len(pic.sample) == 20
 
     # The same batches, counted by a plain recorder: the shares drawn must equal them.
-    from mom_cli.data import blocks, token_stream
+    from mom_cli.io.text import blocks, token_stream
 
     stream = token_stream(str(text_file), tok, 512)
     model.model.recorder = rec = mom_cli.RoutingRecorder()

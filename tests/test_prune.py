@@ -12,19 +12,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mom_cli
-import mom_cli.provenance
-from mom_cli import routing_stats
-from mom_cli.cli import _optional_values
+import mom_cli.io.provenance
+from mom_cli.analysis import routing_stats
+from mom_cli.cli.app import _optional_values
 from mom_cli.errors import UsageError
-from mom_cli.export import export
-from mom_cli.models import load_model
-from mom_cli.prune import (
+from mom_cli.surgery.export import export
+from mom_cli.io.loading import load_model
+from mom_cli.surgery.prune import (
     Measurer, ModuleRef, PruneOptions, keep_counts, lowest, prune, remove_modules,
 )
 from tests.helpers import decomposed, ids, max_diff
 
 SHARD = 2 * 10**9
-REC = mom_cli.provenance.record("test", {}, "test")
+REC = mom_cli.io.provenance.record("test", {}, "test")
 CALIB = dict(calib_tokens=512, seq_len=64, batch_size=4)
 
 
@@ -99,7 +99,7 @@ def test_greedy_never_worse_than_its_one_shot_ranking(gpt2_dir, tmp_path, text_f
     one_shot = prune(ckpt, tmp_path / "loss", PruneOptions(**{**o.__dict__, "metric": "loss"}))
     greedy = prune(ckpt, tmp_path / "greedy", PruneOptions(**{**o.__dict__, "metric": "greedy"}))
     model, _ = load_model(str(ckpt))
-    from mom_cli.data import blocks, token_stream
+    from mom_cli.io.text import blocks, token_stream
     from transformers import AutoTokenizer
 
     calib = blocks(token_stream(str(text_file), AutoTokenizer.from_pretrained(ckpt), 512), 64)

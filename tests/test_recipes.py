@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mom_cli import recipes
+from mom_cli.cli import recipes
 from mom_cli.errors import UsageError
 from test_cli import ENV, SHELL_MOM, assert_one_line_error, bash, entries, mom
 
@@ -304,7 +304,7 @@ def test_recipes_list_show_cp(tmp_path):
 
 
 def test_cli_starts_without_torch_and_import_still_registers(tmp_path):
-    probe = ("import sys, mom_cli, mom_cli.cli; assert 'torch' not in sys.modules, 'torch imported';"
+    probe = ("import sys, mom_cli, mom_cli.cli.app; assert 'torch' not in sys.modules, 'torch imported';"
              "from transformers import AutoConfig, AutoModelForCausalLM;"
              "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M;"
              "c = AutoConfig.for_model('mom'); print(type(c).__name__, M[type(c)].__name__)")
@@ -334,7 +334,7 @@ def test_shell_completion_installs_and_completes(tmp_path):
 def test_every_command_help_has_an_example():
     import typer
 
-    from mom_cli.cli import app
+    from mom_cli.cli.app import app
 
     def leaves(cmd, path):
         for name, sub in cmd.commands.items():

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mom_cli
-from mom_cli.modeling_mom import Routing, route
+from mom_cli.modeling.modeling_mom import Routing, route
 from tests.helpers import decomposed, ids, max_diff
 
 
@@ -77,8 +77,8 @@ def test_routed_plans_cache_matches_full_forward(family_dir, tmp_path, plan):
 
 def test_skip_tokens_contribute_no_keys():
     """A token routed only to SKIP must not change what other tokens attend to."""
-    from mom_cli.modeling_mom import Attention, StepContext
-    from mom_cli.configuration_mom import MomConfig
+    from mom_cli.modeling.modeling_mom import Attention, StepContext
+    from mom_cli.modeling.configuration_mom import MomConfig
 
     cfg = MomConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, position_type="learned")
     attn = Attention(cfg)

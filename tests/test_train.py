@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from helpers import decomposed
-from mom_cli import tokencache
-from mom_cli.checkpoint import load
+from mom_cli.io import tokencache
+from mom_cli.io.checkpoint import load
 from mom_cli.errors import UsageError
-from mom_cli.optim import RowSparseAdam
-from mom_cli.train import TrainOptions, group_of, train
+from mom_cli.training.optim import RowSparseAdam
+from mom_cli.training.train import TrainOptions, group_of, train
 from test_cli import ENV, assert_one_line_error, mom
 
 SMALL = dict(seq_len=32, batch_size=2)
@@ -61,7 +61,7 @@ def test_routers_train_and_everything_else_stays(work):
 
 def test_peer_groups_train_per_mode(work):
     """`routers` trains PEER retrieval but not the expert tables; `routers+peer` trains the tables too."""
-    from mom_cli.convert_peer import ConvertOptions, convert_peer
+    from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 
     peer = convert_peer(work / "c2", work / "peer", ConvertOptions(layers="1,2", heads=2, topk=8)).path
     text = str(work / "text.txt")
@@ -166,7 +166,7 @@ def test_cli_distill_from_source_starts_at_kl_zero_and_errors(work):
 
 
 def test_checkpointing_gives_the_same_loss_gradients_and_routing(work):
-    from mom_cli.modeling_mom import RoutingRecorder
+    from mom_cli.modeling.modeling_mom import RoutingRecorder
 
     x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -193,8 +193,8 @@ def test_checkpointing_gives_the_same_loss_gradients_and_routing(work):
 
 
 def test_bad_input_is_a_clear_usage_error(work, tmp_path):
-    from mom_cli.configuration_mom import MomConfig
-    from mom_cli.modeling_mom import MomForCausalLM
+    from mom_cli.modeling.configuration_mom import MomConfig
+    from mom_cli.modeling.modeling_mom import MomForCausalLM
 
     text = str(work / "text.txt")
     with pytest.raises(UsageError, match="longer than the model's 256 positions"):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ..errors import UsageError
+from mom_cli.errors import UsageError
 
 Transform = Callable[[list[torch.Tensor]], torch.Tensor]
 
@@ -51,7 +51,7 @@ class Family(Protocol):
 
 def _registry() -> dict[str, Family]:
     from .gpt2 import GPT2
-    from .llama import LLAMA
+    from mom_cli.families.llama import LLAMA
 
     return {f.name: f for f in (GPT2, LLAMA)}
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from . import Recipe, same
+from mom_cli.families import Recipe, same
 
 
 def _prefix(keys: set[str]) -> str:

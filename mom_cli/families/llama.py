@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Recipe, same
+from mom_cli.families import Recipe, same
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")

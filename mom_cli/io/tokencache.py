@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import SUFFIXES, iter_texts
-from .errors import UsageError
+from mom_cli.io.text import SUFFIXES, iter_texts
+from mom_cli.errors import UsageError
 
 DTYPE = np.int32
 DIR_NAME = ".mom-tokens"

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .modeling_mom import RoutingRecorder
+from mom_cli.errors import UsageError
+from mom_cli.modeling.modeling_mom import RoutingRecorder
 
 KINDS = ("mha", "ffn")
 
@@ -65,7 +65,7 @@ def shares_from_stats(stats: dict, config: Any) -> tuple[dict[tuple[int, str], n
 def trace(model: Any, tokenizer: Any, data: str, max_tokens: int, seq_len: int, batch_size: int,
           sample_tokens: int, device: str) -> RoutingPicture:
     """Shares over up to `max_tokens` tokens of `data`; paths for its first `sample_tokens` tokens."""
-    from .data import blocks, token_stream
+    from mom_cli.io.text import blocks, token_stream
 
     config = model.config
     if getattr(config, "model_type", None) != "mom":

@@ -12,17 +12,17 @@ from typing import Any, Callable
 
 import torch
 
-from .configuration_mom import MomConfig
-from .errors import MomError, UsageError
-from .provenance import model_card
-from .tensorio import PlannedTensor, SafetensorsReader, write_safetensors
+from mom_cli.modeling.configuration_mom import MomConfig
+from mom_cli.errors import MomError, UsageError
+from mom_cli.io.provenance import model_card
+from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_safetensors
 
 DEFAULT_SHARD = 2 * 10**9
 
 
 def meta_model(config: MomConfig) -> torch.nn.Module:
     """The model's parameter names and shapes, without allocating any weights."""
-    from .modeling_mom import MomForCausalLM
+    from mom_cli.modeling.modeling_mom import MomForCausalLM
 
     with torch.device("meta"):
         return MomForCausalLM(config)
@@ -63,7 +63,7 @@ def copy_extras(ckpt: Path, out: Path) -> None:
     """Tokenizer files, generation config and model card travel with the weights."""
     import shutil
 
-    from .sources import TOKENIZER_FILES
+    from mom_cli.io.sources import TOKENIZER_FILES
 
     for name in (*TOKENIZER_FILES, "generation_config.json", "README.md"):
         if (Path(ckpt) / name).exists():
@@ -72,7 +72,7 @@ def copy_extras(ckpt: Path, out: Path) -> None:
 
 def read_mom(path: Path) -> tuple[MomConfig, SafetensorsReader]:
     """A MoM checkpoint's config and a lazy reader of its tensors."""
-    from .sources import load_config
+    from mom_cli.io.sources import load_config
 
     config = load_config(Path(path))
     if getattr(config, "model_type", None) != "mom":
@@ -94,7 +94,7 @@ def copy_plan(reader: SafetensorsReader, config: MomConfig, dtype: torch.dtype |
 
 def load(path: str | Path, **kwargs: Any):
     """Load a MoM checkpoint as a `MomForCausalLM` (a transformers PreTrainedModel)."""
-    from .modeling_mom import MomForCausalLM
+    from mom_cli.modeling.modeling_mom import MomForCausalLM
 
     read_mom(Path(path))  # clear errors for non-MoM or corrupt directories before transformers tries
     return MomForCausalLM.from_pretrained(path, **kwargs)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MomError
+from mom_cli.errors import MomError
 
 FILE_NAME = "routing_stats.json"
 Stats = dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]]

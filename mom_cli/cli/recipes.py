@@ -38,8 +38,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from . import console
-from .errors import MomError, UsageError
+from mom_cli import console
+from mom_cli.errors import MomError, UsageError
 
 RECIPE_FILE = "mom_recipe.yaml"
 SUFFIXES = (".yaml", ".yml")
@@ -63,7 +63,7 @@ def log(msg: str) -> None:
 
 def recipe_dirs() -> list[Path]:
     """Shipped recipes: `mom_cli/recipe_files` in an installed package, else the checkout's `recipes/`."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     return [d for d in (here / "recipe_files", here.parent / "recipes") if d.is_dir()]
 
 
@@ -104,7 +104,7 @@ def description(path: Path) -> str:
 
 def copy(ref: str, dest: Path, force: bool) -> Path:
     """`mom recipes cp NAME DEST`: a copy to edit (DEST may be a folder)."""
-    from .outputs import atomic_file
+    from mom_cli.io.atomic import atomic_file
 
     src = find(ref)
     dest = Path(dest)
@@ -140,7 +140,7 @@ def command_specs() -> dict[str, CommandSpec]:
     """Every `mom` command that can be a step, from the CLI itself."""
     import typer
 
-    from . import cli
+    from mom_cli.cli import app as cli
 
     specs: dict[str, CommandSpec] = {}
 
@@ -460,7 +460,7 @@ class RunOptions:
 
 
 def run(ref: str, opts: RunOptions) -> RunResult:
-    from .outputs import check_output
+    from mom_cli.io.atomic import check_output
 
     recipe = load(ref)
     sets = parse_sets(opts.sets)
@@ -573,7 +573,7 @@ def _run_step(r: Resolved, total: int, input_ref: str | None, target: Path, fres
     printed = invoke(argv, f"{r.step.index} ({r.spec.name})")
     seconds = time.perf_counter() - start
     result = _parse(printed)
-    from .outputs import atomic_file
+    from mom_cli.io.atomic import atomic_file
 
     with atomic_file(done, force=True) as tmp:  # written last: the step is complete
         tmp.write_text(json.dumps(result, default=str) + "\n")
@@ -600,7 +600,7 @@ def invoke(argv: list[str], label: str) -> str:
     from typer import _click as click
     from typer import exceptions as typer_exc
 
-    from . import cli
+    from mom_cli.cli import app as cli
 
     command = typer.main.get_command(cli.app)
     buf = io.StringIO()
@@ -642,7 +642,7 @@ def fresh_rng() -> Iterator[None]:
 
 def resolved_yaml(recipe: Recipe, steps: list[Resolved], values: dict[str, Any]) -> str:
     """A recipe with every variable and --set applied: `mom run` on it repeats this run."""
-    from .provenance import version
+    from mom_cli.io.provenance import version
 
     doc = {
         "name": recipe.name,
@@ -659,7 +659,7 @@ def finish(recipe: Recipe, steps: list[Resolved], values: dict[str, Any], last: 
            pictures: list[tuple[Path, str]], out: Path, force: bool) -> Path:
     """The last checkpoint becomes the result (hard links, so the work copy stays for reruns),
     with the pictures, the resolved recipe and a model card section."""
-    from .outputs import atomic_dir, atomic_file
+    from mom_cli.io.atomic import atomic_dir, atomic_file
 
     text = resolved_yaml(recipe, steps, values)
     if last.is_file():  # a flat .safetensors export: the recipe goes beside it

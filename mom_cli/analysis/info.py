@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import meta_model
-from .configuration_mom import MomConfig
+from mom_cli.io.checkpoint import meta_model
+from mom_cli.modeling.configuration_mom import MomConfig
 
 TensorGetter = Callable[[str], torch.Tensor]
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .configuration_mom import MomConfig
-from .console import log, progress
-from .errors import UsageError
+from mom_cli.modeling.configuration_mom import MomConfig
+from mom_cli.console import log, progress
+from mom_cli.errors import UsageError
 
 INITS = ("neurons", "random")
 ACTIVE_SHARE = 0.5  # default h*k: half of the FFN's neurons per token
@@ -212,7 +212,7 @@ def _parse_drop(spec: str | None, d_ff: int) -> list[int]:
 
 def _check_neuron_init(kept: int, n: int, heads: int, k: int, key_dim: int) -> None:
     """Neuron init's own limits (see peer_from_dense), checked before any weights are read."""
-    from .peer import _grid_size
+    from mom_cli.modeling.peer import _grid_size
 
     n_sub = math.isqrt(n)
     if key_dim // 2 <= heads:
@@ -317,7 +317,7 @@ def neuron_strength(rows: dict[str, torch.Tensor | None], act: str, x: torch.Ten
 def build_layer(plan: LayerPlan, rows: dict[str, torch.Tensor | None], calib_x: torch.Tensor | None,
                 keep: torch.Tensor | None, init: str, seed: int) -> Any:
     """The PeerLayer of one module, in float32 on CPU (neuron init fits keys to calib_x when given)."""
-    from .peer import peer_from_dense
+    from mom_cli.modeling.peer import peer_from_dense
 
     p = plan.peer
     try:
@@ -394,8 +394,8 @@ class ConvertReport:
 @torch.no_grad()
 def measure(layer: Any, x: torch.Tensor, y: torch.Tensor, rep: LayerReport) -> None:
     """Held-out quality of a built layer (eval mode): oracle mass found, output error, usage."""
-    from .peer import oracle_mass_fraction, usage_stats
-    from .peer_calibrate import relative_error
+    from mom_cli.modeling.peer import oracle_mass_fraction, usage_stats
+    from mom_cli.surgery.peer_calibrate import relative_error
 
     layer.eval()
     rep.output_error = relative_error(layer, x, y)
@@ -417,8 +417,8 @@ def converted_config(config: MomConfig, plans: list[LayerPlan], layers: dict[str
 
 def output_tensors(reader: Any, new: MomConfig, plans: list[LayerPlan], layers: dict[str, Any]) -> list:
     """Every tensor of the new checkpoint: PEER tensors from the built layers, the rest copied lazily."""
-    from .checkpoint import param_shapes
-    from .tensorio import PlannedTensor
+    from mom_cli.io.checkpoint import param_shapes
+    from mom_cli.io.tensorio import PlannedTensor
 
     built: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -448,15 +448,15 @@ class Measured:
 
 
 def _ppl(model: Any, batches: torch.Tensor, batch_size: int, device: str) -> float:
-    from .evaluate import perplexity
+    from mom_cli.analysis.evaluate import perplexity
 
     return math.exp(perplexity(model, batches, batch_size, device)[0])
 
 
 def _load_data(ckpt: Path, opts: ConvertOptions) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
     """(model, calibration blocks, held-out blocks); every data error comes before any log line."""
-    from .data import calibration_split
-    from .models import load_model
+    from mom_cli.io.text import calibration_split
+    from mom_cli.io.loading import load_model
 
     model, tokenizer = load_model(str(ckpt), opts.device)
     return (model, *calibration_split(tokenizer, opts.calibrate, opts.calib_tokens, opts.seq_len,
@@ -477,7 +477,7 @@ def _record(model: Any, calib_blocks: torch.Tensor | None, held_blocks: torch.Te
 
 def _swap_in(model: Any, plans: list[LayerPlan], layers: dict[str, Any], device: str) -> None:
     """Put the built PEER layers into the loaded model in place of the dense modules."""
-    from .modeling_mom import PeerFfnModule
+    from mom_cli.modeling.modeling_mom import PeerFfnModule
 
     for p in plans:
         pool = model.model.blocks[p.block].ffn
@@ -488,10 +488,10 @@ def _swap_in(model: Any, plans: list[LayerPlan], layers: dict[str, Any], device:
 
 
 def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = False) -> ConvertReport:
-    from . import provenance
-    from .checkpoint import copy_extras, read_mom, write_checkpoint
-    from .info import summary
-    from .outputs import atomic_dir, check_output
+    from mom_cli.io import provenance
+    from mom_cli.io.checkpoint import copy_extras, read_mom, write_checkpoint
+    from mom_cli.analysis.info import summary
+    from mom_cli.io.atomic import atomic_dir, check_output
 
     check_output(out, force)  # fail before calibrating for minutes
     if opts.seq_len < 2 or opts.batch_size < 1 or opts.calib_steps < 0:
@@ -544,7 +544,7 @@ def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = Fals
 def _convert_one(p: LayerPlan, reader: Any, config: MomConfig, opts: ConvertOptions,
                  m: Measured | None) -> tuple[Any, LayerReport]:
     """Build (and calibrate) one layer on opts.device, in float32, and measure it."""
-    from .info import peer_costs
+    from mom_cli.analysis.info import peer_costs
 
     rows = dense_rows(reader, config, p.prefix)
     calib, held = (None, None) if m is None else (m.calib, m.held)
@@ -567,7 +567,7 @@ def _convert_one(p: LayerPlan, reader: Any, config: MomConfig, opts: ConvertOpti
 
 def _calibrate(layer: Any, x: torch.Tensor, y: torch.Tensor, origin: int, opts: ConvertOptions, rep: LayerReport) -> None:
     """Train the layer's retrieval to reproduce the dense outputs y, with a progress bar."""
-    from .peer_calibrate import calibrate
+    from mom_cli.surgery.peer_calibrate import calibrate
 
     with progress() as bar:
         task = bar.add_task(f"calibrating layer {origin}", total=opts.calib_steps)

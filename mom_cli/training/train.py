@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import console, distributed, optim, tokencache
-from .console import log, warn
-from .errors import MomError, UsageError
+from mom_cli import console
+from mom_cli.training import distributed
+from mom_cli.training import optim
+from mom_cli.io import tokencache
+from mom_cli.console import log, warn
+from mom_cli.errors import MomError, UsageError
 
 TRAIN_MODES = ("routers", "routers+peer", "all")
 SCHEDULES = ("cosine", "constant")
@@ -281,8 +284,8 @@ class Run:
     """Everything one training run holds: model, teacher, data, optimizers, state dir, metrics."""
 
     def __init__(self, ckpt: Path, out: Path, opts: TrainOptions, d: distributed.Dist, device: str) -> None:
-        from .checkpoint import read_mom
-        from .models import load_model
+        from mom_cli.io.checkpoint import read_mom
+        from mom_cli.io.loading import load_model
 
         self.ckpt, self.out, self.opts, self.dist, self.device = ckpt, out, opts, d, device
         self.config, _ = read_mom(ckpt)
@@ -345,14 +348,14 @@ class Run:
     def _compile(self) -> None:
         """Compile the dense modules (FFNs, plain layers): routing itself has data-dependent shapes and
         host syncs that would break the graph at every step."""
-        from .modeling_mom import FfnModule, PlainLayer
+        from mom_cli.modeling.modeling_mom import FfnModule, PlainLayer
 
         for module in self.model.modules():
             if isinstance(module, (FfnModule, PlainLayer)):
                 module.compile()
 
     def _teacher(self) -> nn.Module:
-        from .models import load_model
+        from mom_cli.io.loading import load_model
 
         ref = self.opts.distill
         if ref == "source":
@@ -552,11 +555,12 @@ def progress_bar():
 
 def write_output(run: Run, weights: dict[str, torch.Tensor], stats: dict | None, stat_tokens: int, force: bool) -> None:
     """The trained model as a normal MoM checkpoint (rank 0), with metrics and routing statistics."""
-    from . import provenance, routing_stats
-    from .checkpoint import copy_extras, param_shapes, write_checkpoint
-    from .configuration_mom import MomConfig
-    from .outputs import atomic_dir
-    from .tensorio import PlannedTensor, SafetensorsReader
+    from mom_cli.io import provenance
+    from mom_cli.analysis import routing_stats
+    from mom_cli.io.checkpoint import copy_extras, param_shapes, write_checkpoint
+    from mom_cli.modeling.configuration_mom import MomConfig
+    from mom_cli.io.atomic import atomic_dir
+    from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader
 
     o = run.opts
     args = {k: v for k, v in asdict(o).items() if k not in ("stop_after",)}
@@ -596,8 +600,8 @@ def reduced_stats(run: Run) -> dict | None:
 
 def train(ckpt: Path, out: Path, opts: TrainOptions, force: bool = False) -> TrainResult:
     """Train `ckpt` per `opts` and write the result to `out` (see the module docstring)."""
-    from .models import pick_device
-    from .outputs import check_output
+    from mom_cli.io.loading import pick_device
+    from mom_cli.io.atomic import check_output
 
     ckpt, out = Path(ckpt), Path(out)
     check_options(opts)
@@ -617,7 +621,7 @@ def train(ckpt: Path, out: Path, opts: TrainOptions, force: bool = False) -> Tra
 
 
 def _loop(run: Run, force: bool) -> TrainResult:
-    from .modeling_mom import RoutingRecorder
+    from mom_cli.modeling.modeling_mom import RoutingRecorder
 
     o, d = run.opts, run.dist
     metrics = Metrics(run.work, d.main, run.done)

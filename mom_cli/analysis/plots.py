@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from mom_cli.errors import UsageError
 
 
 def _pyplot():
@@ -25,7 +25,7 @@ def _pyplot():
 
 def check_target(path: Path, force: bool = True) -> None:
     """Fail before any work if the picture could not be drawn or written."""
-    from .outputs import check_output
+    from mom_cli.io.atomic import check_output
 
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -36,7 +36,7 @@ def check_target(path: Path, force: bool = True) -> None:
 
 def _save(fig: Any, path: Path, force: bool = True) -> Path:
     """Write the figure atomically, then close it (pyplot keeps every open figure alive)."""
-    from .outputs import atomic_file
+    from mom_cli.io.atomic import atomic_file
 
     path = Path(path)
     try:

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .console import progress
-from .data import blocks, token_stream
+from mom_cli.console import progress
+from mom_cli.io.text import blocks, token_stream
 
 
 @dataclass
@@ -44,7 +44,7 @@ def perplexity(model, batches: torch.Tensor, batch_size: int, device: str) -> tu
 
 
 def evaluate(model, tokenizer, ref: str, data: str, seq_len: int, max_tokens: int | None, batch_size: int, device: str) -> EvalResult:
-    from .errors import UsageError
+    from mom_cli.errors import UsageError
 
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit is not None and seq_len > limit:

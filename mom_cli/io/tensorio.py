@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 from safetensors import safe_open
 
-from .errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError
 
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .configuration_mom import MomConfig
-from .errors import UsageError
-from .families import Family, Recipe, family_for
-from .sources import Source
+from mom_cli.modeling.configuration_mom import MomConfig
+from mom_cli.errors import UsageError
+from mom_cli.families import Family, Recipe, family_for
+from mom_cli.io.sources import Source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROUTER_PREFERRED_BIAS = 1.0  # logit margin of the module a step starts with; / T gives the softmax margin
@@ -100,7 +100,7 @@ def preferred_modules(step: int, steps: int, pool: int) -> list[int]:
 
 def router_tensors(config: MomConfig, block: int) -> dict[str, torch.Tensor]:
     """Fresh routers for one block: random cell (seeded), zero head, step bias = the start plan."""
-    from .modeling_mom import Router
+    from mom_cli.modeling.modeling_mom import Router
 
     spec = config.blocks[block]
     out = {}
@@ -170,13 +170,13 @@ def decompose(
     allow_pickle: bool = False,
     shard_bytes: int | None = None,
 ) -> Path:
-    from . import provenance
-    from .checkpoint import DEFAULT_SHARD, param_shapes, write_checkpoint
-    from .console import log, progress
-    from .errors import MomError
-    from .outputs import atomic_dir, check_output
-    from .sources import open_source
-    from .tensorio import PlannedTensor
+    from mom_cli.io import provenance
+    from mom_cli.io.checkpoint import DEFAULT_SHARD, param_shapes, write_checkpoint
+    from mom_cli.console import log, progress
+    from mom_cli.errors import MomError
+    from mom_cli.io.atomic import atomic_dir, check_output
+    from mom_cli.io.sources import open_source
+    from mom_cli.io.tensorio import PlannedTensor
 
     check_output(out, force)  # fail before reading a large source
     source = open_source(source_ref, allow_pickle)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_extras, copy_plan, param_shapes, read_mom
-from .configuration_mom import MomConfig
-from .console import log, progress
-from .errors import UsageError
-from .families import Recipe, family_named
-from .outputs import atomic_dir, atomic_file
-from .tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
+from mom_cli.io.checkpoint import copy_extras, copy_plan, param_shapes, read_mom
+from mom_cli.modeling.configuration_mom import MomConfig
+from mom_cli.console import log, progress
+from mom_cli.errors import UsageError
+from mom_cli.families import Recipe, family_named
+from mom_cli.io.atomic import atomic_dir, atomic_file
+from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
 
 FORMATS = ("hf", "safetensors")
 # The runtime's files for trust_remote_code; modeling_mom.py imports the PEER layer from peer.py.
@@ -128,7 +128,7 @@ def _export_remote_code(ckpt, config, reader, out, dtype, shard_bytes, force) ->
         config.save_pretrained(tmp)
         _stream(copy_plan(reader, config, dtype), tmp, shard_bytes)
         for name in _CODE:
-            shutil.copy2(Path(__file__).with_name(name), tmp / name)
+            shutil.copy2(Path(__file__).parent.parent / "modeling" / name, tmp / name)
         copy_extras(ckpt, tmp)
     return out
 

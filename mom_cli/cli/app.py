@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 import typer
 
-from . import console
-from .errors import MomError, UsageError
+from mom_cli import console
+from mom_cli.errors import MomError, UsageError
 
 app = typer.Typer(
     name="mom",
@@ -76,9 +76,9 @@ def decompose(
 
     Example: mom decompose gpt2 -o gpt2-mom --depth 6 --top-k 2
     """
-    from .decompose import PlanOptions, default_output, parse_dtype
-    from .decompose import decompose as run
-    from .tensorio import parse_size
+    from mom_cli.surgery.decompose import PlanOptions, default_output, parse_dtype
+    from mom_cli.surgery.decompose import decompose as run
+    from mom_cli.io.tensorio import parse_size
 
     _quiet_third_party()
     source = checkpoint_arg(source)
@@ -102,9 +102,9 @@ def export(
 
     Example: mom decompose gpt2 | mom export - -o gpt2-plain
     """
-    from .decompose import parse_dtype
-    from .export import export as run
-    from .tensorio import parse_size
+    from mom_cli.surgery.decompose import parse_dtype
+    from mom_cli.surgery.export import export as run
+    from mom_cli.io.tensorio import parse_size
 
     ckpt = Path(checkpoint_arg(checkpoint))
     path, kind = run(ckpt, output, fmt, parse_dtype(dtype), parse_size(shard_size), force)
@@ -127,9 +127,9 @@ def eval_(
 
     Example: mom eval gpt2-mom --data docs/ --seq-len 256 --max-tokens 20000 --json
     """
-    from .decompose import parse_dtype
-    from .evaluate import evaluate
-    from .models import load_model, pick_device
+    from mom_cli.surgery.decompose import parse_dtype
+    from mom_cli.analysis.evaluate import evaluate
+    from mom_cli.io.loading import load_model, pick_device
 
     _quiet_third_party()
     ref = checkpoint_arg(model)
@@ -155,8 +155,8 @@ def info(
 
     Example: mom info gpt2-mom --json
     """
-    from .checkpoint import read_mom
-    from .info import summary
+    from mom_cli.io.checkpoint import read_mom
+    from mom_cli.analysis.info import summary
 
     config, reader = read_mom(Path(checkpoint_arg(checkpoint)))
     s = summary(config, seq_len, reader.get)
@@ -191,10 +191,10 @@ def prune(
 
     Example: mom prune gpt2-mom --keep-ffn --keep-mha 50% --data docs/ -o gpt2-half-attn
     """
-    from .decompose import default_output
-    from .models import pick_device
-    from .prune import PruneOptions
-    from .prune import prune as run
+    from mom_cli.surgery.decompose import default_output
+    from mom_cli.io.loading import pick_device
+    from mom_cli.surgery.prune import PruneOptions
+    from mom_cli.surgery.prune import prune as run
 
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
@@ -246,10 +246,10 @@ def convert_peer(
 
     Example: mom convert-peer smol-mom --layers 10-19 --calibrate docs/ -o smol-peer
     """
-    from .convert_peer import ConvertOptions
-    from .convert_peer import convert_peer as run
-    from .decompose import default_output
-    from .models import pick_device
+    from mom_cli.surgery.convert_peer import ConvertOptions
+    from mom_cli.surgery.convert_peer import convert_peer as run
+    from mom_cli.surgery.decompose import default_output
+    from mom_cli.io.loading import pick_device
 
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
@@ -326,9 +326,9 @@ def train_routers(
 
     Example: mom train-routers smol-c15 --data docs/ --distill --steps 500 --seq-len 256 -o smol-c15-trained
     """
-    from .decompose import default_output
-    from .train import TrainOptions
-    from .train import train as run
+    from mom_cli.surgery.decompose import default_output
+    from mom_cli.training.train import TrainOptions
+    from mom_cli.training.train import train as run
 
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
@@ -376,8 +376,8 @@ def run(
 
     Example: mom run compressed-depth --set source=gpt2 --set data=docs/ -o gpt2-c6
     """
-    from .recipes import RunOptions
-    from .recipes import run as run_recipe
+    from mom_cli.cli.recipes import RunOptions
+    from mom_cli.cli.recipes import run as run_recipe
 
     result = run_recipe(recipe, RunOptions(sets, output, work_dir, keep_work, fresh, force))
     if as_json:
@@ -392,7 +392,7 @@ def recipes_list(as_json: bool = Json) -> None:
 
     Example: mom recipes list
     """
-    from .recipes import description, shipped
+    from mom_cli.cli.recipes import description, shipped
 
     found = {name: {"path": str(p), "description": description(p)} for name, p in shipped().items()}
     if as_json:
@@ -410,7 +410,7 @@ def recipes_show(name: str = typer.Argument(..., help="A recipe name or path.",
 
     Example: mom recipes show prune-attention
     """
-    from .recipes import find
+    from mom_cli.cli.recipes import find
 
     print(find(name).read_text(), end="")
 
@@ -425,7 +425,7 @@ def recipes_cp(
 
     Example: mom recipes cp compressed-depth my-plan.yaml
     """
-    from .recipes import copy
+    from mom_cli.cli.recipes import copy
 
     print(copy(name, dest, force))
 
@@ -448,10 +448,10 @@ def plot_routing(
 
     Example: mom plot routing smol-mom --data README.md -o routing.png
     """
-    from .models import load_model, pick_device
-    from .plots import check_target
-    from .plots import plot_routing as draw
-    from .routing_trace import trace
+    from mom_cli.io.loading import load_model, pick_device
+    from mom_cli.analysis.plots import check_target
+    from mom_cli.analysis.plots import plot_routing as draw
+    from mom_cli.analysis.routing_trace import trace
 
     _quiet_third_party()
     check_target(output, force)
@@ -472,7 +472,7 @@ def plot_prune(
 
     Example: mom prune gpt2-mom --data docs/ --json | mom plot prune - -o prune.png
     """
-    from .plots import plot_prune_report
+    from mom_cli.analysis.plots import plot_prune_report
 
     text = sys.stdin.read() if report == "-" else _read_text(report)
     try:
@@ -492,8 +492,8 @@ def plot_training(
 
     Example: mom plot training smol-c15-trained -o training.png
     """
-    from .plots import check_target, read_metrics
-    from .plots import plot_training as draw
+    from mom_cli.analysis.plots import check_target, read_metrics
+    from mom_cli.analysis.plots import plot_training as draw
 
     check_target(output, force)
     print(draw(read_metrics(Path(checkpoint_arg(checkpoint))), output, force))
@@ -501,7 +501,7 @@ def plot_training(
 
 def _recipe_names(incomplete: str) -> list[str]:
     """Shell completion of recipe names (cheap: reads file names only)."""
-    from .recipes import shipped
+    from mom_cli.cli.recipes import shipped
 
     return [n for n in shipped() if n.startswith(incomplete)]
 

@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .configuration_mom import MomConfig
-from .console import log, progress
-from .errors import UsageError
+from mom_cli.modeling.configuration_mom import MomConfig
+from mom_cli.console import log, progress
+from mom_cli.errors import UsageError
 
 METRICS = ("greedy", "loss", "cosine", "block-influence", "usage")
 KINDS = ("mha", "ffn")
@@ -388,8 +388,8 @@ def pruned_config(config: MomConfig, removed: Iterable[ModuleRef], record: dict[
 
 def remove_modules(ckpt: Path, out: Path, removed: Iterable[ModuleRef], record: dict[str, Any], force: bool = False) -> MomConfig:
     """Write `ckpt` without the `removed` modules: their slots become None, their weights go."""
-    from .checkpoint import copy_extras, copy_plan, read_mom, write_checkpoint
-    from .outputs import atomic_dir
+    from mom_cli.io.checkpoint import copy_extras, copy_plan, read_mom, write_checkpoint
+    from mom_cli.io.atomic import atomic_dir
 
     config, reader = read_mom(ckpt)
     new = pruned_config(config, removed, record)
@@ -401,17 +401,17 @@ def remove_modules(ckpt: Path, out: Path, removed: Iterable[ModuleRef], record: 
 
 
 def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> PruneReport:
-    from . import provenance
-    from .checkpoint import read_mom
-    from .data import calibration_split
-    from .info import summary
-    from .models import load_model
-    from .outputs import check_output
-    from .routing_stats import load as load_stats
+    from mom_cli.io import provenance
+    from mom_cli.io.checkpoint import read_mom
+    from mom_cli.io.text import calibration_split
+    from mom_cli.analysis.info import summary
+    from mom_cli.io.loading import load_model
+    from mom_cli.io.atomic import check_output
+    from mom_cli.analysis.routing_stats import load as load_stats
 
     check_output(out, force)  # fail before measuring for minutes
     if opts.plot is not None:
-        from .plots import check_target
+        from mom_cli.analysis.plots import check_target
 
         check_target(opts.plot)
     if opts.seq_len < 2 or opts.batch_size < 1 or opts.calib_tokens < 2 or opts.greedy_width < 1:
@@ -453,7 +453,7 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
         (before["flops_per_token"], after["flops_per_token"]), measurer.passes,
     )
     if opts.plot is not None:
-        from .plots import plot_prune
+        from mom_cli.analysis.plots import plot_prune
 
         plot_prune(report.as_dict(), opts.plot)
     return report

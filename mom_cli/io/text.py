@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -104,7 +104,7 @@ def calibration_split(tokenizer: Any, data: str | None, calib_tokens: int, seq_l
     Either is None when there is no such text (no DATA; nothing beyond the calibration tokens,
     with a warning). A DATA or `eval_data` too short for what was asked is a usage error.
     """
-    from .console import warn
+    from mom_cli.console import warn
 
     n_eval = eval_tokens or calib_tokens
     calib = rest = None
