@@ -236,13 +236,13 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
     """z, (d + 1, N): each neuron's contribution |a_i(x)| ||v_i|| predicted from [x; 1] by ridge
     regression over the calibration tokens x, the best unconstrained linear score in the least-squares
     sense. A PEER query is linear in x and its product keys constrain it further."""
-    from mom_cli.surgery.peer_calibrate import _activations
+    from mom_cli.surgery.peer_init import layer_activations
 
     norms = layer.w_out.norm(dim=1)
     xt = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1)
     m2 = xt.t() @ xt / x.shape[0]
     m2 += 1e-4 * m2.diagonal().mean() * torch.eye(m2.shape[0], device=x.device)
-    rhs = sum(xt[s : s + 4096].t() @ (_activations(layer, x[s : s + 4096]).abs() * norms)
+    rhs = sum(xt[s : s + 4096].t() @ (layer_activations(layer, x[s : s + 4096]).abs() * norms)
               for s in range(0, x.shape[0], 4096)) / x.shape[0]
     return torch.linalg.solve(m2, rhs)
 
@@ -251,13 +251,13 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
 def linear_pick(layer, z: torch.Tensor, x: torch.Tensor, m: int, rerank: int = 1) -> torch.Tensor:
     """(tokens, m) neurons per token: the m best by [x; 1] z, or with rerank r the m of largest true
     contribution among the r*m best by [x; 1] z."""
-    from mom_cli.surgery.peer_calibrate import _activations
+    from mom_cli.surgery.peer_init import layer_activations
 
     score = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1) @ z
     cand = score.topk(min(rerank * m, score.shape[1]), dim=1).indices
     if rerank == 1:
         return cand
-    contrib = _activations(layer, x).gather(1, cand).abs() * layer.w_out.norm(dim=1)[cand]
+    contrib = layer_activations(layer, x).gather(1, cand).abs() * layer.w_out.norm(dim=1)[cand]
     return cand.gather(1, contrib.topk(m, dim=1).indices)
 
 
@@ -271,17 +271,18 @@ def _kept_output(layer, a: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
 def picked_ffn(layer, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """The layer's experts with each token keeping only the picked ones, at weight 1 (dense, for
     measurement only)."""
-    from mom_cli.surgery.peer_calibrate import _activations
+    from mom_cli.surgery.peer_init import layer_activations
 
-    return _kept_output(layer, _activations(layer, x), pick)
+    return _kept_output(layer, layer_activations(layer, x), pick)
 
 
 @torch.no_grad()
 def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m: int) -> tuple[float, float]:
     """(fraction of the oracle's contribution mass the picked neurons hold, relative output error)."""
-    from mom_cli.surgery.peer_calibrate import _activations, token_errors
+    from mom_cli.surgery.peer_calibrate import token_errors
+    from mom_cli.surgery.peer_init import layer_activations
 
-    a = _activations(layer, x)
+    a = layer_activations(layer, x)
     contrib = a.abs() * layer.w_out.norm(dim=1)
     mass = contrib.gather(1, pick).sum().item() / contrib.topk(m, dim=1).values.sum().item()
     return mass, token_errors(_kept_output(layer, a, pick), y).mean().item()
@@ -289,7 +290,7 @@ def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m:
 
 def convert_layers(model, acts_cal, acts_held, m: int, sizes: Sizes, n_experts: int, device: str):
     """PEER layers for every converted layer at budget m = h*k, calibrated; with per-layer figures."""
-    from mom_cli.modeling.peer import oracle_mass_fraction, peer_from_dense
+    from mom_cli.surgery.peer_init import oracle_mass_fraction, peer_from_dense
     from mom_cli.surgery.peer_calibrate import calibrate, oracle_ffn, relative_error, token_errors
 
     peers, scores, reports = {}, {}, []

@@ -43,9 +43,10 @@ CALIB_TOKENS, HELD_TOKENS, SEQ_LEN = 16384, 8192, 512  # bench_convert_peer's, s
 
 def head_quota_pick(layer, x: torch.Tensor, calib_x: torch.Tensor, k: int) -> torch.Tensor:
     """(tokens, h*k): each head's k largest true contributions among the experts it owns."""
-    from mom_cli.surgery.peer_calibrate import _activations, expert_owners
+    from mom_cli.surgery.peer_calibrate import expert_owners
+    from mom_cli.surgery.peer_init import layer_activations
 
-    contrib = _activations(layer, x).abs() * layer.w_out.norm(dim=1)
+    contrib = layer_activations(layer, x).abs() * layer.w_out.norm(dim=1)
     owner = expert_owners(layer, calib_x[:1024])
     picks = []
     for j in range(layer.heads):
@@ -58,7 +59,8 @@ def trained_scores(layer, x: torch.Tensor, z: torch.Tensor, m: int, scores_per_n
                    steps: int = 300, batch: int = 1024, seed: int = 0) -> torch.Tensor:
     """Linear scores [x; 1] W per neuron (scores_per_neuron of them, the largest counting), started
     from ridge's z and trained with the calibration loss against each token's oracle top-m."""
-    from mom_cli.surgery.peer_calibrate import _activations, oracle_bce
+    from mom_cli.surgery.peer_calibrate import oracle_bce
+    from mom_cli.surgery.peer_init import layer_activations
 
     gen = torch.Generator().manual_seed(seed)
     n = z.shape[1]
@@ -66,7 +68,7 @@ def trained_scores(layer, x: torch.Tensor, z: torch.Tensor, m: int, scores_per_n
     w = (w * (1 + 0.01 * torch.randn(w.shape, generator=gen))).requires_grad_(True)
     xt = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
     with torch.no_grad():
-        contrib_all = _activations(layer, x).abs() * layer.w_out.norm(dim=1)
+        contrib_all = layer_activations(layer, x).abs() * layer.w_out.norm(dim=1)
         log_beta = (4.0 / (xt[:batch] @ z).std()).log().clone().requires_grad_(True)
     opt = torch.optim.Adam([w, log_beta], lr=1e-3)
     for _ in range(steps):
@@ -91,7 +93,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     layers = [10] if args.quick else [int(v) for v in args.layers.split(",")]
-    from mom_cli.modeling.peer import peer_from_dense
+    from mom_cli.surgery.peer_init import peer_from_dense
     model, tok = load_model("cpu")
     calib_file, heldout_file = pydocs_text()
     cal = cached_activations(model, token_blocks(calib_file, tok, CALIB_TOKENS, SEQ_LEN), layers, "calib")

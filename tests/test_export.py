@@ -1,6 +1,7 @@
 """Export round trips: standard format without mom, trust_remote_code in a fresh Python, flat safetensors."""
 from __future__ import annotations
 
+import ast
 import json
 
 import torch
@@ -39,6 +40,24 @@ def test_routed_mom_exports_remote_code_loadable_without_mom(llama_dir, tmp_path
         print(type(m).__module__, g.shape[1])
         """)
     assert "mom_cli" not in module and float(diff) <= 1e-5 and int(length) == 9
+
+
+CONVERSION_NAMES = ("peer_from_dense", "peer_from_ffn", "from_ffn", "_kmeans", "_assign_cells", "grid_size",
+                    "calibrate_query_bn", "oracle_mass_fraction", "usage_stats", "neuron_activations")
+
+
+def test_remote_code_export_carries_only_the_runtime(llama_dir, tmp_path):
+    out, kind = export(decomposed(llama_dir, tmp_path / "mom", depth=2, top_k=2), tmp_path / "rc", "hf", None, SHARD,
+                       False)
+    code = sorted(p.name for p in out.glob("*.py"))
+    assert kind == "remote-code" and code == ["configuration_mom.py", "modeling_mom.py", "peer.py"]
+    for name in code:
+        text = (out / name).read_text()
+        assert not [w for w in CONVERSION_NAMES if w in text], name
+        tree = ast.parse(text)
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m.split(".")[0] == "mom_cli"], name
 
 
 def test_flat_safetensors_carries_config_and_shards(gpt2_dir, tmp_path):

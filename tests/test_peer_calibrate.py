@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from mom_cli.modeling.peer import peer_from_dense
+from mom_cli.surgery.peer_init import peer_from_dense
 from mom_cli.surgery.peer_calibrate import calibrate, is_retrieval_param, oracle_ffn, relative_error, restat_query_bn
 
 D, D_FF, N = 32, 128, 144  # N = 12^2 >= d_ff

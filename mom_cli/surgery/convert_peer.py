@@ -2,7 +2,7 @@
 
 A dense FFN with d_ff neurons is already a sum of d_ff single-neuron experts, so each trained
 neuron becomes one expert of a PEER layer (arXiv 2407.04153) and only retrieval has to be learned
-(`mom_cli/peer.py: peer_from_dense`, "neuron init"). With `--calibrate DATA`, retrieval (query
+(`mom_cli/surgery/peer_init.py: peer_from_dense`, "neuron init"). With `--calibrate DATA`, retrieval (query
 networks, query BatchNorm, sub-keys) is then trained to reproduce each dense layer's output, with
 the experts frozen (`mom_cli/peer_calibrate.py: calibrate`).
 
@@ -212,7 +212,7 @@ def _parse_drop(spec: str | None, d_ff: int) -> list[int]:
 
 def _check_neuron_init(kept: int, n: int, heads: int, k: int, key_dim: int) -> None:
     """Neuron init's own limits (see peer_from_dense), checked before any weights are read."""
-    from mom_cli.modeling.peer import _grid_size
+    from mom_cli.surgery.peer_init import grid_size
 
     n_sub = math.isqrt(n)
     if key_dim // 2 <= heads:
@@ -221,7 +221,7 @@ def _check_neuron_init(kept: int, n: int, heads: int, k: int, key_dim: int) -> N
     if n_sub < heads:
         raise UsageError(f"--experts {n} has sqrt(N) = {n_sub} < --heads {heads}; neuron init gives each head its own "
                          f"rows of the key grid: use fewer heads or --experts {heads * heads} or more")
-    rows, cols = _grid_size(kept, n_sub, heads, 1.0)
+    rows, cols = grid_size(kept, n_sub, heads, 1.0)
     if heads > 1 and (rows // heads) * cols < k:
         raise UsageError(f"--topk {k} is more than the {(rows // heads) * cols} experts each of the {heads} heads owns; "
                          f"use fewer --heads or a smaller --topk")
@@ -302,22 +302,22 @@ def neuron_strength(rows: dict[str, torch.Tensor | None], act: str, x: torch.Ten
     if x is None:
         s = u.norm(dim=1) * v.norm(dim=1)
         return s if g is None else s * g.float().norm(dim=1)
+    from mom_cli.surgery.peer_init import neuron_activations
+
+    def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.float()
+
     total = torch.zeros(u.shape[0])
     fn = ACT2FN[act]
     for xc in x.split(1024):
-        pre = xc @ u.t() + (0 if rows["b_in"] is None else rows["b_in"].float())
-        if g is None:
-            a = fn(pre)
-        else:
-            a = fn(xc @ g.float().t() + (0 if rows["b_gate"] is None else rows["b_gate"].float())) * pre
-        total += a.abs().sum(0)
+        total += neuron_activations(xc, u, f32(rows["b_in"]), f32(g), f32(rows["b_gate"]), fn).abs().sum(0)
     return total / x.shape[0] * v.norm(dim=1)
 
 
 def build_layer(plan: LayerPlan, rows: dict[str, torch.Tensor | None], calib_x: torch.Tensor | None,
                 keep: torch.Tensor | None, init: str, seed: int) -> Any:
     """The PeerLayer of one module, in float32 on CPU (neuron init fits keys to calib_x when given)."""
-    from mom_cli.modeling.peer import peer_from_dense
+    from mom_cli.surgery.peer_init import peer_from_dense
 
     p = plan.peer
     try:
@@ -394,7 +394,7 @@ class ConvertReport:
 @torch.no_grad()
 def measure(layer: Any, x: torch.Tensor, y: torch.Tensor, rep: LayerReport) -> None:
     """Held-out quality of a built layer (eval mode): oracle mass found, output error, usage."""
-    from mom_cli.modeling.peer import oracle_mass_fraction, usage_stats
+    from mom_cli.surgery.peer_init import oracle_mass_fraction, usage_stats
     from mom_cli.surgery.peer_calibrate import relative_error
 
     layer.eval()

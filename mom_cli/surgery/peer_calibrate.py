@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mom_cli.modeling.peer import PeerLayer, _half_scores
+from mom_cli.modeling.peer import PeerLayer, half_scores
+from mom_cli.surgery.peer_init import layer_activations
 
 RETRIEVAL_PREFIXES = ("query.", "query_bn.")
 RETRIEVAL_NAMES = ("sub_keys",)
@@ -81,19 +82,6 @@ def token_errors(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp(min=1e-12)
 
 
-def _activations(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
-    """a_i(x) for every expert: (tokens, N)."""
-    pre = x @ layer.w_in.t()
-    if layer.b_in is not None:
-        pre = pre + layer.b_in
-    if layer.w_gate is None:
-        return layer.act(pre)
-    g = x @ layer.w_gate.t()
-    if layer.b_gate is not None:
-        g = g + layer.b_gate
-    return layer.act(g) * pre
-
-
 @torch.no_grad()
 def oracle_ffn(layer: PeerLayer, x: torch.Tensor, m: int, chunk: int = 1024) -> torch.Tensor:
     """The layer's experts, each token keeping exactly its m largest contributions |a_i(x)| ||v_i||
@@ -104,7 +92,7 @@ def oracle_ffn(layer: PeerLayer, x: torch.Tensor, m: int, chunk: int = 1024) -> 
     norms = layer.w_out.norm(dim=1)
     outs = []
     for xc in x.split(chunk):
-        a = _activations(layer, xc)
+        a = layer_activations(layer, xc)
         keep = (a.abs() * norms).topk(min(m, layer.n_experts), dim=1).indices
         out = torch.zeros_like(a).scatter_(1, keep, a.gather(1, keep)) @ layer.w_out
         outs.append(out if layer.b_out is None else out + layer.b_out)
@@ -119,7 +107,7 @@ def _half_scores_both(layer: PeerLayer, x: torch.Tensor) -> tuple[torch.Tensor, 
     q = layer.queries(x)
     half = layer.key_dim // 2
     k1, k2 = layer._sub_keys()
-    return q, _half_scores(q[..., :half], k1), _half_scores(q[..., half:], k2)
+    return q, half_scores(q[..., :half], k1), half_scores(q[..., half:], k2)
 
 
 def dense_scores(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +253,7 @@ def calibrate(
             idx, order = order[:batch].to(x.device), order[batch:]
             xb = x[idx]
             with torch.no_grad():
-                contrib = _activations(layer, xb).abs() * norms
+                contrib = layer_activations(layer, xb).abs() * norms
             loss = retrieval_loss(layer, xb, contrib, owner, log_beta, table)
             opt.zero_grad(set_to_none=True)
             loss.backward()
