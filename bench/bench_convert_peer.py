@@ -62,7 +62,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_foundation import Figure, bench_parser, load_note, log, prepare_hf, print_table, token_blocks  # noqa: E402
+from bench.common import Figure, bench_parser, load_note, log, prepare_hf, print_table, token_blocks  # noqa: E402
 from bench.fetch import pydocs_text  # noqa: E402
 
 LAYERS = range(10, 20)

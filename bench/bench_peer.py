@@ -49,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_foundation import Figure, load_note, log, print_table, sync, time_call  # noqa: E402
+from bench.common import Figure, load_note, log, print_table, sync, time_call  # noqa: E402
 from mom_cli.modeling.peer import PeerLayer, _gathered_dot  # noqa: E402
 
 D, HEADS, TOPK, KEY_DIM = 512, 8, 16, 256  # d_key: full query width; PEER_pytorch's dim_key is one half

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_foundation import (  # noqa: E402
+from bench.common import (  # noqa: E402
     Figure, bench_parser, generate_once, load_note, log, paired_times, prepare_hf, prepare_mom, print_table,
     token_blocks,
 )
@@ -109,7 +109,7 @@ def main() -> None:
     args = parse_args()
     from transformers.utils import logging as hf_logging
 
-    import mom_cli
+    import mom_cli  # noqa: F401  (registers the mom model type)
     from mom_cli import console
     from mom_cli.io import provenance
     from mom_cli.io.loading import load_model

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_foundation import (  # noqa: E402
+from bench.common import (  # noqa: E402
     HF_DIR, MOM_DIR, Figure, bench_parser, load_note, log, prepare_hf, prepare_mom, print_table, sync,
 )
 from bench.fetch import pydocs_text  # noqa: E402

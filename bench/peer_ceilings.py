@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_convert_peer import (HEADS, KEY_DIM, SHARES, cached_activations, dense_rows, linear_pick,  # noqa: E402
                                       load_model, pick_figures, ridge_scores)
-from bench.bench_foundation import bench_parser, log, token_blocks  # noqa: E402
+from bench.common import bench_parser, log, token_blocks  # noqa: E402
 from bench.fetch import pydocs_text  # noqa: E402
 
 CALIB_TOKENS, HELD_TOKENS, SEQ_LEN = 16384, 8192, 512  # bench_convert_peer's, so its cache serves

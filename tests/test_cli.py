@@ -5,9 +5,9 @@
   unless --debug;
 - a failed or interrupted command leaves nothing where its output would have been.
 
-Each `mom` process spends seconds importing torch and transformers, so the subprocesses of the
-tests selected in this module are started together, at module set-up, a few at a time (`jobs`);
-each test then waits for and checks its own job's result.
+Each test runs its own `mom` subprocesses; the inputs (and the decompose | export pipe that
+several tests read) are module fixtures. Each `mom` process spends seconds importing torch and
+transformers: CI runs the suite on two workers (pytest-xdist).
 """
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -159,74 +157,25 @@ BAD = {
 }
 
 
-def _bad_job(name: str) -> Callable[[Ctx], Run]:
-    def run(ctx: Ctx) -> Run:
-        case = BAD[name]
-        parent = ctx.root / f"out-{name}"
-        parent.mkdir()
-        if name == "existing-output":
-            (parent / "result").mkdir()
-            (parent / "result" / "keep.txt").write_text("mine")
-        if name == "unwritable-parent":
-            os.chmod(parent, 0o500)
-        before = entries(parent)
-        try:
-            res = mom(*(a.replace("OUT", f"{parent.name}/result") for a in case.args), cwd=ctx.root, stdin=case.stdin)
-        finally:
-            os.chmod(parent, 0o700)
-        res.extra.update(parent=parent, before=before)
-        return res
-
-    return run
-
-
 # ---------------------------------------------------------------------------------------------
-# Jobs: every subprocess this module runs, started together at module set-up.
+# Fixtures: the inputs, and the one pipe several tests read.
 
 
-class Ctx:
-    def __init__(self, root: Path, pool: ThreadPoolExecutor) -> None:
-        self.root, self.pool = root, pool
-        self.futures: dict[str, Future] = {}
-        self.lock = threading.Lock()
-        self.read_only_is_writable = False
-
-    def start(self, name: str) -> Future:
-        """Submit a job once the jobs it needs have finished (so no worker sits waiting)."""
-        with self.lock:
-            if name in self.futures:
-                return self.futures[name]
-            outer = self.futures[name] = Future()
-        deps = [self.start(d) for d in DEPS.get(name, ())]
-        left = [len(deps)]
-
-        def submit() -> None:
-            inner = self.pool.submit(JOBS[name], self)
-            inner.add_done_callback(
-                lambda f: outer.set_exception(f.exception()) if f.exception() else outer.set_result(f.result()))
-
-        def dep_done(_: Future) -> None:
-            with self.lock:
-                left[0] -= 1
-                ready = left[0] == 0
-            if ready:
-                submit()
-
-        for d in deps:
-            d.add_done_callback(dep_done)
-        if not deps:
-            submit()
-        return outer
-
-    def result(self, name: str) -> Any:
-        return self.start(name).result()
+@pytest.fixture(scope="module")
+def root(models_dir, tmp_path_factory) -> Path:
+    """A folder with the fixture GPT-2, its text, and the broken inputs of BAD."""
+    root = tmp_path_factory.mktemp("cli")
+    make_base_inputs(root, models_dir)
+    make_broken_inputs(root, models_dir)
+    return root
 
 
-def job_pipe(ctx: Ctx) -> Run:
+@pytest.fixture(scope="module")
+def pipe(root) -> Run:
     """decompose | export as a shell pipeline; decompose's stdout is kept with tee."""
-    work = ctx.root / "pipe"
+    work = root / "pipe"
     work.mkdir()
-    shutil.copytree(ctx.root / "gpt2", work / "gpt2")
+    shutil.copytree(root / "gpt2", work / "gpt2")
     script = (f"{SHELL_MOM} decompose gpt2 -q 2>decompose.err | tee decompose.out | {SHELL_MOM} export - -o out"
               '; echo "${PIPESTATUS[@]}" > status')
     res = bash(script, work)
@@ -235,135 +184,7 @@ def job_pipe(ctx: Ctx) -> Run:
     return res
 
 
-def job_failing_pipe(ctx: Ctx) -> Run:
-    work = ctx.root / "failing-pipe"
-    work.mkdir()
-    res = bash(f'{SHELL_MOM} decompose does-not-exist-dir/ | {SHELL_MOM} export - -o out; echo "${{PIPESTATUS[@]}}" >&2', work)
-    res.extra["work"] = work
-    return res
-
-
-def job_force_json(ctx: Ctx) -> Run:
-    parent = ctx.root / "out-force"
-    (parent / "result").mkdir(parents=True)
-    (parent / "result" / "old.txt").write_text("replace me")
-    res = mom("decompose", "gpt2", "-o", "out-force/result", "--force", "--json", cwd=ctx.root)
-    res.extra["parent"] = parent
-    return res
-
-
-def job_pickle_allowed(ctx: Ctx) -> Run:
-    (ctx.root / "out-pickle").mkdir()
-    return mom("decompose", "pickled", "--allow-pickle", "-q", "-o", "out-pickle/result", cwd=ctx.root)
-
-
-def job_eval_mom(ctx: Ctx) -> Run:  # after "pipe" (DEPS), which made pipe/gpt2-mom
-    return mom("eval", "pipe/gpt2-mom", *EVAL, cwd=ctx.root)
-
-
-def job_eval_source(ctx: Ctx) -> Run:
-    return mom("eval", "gpt2", *EVAL, cwd=ctx.root)
-
-
-def job_info(ctx: Ctx) -> Run:  # after "pipe" (DEPS)
-    return mom("info", "pipe/gpt2-mom", "--json", cwd=ctx.root)
-
-
-def job_midway(ctx: Ctx) -> Run:
-    """The layers' shard is truncated: decompose fails while writing (--debug shows where)."""
-    (ctx.root / "out-midway").mkdir()
-    res = mom("--debug", "decompose", "bad-shard", "-o", "out-midway/result", cwd=ctx.root)
-    res.extra["parent"] = ctx.root / "out-midway"
-    return res
-
-
-def _signal_job(sig_name: str) -> Callable[[Ctx], Run]:
-    """decompose blocks on a FIFO shard after its temporary output exists; then it gets a signal."""
-
-    def run(ctx: Ctx) -> Run:
-        parent = ctx.root / f"out-{sig_name}"
-        parent.mkdir()
-        fifo = ctx.root / f"fifo-{sig_name}" / "model-00002-of-00002.safetensors"
-        # As from a terminal: a shell that starts a job in the background (`cmd &`, as some CI
-        # runners do) makes it ignore SIGINT, and the child would inherit that.
-        proc = subprocess.Popen([*MOM, "decompose", fifo.parent.name, "-o", f"{parent.name}/result"], cwd=ctx.root, env=ENV,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + TIMEOUT
-        seen: list[str] = []
-        try:
-            while not seen and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-                seen = [n for n in entries(parent) if n.startswith(".result.tmp-")]
-            if seen:
-                time.sleep(0.3)  # it is blocked on the FIFO: it cannot finish before the signal
-                proc.send_signal(getattr(signal, sig_name))
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:  # let a blocked open() of the FIFO return, so Python can act on the signal
-                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    pass
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        out, err = proc.communicate()
-        return Run(proc.returncode, out, err, {"parent": parent, "tmp_seen": seen})
-
-    return run
-
-
-JOBS: dict[str, Callable[[Ctx], Any]] = {
-    "pipe": job_pipe,
-    "eval-source": job_eval_source,
-    "eval-mom": job_eval_mom,
-    "info": job_info,
-    "failing-pipe": job_failing_pipe,
-    "force-json": job_force_json,
-    "pickle-allowed": job_pickle_allowed,
-    "midway": job_midway,
-    "signal-SIGINT": _signal_job("SIGINT"),
-    "signal-SIGTERM": _signal_job("SIGTERM"),
-    **{f"bad-{name}": _bad_job(name) for name in BAD},
-}
-DEPS = {"eval-mom": ("pipe",), "info": ("pipe",)}
-
-
-def _jobs_of(item: pytest.Item) -> list[str]:
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    if "case" in params:
-        return [f"bad-{params['case']}"]
-    if "sig_name" in params:
-        return [f"signal-{params['sig_name']}"]
-    return USES.get(item.originalname, [])
-
-
-@pytest.fixture(scope="module")
-def jobs(request, models_dir, tmp_path_factory):
-    """Starts the jobs of this module's selected tests; each test waits for its own."""
-    root = tmp_path_factory.mktemp("cli")
-    this = sys.modules[__name__]
-    wanted = [j for item in request.session.items if item.module is this for j in _jobs_of(item)]
-    ctx = Ctx(root, ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))))
-    try:
-        make_base_inputs(root, models_dir)
-        for name in [n for n in SLOW if n in wanted]:  # these need only the base inputs
-            ctx.start(name)
-        make_broken_inputs(root, models_dir)
-        ctx.read_only_is_writable = _root_writes_anywhere(root)
-        for name in wanted:
-            if not (name == "bad-unwritable-parent" and ctx.read_only_is_writable):
-                ctx.start(name)
-        yield ctx
-    finally:
-        wait(list(ctx.futures.values()))
-        ctx.pool.shutdown(wait=True)
-
-
-SLOW = ("pipe", "eval-source", "eval-mom", "info")
-
-
-def _root_writes_anywhere(root: Path) -> bool:
+def root_writes_anywhere(root: Path) -> bool:
     """True where a read-only folder is still writable to us (running as root)."""
     probe = root / "probe-ro"
     probe.mkdir()
@@ -375,23 +196,63 @@ def _root_writes_anywhere(root: Path) -> bool:
         probe.rmdir()
 
 
+def run_bad(root: Path, name: str) -> Run:
+    """BAD[name] with its output in a fresh folder out-NAME (prepared as the case needs)."""
+    case = BAD[name]
+    parent = root / f"out-{name}"
+    parent.mkdir()
+    if name == "existing-output":
+        (parent / "result").mkdir()
+        (parent / "result" / "keep.txt").write_text("mine")
+    if name == "unwritable-parent":
+        os.chmod(parent, 0o500)
+    before = entries(parent)
+    try:
+        res = mom(*(a.replace("OUT", f"{parent.name}/result") for a in case.args), cwd=root, stdin=case.stdin)
+    finally:
+        os.chmod(parent, 0o700)
+    res.extra.update(parent=parent, before=before)
+    return res
+
+
+def run_signalled(root: Path, sig_name: str) -> Run:
+    """decompose blocks on a FIFO shard after its temporary output exists; then it gets a signal."""
+    parent = root / f"out-{sig_name}"
+    parent.mkdir()
+    fifo = root / f"fifo-{sig_name}" / "model-00002-of-00002.safetensors"
+    # As from a terminal: a shell that starts a job in the background (`cmd &`, as some CI
+    # runners do) makes it ignore SIGINT, and the child would inherit that.
+    proc = subprocess.Popen([*MOM, "decompose", fifo.parent.name, "-o", f"{parent.name}/result"], cwd=root, env=ENV,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + TIMEOUT
+    seen: list[str] = []
+    try:
+        while not seen and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen = [n for n in entries(parent) if n.startswith(".result.tmp-")]
+        if seen:
+            time.sleep(0.3)  # it is blocked on the FIFO: it cannot finish before the signal
+            proc.send_signal(getattr(signal, sig_name))
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:  # let a blocked open() of the FIFO return, so Python can act on the signal
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out, err = proc.communicate()
+    return Run(proc.returncode, out, err, {"parent": parent, "tmp_seen": seen})
+
+
 # ---------------------------------------------------------------------------------------------
 # The tests.
 
-USES = {
-    "test_pipe_stdout_is_one_path_and_logs_go_to_stderr": ["pipe"],
-    "test_piped_export_is_standard_format_with_same_logits": ["pipe"],
-    "test_failing_step_fails_the_pipe_and_writes_nothing": ["failing-pipe"],
-    "test_force_replaces_output_and_json_is_one_object": ["force-json"],
-    "test_pickle_accepted_with_allow_pickle": ["pickle-allowed"],
-    "test_eval_json_and_same_perplexity_as_source": ["eval-source", "eval-mom"],
-    "test_info_counts_source_plus_routers_and_lists_provenance": ["info"],
-    "test_failure_while_writing_leaves_nothing_and_debug_shows_where": ["midway"],
-}
 
-
-def test_pipe_stdout_is_one_path_and_logs_go_to_stderr(jobs):
-    res = jobs.result("pipe")
+def test_pipe_stdout_is_one_path_and_logs_go_to_stderr(pipe):
+    res = pipe
     work = res.extra["work"]
     assert res.extra["status"] == ["0", "0", "0"], res
     printed = res.extra["decompose_out"]
@@ -405,11 +266,11 @@ def test_pipe_stdout_is_one_path_and_logs_go_to_stderr(jobs):
     assert sorted(entries(work)) == sorted(["decompose.err", "decompose.out", "gpt2", "gpt2-mom", "out", "status"])
 
 
-def test_piped_export_is_standard_format_with_same_logits(jobs):
+def test_piped_export_is_standard_format_with_same_logits(pipe):
     import torch
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-    res = jobs.result("pipe")
+    res = pipe
     out = res.extra["work"] / "out"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and "auto_map" not in cfg
@@ -422,22 +283,24 @@ def test_piped_export_is_standard_format_with_same_logits(jobs):
     assert diff <= 1e-4
 
 
-def test_failing_step_fails_the_pipe_and_writes_nothing(jobs):
-    res = jobs.result("failing-pipe")
+def test_failing_step_fails_the_pipe_and_writes_nothing(root):
+    work = root / "failing-pipe"
+    work.mkdir()
+    res = bash(f'{SHELL_MOM} decompose does-not-exist-dir/ | {SHELL_MOM} export - -o out; echo "${{PIPESTATUS[@]}}" >&2', work)
     *errors, status = res.err.splitlines()
     assert status == "2 2", res  # decompose: usage error; export: nothing on stdin
     assert res.out == "" and "Traceback" not in res.err, res
     assert len(errors) == 2 and all(line.startswith("mom: error: ") for line in errors), res
     assert any(re.search(r"does-not-exist-dir/? does not exist", line) for line in errors), res  # decompose's own
     assert any("expected a checkpoint path on stdin" in line for line in errors), res
-    assert entries(res.extra["work"]) == []  # no out, no .out.tmp-*
+    assert entries(work) == []  # no out, no .out.tmp-*
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_with_right_code_and_leaves_nothing(jobs, case):
-    if case == "unwritable-parent" and jobs.read_only_is_writable:
+def test_bad_input_is_one_line_with_right_code_and_leaves_nothing(root, case):
+    if case == "unwritable-parent" and root_writes_anywhere(root):
         pytest.skip("a 0o500 folder is still writable here (running as root)")
-    res = jobs.result(f"bad-{case}")
+    res = run_bad(root, case)
     assert_one_line_error(res, BAD[case].code, BAD[case].pattern)
     parent = res.extra["parent"]
     assert entries(parent) == res.extra["before"]  # no partial output, no hidden temporary
@@ -445,14 +308,16 @@ def test_bad_input_is_one_line_with_right_code_and_leaves_nothing(jobs, case):
         assert entries(parent / "result") == ["keep.txt"] and (parent / "result" / "keep.txt").read_text() == "mine"
 
 
-def test_force_replaces_output_and_json_is_one_object(jobs):
-    res = jobs.result("force-json")
+def test_force_replaces_output_and_json_is_one_object(root):
+    parent = root / "out-force"
+    (parent / "result").mkdir(parents=True)
+    (parent / "result" / "old.txt").write_text("replace me")
+    res = mom("decompose", "gpt2", "-o", "out-force/result", "--force", "--json", cwd=root)
     assert res.rc == 0 and "mom: error" not in res.err, res
     lines = res.out.splitlines()
     assert len(lines) == 1, res
     result = json.loads(lines[0])
     assert isinstance(result, dict) and result["path"] == "out-force/result"
-    parent = res.extra["parent"]
     assert entries(parent) == ["result"]  # the old output is gone, no .result.old-* or .tmp-* left
     assert not (parent / "result" / "old.txt").exists()
     assert json.loads((parent / "result" / "config.json").read_text())["model_type"] == "mom"
@@ -476,21 +341,22 @@ def test_outputs_get_the_permissions_of_a_plain_mkdir_or_open(tmp_path):
     assert stat.S_IMODE((tmp_path / "picture.png").stat().st_mode) == 0o644
 
 
-def test_pickle_accepted_with_allow_pickle(jobs):
+def test_pickle_accepted_with_allow_pickle(root):
     from safetensors.torch import load_file
 
-    res = jobs.result("pickle-allowed")
+    (root / "out-pickle").mkdir()
+    res = mom("decompose", "pickled", "--allow-pickle", "-q", "-o", "out-pickle/result", cwd=root)
     assert res.rc == 0 and res.out == "out-pickle/result\n" and res.err == "", res
-    ckpt = jobs.root / "out-pickle" / "result"
+    ckpt = root / "out-pickle" / "result"
     assert json.loads((ckpt / "config.json").read_text())["model_type"] == "mom" and not list(ckpt.glob("*.bin"))
     embed = load_file(ckpt / "model.safetensors")["model.embed_tokens.weight"]
-    assert embed.equal(load_file(jobs.root / "gpt2" / "model.safetensors")["transformer.wte.weight"])
+    assert embed.equal(load_file(root / "gpt2" / "model.safetensors")["transformer.wte.weight"])
 
 
-def test_eval_json_and_same_perplexity_as_source(jobs):
+def test_eval_json_and_same_perplexity_as_source(root, pipe):
     results = []
-    for name in ("eval-source", "eval-mom"):
-        res = jobs.result(name)
+    for model in ("gpt2", "pipe/gpt2-mom"):
+        res = mom("eval", model, *EVAL, cwd=root)
         assert res.rc == 0 and len(res.out.splitlines()) == 1 and "mom: error" not in res.err, res
         result = json.loads(res.out)
         assert 0 < result["tokens"] <= 2048 and result["tokens_per_second"] > 0, result
@@ -501,16 +367,16 @@ def test_eval_json_and_same_perplexity_as_source(jobs):
     assert abs(mom_ckpt["perplexity"] - source["perplexity"]) / source["perplexity"] < 1e-4
 
 
-def test_info_counts_source_plus_routers_and_lists_provenance(jobs):
+def test_info_counts_source_plus_routers_and_lists_provenance(root, pipe):
     from transformers import AutoModelForCausalLM
 
     import mom_cli
 
-    res = jobs.result("info")
+    res = mom("info", "pipe/gpt2-mom", "--json", cwd=root)
     assert res.rc == 0 and len(res.out.splitlines()) == 1, res
     info = json.loads(res.out)
-    source = AutoModelForCausalLM.from_pretrained(jobs.root / "gpt2")
-    ckpt = mom_cli.load(jobs.root / "pipe" / "gpt2-mom")
+    source = AutoModelForCausalLM.from_pretrained(root / "gpt2")
+    ckpt = mom_cli.load(root / "pipe" / "gpt2-mom")
     routers = sum(p.numel() for n, p in ckpt.named_parameters() if "_router." in n)
     assert routers > 0
     assert info["params_total"] == sum(p.numel() for p in source.parameters()) + routers
@@ -518,23 +384,51 @@ def test_info_counts_source_plus_routers_and_lists_provenance(jobs):
     assert record["command"] == "decompose" and record["source"] == "gpt2" and record["args"]["top_k"] == 1
 
 
-def test_failure_while_writing_leaves_nothing_and_debug_shows_where(jobs):
-    res = jobs.result("midway")
+def test_failure_while_writing_leaves_nothing_and_debug_shows_where(root):
+    """The layers' shard is truncated: decompose fails while writing (--debug shows where)."""
+    (root / "out-midway").mkdir()
+    res = mom("--debug", "decompose", "bad-shard", "-o", "out-midway/result", cwd=root)
     assert res.rc == 1 and res.out == "", res
     assert "Traceback" in res.err, res  # --debug
     assert re.search(r'tensorio\.py", line \d+, in \w*write', res.err), res  # it failed while writing tensors
     last = res.err.splitlines()[-1]
     assert last.startswith("mom: error: ") and "model-00002-of-00002.safetensors" in last, res
-    assert entries(res.extra["parent"]) == []
+    assert entries(root / "out-midway") == []
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hold decompose mid-write")
 @pytest.mark.parametrize("sig_name", ["SIGINT", "SIGTERM"])
-def test_signal_while_writing_leaves_nothing(jobs, sig_name):
+def test_signal_while_writing_leaves_nothing(root, sig_name):
     # SIGKILL cannot be caught: a killed process leaves its hidden .NAME.tmp-* folder (never the output).
-    res = jobs.result(f"signal-{sig_name}")
+    res = run_signalled(root, sig_name)
     assert res.extra["tmp_seen"], res  # the output was being written when the signal came
     assert entries(res.extra["parent"]) == [], res
     assert res.rc == 128 + getattr(signal, sig_name), res  # not 0: a script must not go on
     assert res.out == "" and "Traceback" not in res.err, res
     assert res.err.splitlines()[-1] == "mom: interrupted; no output was written", res
+
+
+def test_each_options_field_is_a_command_line_parameter_of_the_same_name():
+    """The commands build their library options from their parameters by name (`options_from_context`):
+    a field without a parameter of its name would silently keep its default. These are the exceptions:
+    values the command derives (`skip` from --no-skip) and library-only fields."""
+    import dataclasses
+
+    import typer
+
+    from mom_cli.cli.app import app
+    from mom_cli.surgery.convert_peer import ConvertOptions
+    from mom_cli.surgery.decompose import PlanOptions
+    from mom_cli.surgery.prune import PruneOptions
+    from mom_cli.training.train import TrainOptions
+
+    group = typer.main.get_command(app)
+    derived_or_library_only = {
+        "decompose": (PlanOptions, {"skip"}),
+        "prune": (PruneOptions, {"eval_tokens"}),
+        "convert-peer": (ConvertOptions, {"query_bn", "shared_keys", "eval_tokens", "seed"}),
+        "train-routers": (TrainOptions, {"compile", "max_grad_norm", "stop_after"}),
+    }
+    for command, (cls, others) in derived_or_library_only.items():
+        params = {p.name for p in group.commands[command].params}
+        assert {f.name for f in dataclasses.fields(cls)} - params == others, command

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import mom_cli
 import mom_cli.io.provenance
 from mom_cli.analysis import routing_stats
-from mom_cli.cli.app import _optional_values
+from mom_cli.cli.argv import optional_values
 from mom_cli.errors import UsageError
 from mom_cli.surgery.export import export
 from mom_cli.io.loading import load_model
@@ -137,10 +137,10 @@ def test_pruned_checkpoint_generates_with_cache_and_exports(llama_dir, tmp_path,
 
 
 def test_keep_forms_parse():
-    assert _optional_values(["x", "--keep-ffn"]) == ["x", "--keep-ffn", "all"]
-    assert _optional_values(["-", "--keep-ffn", "--data", "d"]) == ["-", "--keep-ffn", "all", "--data", "d"]
-    assert _optional_values(["--keep-ffn", "10", "x"]) == ["--keep-ffn", "10", "x"]
-    assert _optional_values(["--keep-mha", "25%", "--keep-ffn", "ckpt"]) == ["--keep-mha", "25%", "--keep-ffn", "all", "ckpt"]
+    assert optional_values(["x", "--keep-ffn"]) == ["x", "--keep-ffn", "all"]
+    assert optional_values(["-", "--keep-ffn", "--data", "d"]) == ["-", "--keep-ffn", "all", "--data", "d"]
+    assert optional_values(["--keep-ffn", "10", "x"]) == ["--keep-ffn", "10", "x"]
+    assert optional_values(["--keep-mha", "25%", "--keep-ffn", "ckpt"]) == ["--keep-mha", "25%", "--keep-ffn", "all", "ckpt"]
     assert keep_counts(None, None, 30, 30) == (15, 30)  # default: half the attention, every FFN
     assert keep_counts(None, "all", 30, 30) == (15, 30)  # --keep-ffn alone: prune attention only
     assert keep_counts(None, "10", 30, 30) == (30, 10)  # --keep-ffn N alone: prune FFN only

@@ -17,12 +17,17 @@ from pathlib import Path
 
 import pytest
 
+import typer
+
 from mom_cli.cli import recipes
+from mom_cli.cli.app import app
 from mom_cli.errors import UsageError
 from test_cli import ENV, SHELL_MOM, assert_one_line_error, bash, entries, mom
 
 # ---------------------------------------------------------------------------------------------
 # Validation, in-process (no model is loaded).
+
+SPECS = recipes.command_specs(typer.main.get_command(app))
 
 GOOD = """\
 # A test recipe.
@@ -72,7 +77,7 @@ def test_bad_recipe_is_refused_naming_file_and_line(tmp_path, case):
     assert GOOD.count(old) == 1
     path = write(tmp_path, GOOD.replace(old, new))
     with pytest.raises(UsageError) as e:
-        recipes.resolve(recipes.load(str(path)), {})
+        recipes.resolve(recipes.load(str(path)), {}, SPECS)
     assert str(e.value).startswith(f"{path}:{line}:"), e.value
     assert re.search(pattern, str(e.value)), e.value
 
@@ -81,7 +86,7 @@ def test_good_recipe_resolves_with_variables_sets_and_both_spellings(tmp_path):
     path = write(tmp_path, GOOD)
     recipe = recipes.load(str(path))
     assert recipe.description == "A test recipe." and [s.id for s in recipe.steps] == ["decompose", "prune", "eval", "export"]
-    steps = recipes.resolve(recipe, recipes.parse_sets(["depth=3", "prune.keep_mha=75%", "2.seq-len=64"]))
+    steps = recipes.resolve(recipe, recipes.parse_sets(["depth=3", "prune.keep_mha=75%", "2.seq-len=64"]), SPECS)
     dec, prune = steps[0], steps[1]
     assert dec.options == {"source": "gpt2", "depth": 3, "top-k": 2}  # --set keeps the YAML type
     assert prune.options == {"keep-ffn": "all", "data": "text.txt", "seq-len": 64, "keep-mha": "75%"}
@@ -90,18 +95,18 @@ def test_good_recipe_resolves_with_variables_sets_and_both_spellings(tmp_path):
                     "-o", "OUT", "--json"]
     assert [s.spec.kind for s in steps] == ["checkpoint", "checkpoint", "report", "checkpoint"]
     with pytest.raises(UsageError, match="has no variable 'nope'"):
-        recipes.resolve(recipes.load(str(path)), recipes.parse_sets(["nope=1"]))
+        recipes.resolve(recipes.load(str(path)), recipes.parse_sets(["nope=1"]), SPECS)
     with pytest.raises(UsageError, match="no step 'train'"):
-        recipes.resolve(recipes.load(str(path)), recipes.parse_sets(["train.steps=1"]))
+        recipes.resolve(recipes.load(str(path)), recipes.parse_sets(["train.steps=1"]), SPECS)
 
 
 def test_step_keys_follow_options_and_inputs(tmp_path):
     (tmp_path / "text.txt").write_text("some text")
     path = write(tmp_path, GOOD.replace("${data}", str(tmp_path / "text.txt")))
-    steps = recipes.resolve(recipes.load(str(path)), {})
+    steps = recipes.resolve(recipes.load(str(path)), {}, SPECS)
     k1 = recipes.step_key(steps[0], "")
-    assert k1 == recipes.step_key(recipes.resolve(recipes.load(str(path)), {})[0], "")
-    assert k1 != recipes.step_key(recipes.resolve(recipes.load(str(path)), {"depth": 4})[0], "")
+    assert k1 == recipes.step_key(recipes.resolve(recipes.load(str(path)), {}, SPECS)[0], "")
+    assert k1 != recipes.step_key(recipes.resolve(recipes.load(str(path)), {"depth": 4}, SPECS)[0], "")
     k2 = recipes.step_key(steps[1], k1)
     assert k2 != recipes.step_key(steps[1], "other-input")
     os.utime(tmp_path / "text.txt", ns=(1, 1))  # the data changed: prune must run again
@@ -112,7 +117,7 @@ def test_every_shipped_recipe_is_valid_and_says_what_it_costs():
     found = recipes.shipped()
     assert {"decompose-exact", "compressed-depth", "peer-middle", "prune-attention", "full-chain", "smollm2-first"} <= set(found)
     assert any(n.startswith("compressed-gpt2-") for n in found)
-    specs = recipes.command_specs()
+    specs = SPECS
     for name, path in found.items():
         recipe = recipes.load(name)
         needed = [k for k, v in recipe.vars.items() if v is None]

@@ -1,14 +1,19 @@
 """`mom eval`: perplexity of any model on text, the same way for the source and the result."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable, ContextManager
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mom_cli.console import progress
-from mom_cli.io.text import blocks, token_stream
+from mom_cli.errors import UsageError
+from mom_cli.io.text import blocks, check_seq_len, token_stream
 
 
 @dataclass
@@ -26,29 +31,42 @@ class EvalResult:
 
 
 @torch.no_grad()
-def perplexity(model, batches: torch.Tensor, batch_size: int, device: str) -> tuple[float, int]:
-    """Mean next-token loss over (n, seq_len) blocks, and the number of tokens predicted."""
+def heldout_loss(model, batches: torch.Tensor | np.ndarray, batch_size: int, device: str,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """Mean next-token cross-entropy over (n, seq_len) token blocks, and the number of tokens predicted.
+
+    The one held-out loss loop: `mom eval`, prune's measurements and train's held-out evaluation.
+    Logits are taken in float32 for the loss whatever the model computes in (`autocast`).
+    """
     total, count = 0.0, 0
-    with progress() as bar:
-        task = bar.add_task("evaluating", total=batches.shape[0])
-        for i in range(0, batches.shape[0], batch_size):
-            x = batches[i : i + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += loss.item()
-            count += x[:, 1:].numel()
-            bar.advance(task, x.shape[0])
+    for i in range(0, batches.shape[0], batch_size):
+        b = batches[i : i + batch_size]
+        x = (b if isinstance(b, torch.Tensor) else torch.from_numpy(b.astype(np.int64))).to(device)
+        with autocast():
+            logits = model(input_ids=x, use_cache=False).logits
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
+        count += x[:, 1:].numel()
+        if on_batch is not None:
+            on_batch(x.shape[0])
     return total / count, count
 
 
-def evaluate(model, tokenizer, ref: str, data: str, seq_len: int, max_tokens: int | None, batch_size: int, device: str) -> EvalResult:
-    from mom_cli.errors import UsageError
+def perplexity(model, batches: torch.Tensor, batch_size: int, device: str) -> tuple[float, int]:
+    """`heldout_loss` with a progress bar."""
+    with progress() as bar:
+        task = bar.add_task("evaluating", total=batches.shape[0])
+        return heldout_loss(model, batches, batch_size, device, on_batch=lambda n: bar.advance(task, n))
 
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and seq_len > limit:
-        raise UsageError(f"--seq-len {seq_len} is longer than the model's {limit} positions; use --seq-len {limit} or less")
+
+def check_eval_options(seq_len: int, batch_size: int) -> None:
+    if seq_len < 2 or batch_size < 1:
+        raise UsageError("--seq-len must be >= 2 and --batch-size >= 1")
+
+
+def evaluate(model, tokenizer, ref: str, data: str, seq_len: int, max_tokens: int | None, batch_size: int, device: str) -> EvalResult:
+    check_eval_options(seq_len, batch_size)
+    check_seq_len(seq_len, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None))
     stream = token_stream(data, tokenizer, max_tokens)
     batches = blocks(stream, seq_len)
     start = time.perf_counter()

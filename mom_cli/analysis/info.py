@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from mom_cli.io.checkpoint import meta_model
+from mom_cli.io.checkpoint import meta_model, router_key
 from mom_cli.modeling.configuration_mom import MomConfig
 
 TensorGetter = Callable[[str], torch.Tensor]
@@ -78,13 +78,11 @@ def _peer_rows(block_id: int, spec: dict, block: Any, cost: dict[int, tuple[int,
 
 def _constant_picks(get: TensorGetter | None, block: int, kind: str, k: int) -> list[list[int]] | None:
     """For a router with a zero head, the slots each step picks (the same for every token)."""
+    from mom_cli.modeling.modeling_mom import Router
+
     if get is None:
         return None
-    head = get(f"model.blocks.{block}.{kind}_router.head.weight")
-    if torch.count_nonzero(head):
-        return None
-    bias = get(f"model.blocks.{block}.{kind}_router.step_bias").float()
-    return bias.topk(min(k, bias.shape[-1]), dim=-1).indices.tolist()
+    return Router.constant_picks(get(router_key(block, kind, "head.weight")), get(router_key(block, kind, "step_bias")), k)
 
 
 def _pool_cost(spec: dict, kind: str, k: int, picks: list[list[int]] | None,

@@ -61,12 +61,18 @@ def shares_from_stats(stats: dict, config: Any) -> tuple[dict[tuple[int, str], n
     return shares, names
 
 
+def check_trace_options(max_tokens: int, seq_len: int, batch_size: int, sample_tokens: int) -> None:
+    if max_tokens < 2 or seq_len < 2 or batch_size < 1 or sample_tokens < 1:
+        raise UsageError("--max-tokens and --seq-len must be >= 2, --batch-size and --sample-tokens >= 1")
+
+
 @torch.no_grad()
 def trace(model: Any, tokenizer: Any, data: str, max_tokens: int, seq_len: int, batch_size: int,
           sample_tokens: int, device: str) -> RoutingPicture:
     """Shares over up to `max_tokens` tokens of `data`; paths for its first `sample_tokens` tokens."""
     from mom_cli.io.text import blocks, token_stream
 
+    check_trace_options(max_tokens, seq_len, batch_size, sample_tokens)
     config = model.config
     if getattr(config, "model_type", None) != "mom":
         raise UsageError("routing plots need a MoM checkpoint (made by mom decompose), not a plain model")

@@ -6,8 +6,6 @@ to stderr. Errors are one line, exit 2 for usage and 1 for failures; --debug sho
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import sys
 import threading
@@ -18,6 +16,8 @@ from typing import Callable, Optional
 import typer
 
 from mom_cli import console
+from mom_cli.cli import render
+from mom_cli.cli.argv import options_from_context
 from mom_cli.errors import MomError, UsageError
 
 app = typer.Typer(
@@ -76,13 +76,14 @@ def decompose(
 
     Example: mom decompose gpt2 -o gpt2-mom --depth 6 --top-k 2
     """
-    from mom_cli.surgery.decompose import PlanOptions, default_output, parse_dtype
+    from mom_cli.io.loading import parse_dtype
+    from mom_cli.surgery.decompose import PlanOptions, default_output
     from mom_cli.surgery.decompose import decompose as run
     from mom_cli.io.tensorio import parse_size
 
     _quiet_third_party()
     source = checkpoint_arg(source)
-    opts = PlanOptions(pool_size, depth, top_k, bottom, top, router, router_hidden, temperature, not no_skip)
+    opts = options_from_context(PlanOptions, skip=not no_skip)
     out = output or default_output(source, "-mom")
     path = run(source, out, opts, parse_dtype(dtype), force, allow_pickle, parse_size(shard_size))
     emit(path, as_json)
@@ -102,7 +103,7 @@ def export(
 
     Example: mom decompose gpt2 | mom export - -o gpt2-plain
     """
-    from mom_cli.surgery.decompose import parse_dtype
+    from mom_cli.io.loading import parse_dtype
     from mom_cli.surgery.export import export as run
     from mom_cli.io.tensorio import parse_size
 
@@ -127,14 +128,13 @@ def eval_(
 
     Example: mom eval gpt2-mom --data docs/ --seq-len 256 --max-tokens 20000 --json
     """
-    from mom_cli.surgery.decompose import parse_dtype
-    from mom_cli.analysis.evaluate import evaluate
+    from mom_cli.io.loading import parse_dtype
+    from mom_cli.analysis.evaluate import check_eval_options, evaluate
     from mom_cli.io.loading import load_model, pick_device
 
     _quiet_third_party()
     ref = checkpoint_arg(model)
-    if seq_len < 2 or batch_size < 1:
-        raise UsageError("--seq-len must be >= 2 and --batch-size >= 1")
+    check_eval_options(seq_len, batch_size)  # before minutes of loading
     dev = pick_device(device)
     m, tok = load_model(ref, dev, parse_dtype(dtype), allow_pickle)
     result = evaluate(m, tok, ref, data, seq_len, max_tokens, batch_size, dev)
@@ -163,7 +163,7 @@ def info(
     if as_json:
         print(json.dumps(s, default=str))
         return
-    _print_info(s)
+    render.print_info(s)
 
 
 @app.command()
@@ -199,10 +199,8 @@ def prune(
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
     out = output or default_output(str(ckpt), "-pruned")
-    opts = PruneOptions(data=data, keep_mha=keep_mha, keep_ffn=keep_ffn, metric=metric, calib_tokens=calib_tokens,
-                        seq_len=seq_len, batch_size=batch_size, eval_data=eval_data, device=pick_device(device),
-                        greedy_width=greedy_width, plot=plot)
-    _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, _print_prune)
+    opts = options_from_context(PruneOptions, device=pick_device(device))
+    _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, render.print_prune)
 
 
 def _emit_report(report: dict, out: Path, as_json: bool, show: Callable[[dict], None]) -> None:
@@ -254,35 +252,9 @@ def convert_peer(
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
     out = output or default_output(str(ckpt), "-peer")
-    opts = ConvertOptions(layers=layers, experts=experts, heads=heads, topk=topk, key_dim=key_dim, gate=gate, init=init,
-                          query_bn=not no_query_bn, shared_keys=not per_head_keys, drop_neurons=drop_neurons,
-                          calibrate=calibrate, calib_tokens=calib_tokens, calib_steps=calib_steps, seq_len=seq_len,
-                          batch_size=batch_size, eval_data=eval_data, device=pick_device(device))
-    _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, _print_convert_peer)
-
-
-def _print_convert_peer(r: dict) -> None:
-    from rich.table import Table
-
-    def num(v: float | None) -> str:
-        return "-" if v is None else f"{v:.3g}"
-
-    # N, h and k are the same for every layer (the log line names them); on held-out tokens:
-    # mass = share of the oracle's top-h*k contribution found, error = relative to the dense layer
-    table = Table("layer", "mass", "error", "calib. error", "usage", "KL", "active", "total")
-    for x in r["layers"]:
-        calib = "-" if x["calib_error_before"] is None else f"{x['calib_error_before']:.3g}→{x['calib_error_after']:.3g}"
-        table.add_row(str(x["origin"]), num(x["oracle_mass_found"]), num(x["output_error"]), calib,
-                      num(x["expert_usage"]), num(x["usage_kl_uniform"]), _short(x["params_active_per_token"]),
-                      _short(x["params_total"]))
-    if not console.QUIET:
-        console.stderr.print(table)
-    if r["heldout_perplexity"] is not None:
-        p = r["heldout_perplexity"]
-        console.log(f"held-out perplexity ({r['heldout_tokens']} tokens): {p['before']:.4f} -> {p['after']:.4f}")
-    for label, key in (("parameters", "params_total"), ("active parameters per token", "params_active_per_token"),
-                       ("FLOPs per token", "flops_per_token")):
-        console.log(f"{label}: {r[key]['before']:,} -> {r[key]['after']:,}")
+    opts = options_from_context(ConvertOptions, query_bn=not no_query_bn, shared_keys=not per_head_keys,
+                                device=pick_device(device))
+    _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, render.print_convert_peer)
 
 
 @app.command("train-routers")
@@ -333,12 +305,7 @@ def train_routers(
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
     out = output or default_output(str(ckpt), "-trained")
-    opts = TrainOptions(data=data, train=train, steps=steps, tokens=tokens, batch_size=batch_size, grad_accum=grad_accum,
-                        seq_len=seq_len, lr=lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
-                        aux_loss_coef=aux_loss_coef, distill=distill, device=device, dtype=dtype, compile=compile_,
-                        grad_checkpointing=grad_checkpointing, eval_data=eval_data, eval_every=eval_every,
-                        eval_tokens=eval_tokens, save_every=save_every, resume=resume, keep_state=keep_state, seed=seed,
-                        strategy=strategy)
+    opts = options_from_context(TrainOptions, compile=compile_)
     result = run(ckpt, out, opts, force)
     if not result.main:  # other torchrun ranks: rank 0 prints the result
         return
@@ -351,7 +318,7 @@ def train_routers(
     print(result.path)
 
 
-# ----------------------------------------------------------------------------- recipes and pictures (issue 6)
+# ----------------------------------------------------------------------------- recipes and pictures
 
 recipes_app = typer.Typer(help="The shipped recipes: list, show, copy to edit.", no_args_is_help=True)
 plot_app = typer.Typer(help="Pictures: routing heatmaps and paths, pruning scores, training curves.", no_args_is_help=True)
@@ -379,7 +346,7 @@ def run(
     from mom_cli.cli.recipes import RunOptions
     from mom_cli.cli.recipes import run as run_recipe
 
-    result = run_recipe(recipe, RunOptions(sets, output, work_dir, keep_work, fresh, force))
+    result = run_recipe(recipe, RunOptions(sets, output, work_dir, keep_work, fresh, force), typer.main.get_command(app))
     if as_json:
         print(json.dumps(result.as_dict(), default=str))
     else:
@@ -451,12 +418,11 @@ def plot_routing(
     from mom_cli.io.loading import load_model, pick_device
     from mom_cli.analysis.plots import check_target
     from mom_cli.analysis.plots import plot_routing as draw
-    from mom_cli.analysis.routing_trace import trace
+    from mom_cli.analysis.routing_trace import check_trace_options, trace
 
     _quiet_third_party()
     check_target(output, force)
-    if max_tokens < 2 or seq_len < 2 or batch_size < 1 or sample_tokens < 1:
-        raise UsageError("--max-tokens and --seq-len must be >= 2, --batch-size and --sample-tokens >= 1")
+    check_trace_options(max_tokens, seq_len, batch_size, sample_tokens)
     dev = pick_device(device)
     model, tok = load_model(checkpoint_arg(checkpoint), dev)
     print(draw(trace(model, tok, data, max_tokens, seq_len, batch_size, sample_tokens, dev), output, force))
@@ -513,57 +479,6 @@ def _read_text(path: str) -> str:
     return p.read_text()
 
 
-def _print_prune(r: dict) -> None:
-    from rich.table import Table
-
-    table = Table("module", "origin layer", f"score ({r['metric']})", "removed")
-    for m in r["modules"]:
-        table.add_row(m["module"], str(m["origin"]), f"{m['score']:.6g}", "[red]yes[/red]" if m["removed"] else "")
-    out = console.stderr
-    if not console.QUIET:
-        out.print(table)
-    for label, key in (("calibration perplexity", "calibration_perplexity"), ("held-out perplexity", "heldout_perplexity")):
-        if r[key] is not None:
-            console.log(f"{label}: {r[key]['before']:.4f} -> {r[key]['after']:.4f}")
-    for label, key in (("parameters", "params_total"), ("active parameters per token", "params_active_per_token"),
-                       ("FLOPs per token", "flops_per_token")):
-        console.log(f"{label}: {r[key]['before']:,} -> {r[key]['after']:,}")
-    if r["note"]:
-        console.log(r["note"])
-
-
-def _print_info(s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Console(highlight=False)
-    out.print(f"[bold]{s['family']}[/bold] family ({s['source_model_type']}), d={s['hidden_size']}")
-    out.print(f"plain layers: {len(s['bottom_layers'])} bottom, {len(s['top_layers'])} top")
-    table = Table("block", "MHA", "FFN", "SKIP", "steps H", "top-K", "router")
-    for b in s["blocks"]:
-        table.add_row(str(b["block"]), str(b["mha_modules"]), str(b["ffn_modules"]), "yes" if b["skip"] else "no",
-                      str(b["steps"]), str(b["top_k"]), b["router"])
-    out.print(table)
-    out.print(f"parameters: {s['params_total']:,} total, at most {s['params_active_per_token']:,} active per token")
-    out.print(f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context)")
-    if s.get("peer_modules"):
-        peer = Table("PEER module", "origin", "N", "h×k", "d_key", "gate", "active params", "total params", "FLOPs/call")
-        for p in s["peer_modules"]:
-            peer.add_row(p["module"], str(p["origin"]), f"{p['n_experts']:,}", f"{p['heads']}×{p['topk']}", str(p["key_dim"]),
-                         p["gate"], _short(p["params_active_per_token"]), _short(p["params_total"]), _short(p["flops_per_call"]))
-        out.print(peer)
-    for i, r in enumerate(s["provenance"], 1):
-        out.print(f"{i}. {r['time']}  mom {r['mom_version']}  {r['command']} {r['source']}  {json.dumps(r['args'])}")
-
-
-def _short(n: int) -> str:
-    """1925696 -> '1.93M': keeps wide tables readable in 80 columns."""
-    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
-
-
 def _quiet_third_party() -> None:
     """mom shows its own progress; transformers' "Loading weights" bar would turn a one-line error
     into several lines of stderr. Hub download bars are left as the user has them."""
@@ -612,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     DEBUG = "--debug" in args
     console.QUIET = "--quiet" in args or "-q" in args
-    args = _optional_values([a for a in args if a not in ("--debug", "--quiet", "-q")])
+    args = [a for a in args if a not in ("--debug", "--quiet", "-q")]
     if "transformers" in sys.modules:  # commands that load models call it again, after importing it
         _quiet_third_party()
     INTERRUPTED = None
@@ -628,45 +543,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
-OPTIONAL_VALUE = {"--keep-mha": "all", "--keep-ffn": "all"}
-# `--distill` alone means the source model recorded in the provenance; a value is anything but an option.
-OPTIONAL_REF = {"--distill": "source"}
-
-
-def _optional_values(args: list[str]) -> list[str]:
-    """`--keep-ffn` may stand alone: give it its implicit value when no N or P% follows it."""
-    out: list[str] = []
-    for i, a in enumerate(args):
-        out.append(a)
-        nxt = args[i + 1] if i + 1 < len(args) else None
-        if a in OPTIONAL_VALUE and (nxt is None or not re.fullmatch(r"\d+(\.\d+)?%?|all", nxt)):
-            out.append(OPTIONAL_VALUE[a])
-        if a in OPTIONAL_REF and (nxt is None or nxt.startswith("-")):
-            out.append(OPTIONAL_REF[a])
-    return out
-
-
 def _run(args: list[str]) -> int:
     from typer import _click as click  # typer vendors its own click
-    from typer import exceptions as typer_exc
 
-    command = typer.main.get_command(app)
+    from mom_cli.cli.argv import invoke
+
     try:
-        # typer turns KeyboardInterrupt into exit code 130 and returns it (standalone_mode=False)
-        code = command.main(args=args, prog_name="mom", standalone_mode=False)
-        if code == 130:
-            return _interrupted()
-        return code if isinstance(code, int) else 0
-    except typer_exc.Exit as e:
-        return e.exit_code
-    except (typer_exc.Abort, KeyboardInterrupt):
+        return invoke(typer.main.get_command(app), args)
+    except KeyboardInterrupt:
         return _interrupted()
     except click.exceptions.NoArgsIsHelpError as e:
         print(e.format_message(), file=sys.stderr)
         return 2
-    except click.exceptions.ClickException as e:
-        sub = f" {e.ctx.info_name}" if getattr(e, "ctx", None) and e.ctx.info_name != "mom" else ""
-        return _fail(f"{e.format_message()} (see mom{sub} --help)", 2)
     except MomError as e:
         return _fail(str(e), e.exit_code)
     except Exception as e:  # an unexpected failure is still one line without --debug

@@ -136,11 +136,9 @@ class CommandSpec:
     kind: str  # "checkpoint" (makes the next input), "report" (prints a result), "picture" (draws a file)
 
 
-def command_specs() -> dict[str, CommandSpec]:
-    """Every `mom` command that can be a step, from the CLI itself."""
-    import typer
-
-    from mom_cli.cli import app as cli
+def command_specs(group: Any) -> dict[str, CommandSpec]:
+    """Every `mom` command that can be a step, from the CLI's click command group itself."""
+    from mom_cli.cli.argv import OPTIONAL_REF, OPTIONAL_VALUE
 
     specs: dict[str, CommandSpec] = {}
 
@@ -154,9 +152,9 @@ def command_specs() -> dict[str, CommandSpec]:
             else:
                 specs[" ".join(path)] = _spec(" ".join(path), sub, path[0] in PICTURE_GROUPS)
 
-    visit(typer.main.get_command(cli.app), ())
+    visit(group, ())
     # options that may stand alone on the command line (`--keep-ffn`, `--distill`): `true` in a recipe
-    alone = {**cli.OPTIONAL_VALUE, **cli.OPTIONAL_REF}
+    alone = {**OPTIONAL_VALUE, **OPTIONAL_REF}
     for spec in specs.values():
         for p in spec.params.values():
             p.optional_value = alone.get(p.flag or "")
@@ -320,9 +318,8 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve(recipe: Recipe, sets: dict[str, Any], specs: dict[str, CommandSpec] | None = None) -> list[Resolved]:
+def resolve(recipe: Recipe, sets: dict[str, Any], specs: dict[str, CommandSpec]) -> list[Resolved]:
     """Check every step against its command, with variables and --set values applied; nothing runs."""
-    specs = command_specs() if specs is None else specs
     values = dict(recipe.vars)
     step_sets: dict[tuple[str, str], Any] = {}
     for key, value in sets.items():
@@ -459,12 +456,13 @@ class RunOptions:
     force: bool = False
 
 
-def run(ref: str, opts: RunOptions) -> RunResult:
+def run(ref: str, opts: RunOptions, group: Any) -> RunResult:
+    """Run a recipe; `group` is the CLI's click command group, the steps' commands."""
     from mom_cli.io.atomic import check_output
 
     recipe = load(ref)
     sets = parse_sets(opts.sets)
-    steps = resolve(recipe, sets)
+    steps = resolve(recipe, sets, command_specs(group))
     values = {**recipe.vars, **{k: v for k, v in sets.items() if "." not in k}}
     out = Path(opts.output or substitute(recipe.output or f"{recipe.name}-out", values, str(recipe.path)))
     check_output(out, opts.force)  # before minutes of work
@@ -482,7 +480,7 @@ def run(ref: str, opts: RunOptions) -> RunResult:
             key = step_key(r, current_key)
             target = step_path(work, r, key)
             input_ref = str(r.options[r.spec.argument]) if r.explicit_input else current
-            results.append(_run_step(r, len(steps), input_ref, target, opts.fresh))
+            results.append(_run_step(group, r, len(steps), input_ref, target, opts.fresh))
             made.append(target)
             if r.spec.kind == "checkpoint":
                 current, current_key = str(target), key
@@ -559,7 +557,7 @@ def argv_for(r: Resolved, input_ref: str | None, target: Path) -> list[str]:
     return args
 
 
-def _run_step(r: Resolved, total: int, input_ref: str | None, target: Path, fresh: bool) -> StepResult:
+def _run_step(group: Any, r: Resolved, total: int, input_ref: str | None, target: Path, fresh: bool) -> StepResult:
     label = f"step {r.step.index}/{total}: mom {r.spec.name}"
     done = target.with_name(target.name + ".result.json") if r.spec.kind != "report" else target
     if target.exists() and done.exists() and not fresh:
@@ -570,7 +568,7 @@ def _run_step(r: Resolved, total: int, input_ref: str | None, target: Path, fres
     argv = argv_for(r, input_ref, target)
     log(f"{label}: mom {' '.join(argv)}")
     start = time.perf_counter()
-    printed = invoke(argv, f"{r.step.index} ({r.spec.name})")
+    printed = run_command(group, argv, f"{r.step.index} ({r.spec.name})")
     seconds = time.perf_counter() - start
     result = _parse(printed)
     from mom_cli.io.atomic import atomic_file
@@ -594,32 +592,21 @@ def _parse(printed: str) -> Any:
         return text
 
 
-def invoke(argv: list[str], label: str) -> str:
+def run_command(group: Any, argv: list[str], label: str) -> str:
     """Run `mom ARGV` in this process through the command-line code; returns what it printed."""
-    import typer
-    from typer import _click as click
-    from typer import exceptions as typer_exc
+    from mom_cli.cli.argv import invoke
 
-    from mom_cli.cli import app as cli
-
-    command = typer.main.get_command(cli.app)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf), fresh_rng():
-            code = command.main(args=cli._optional_values(argv), prog_name="mom", standalone_mode=False)
-    except typer_exc.Exit as e:
-        code = e.exit_code
-    except click.exceptions.ClickException as e:
-        raise UsageError(f"step {label}: {e.format_message()}") from e
+            code = invoke(group, argv)
     except MomError as e:  # the step's own message, prefixed with which step; its exit code kept
         err = UsageError(f"step {label}: {e}") if e.exit_code == 2 else MomError(f"step {label}: {e}")
         err.exit_code = e.exit_code
         raise err from e
     finally:
         gc.collect()  # the step's model is garbage now: free it before the next step loads one
-    if code == 130:
-        raise KeyboardInterrupt
-    if isinstance(code, int) and code != 0:
+    if code != 0:
         raise MomError(f"step {label} exited with code {code}")
     return buf.getvalue()
 

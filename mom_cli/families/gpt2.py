@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from mom_cli.families import Recipe, same
+from mom_cli.families import Derived, same
 
 
 def _prefix(keys: set[str]) -> str:
@@ -58,28 +58,28 @@ class _GPT2:
             tie_word_embeddings=True,
         )
 
-    def mha_from_source(self, i: int, keys: set[str]) -> dict[str, Recipe]:
+    def mha_from_source(self, i: int, keys: set[str]) -> dict[str, Derived]:
         p = f"{_prefix(keys)}h.{i}."
         out = {"norm.weight": same(p + "ln_1.weight"), "norm.bias": same(p + "ln_1.bias")}
         for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[f"{proj}.weight"] = Recipe((p + "attn.c_attn.weight",), _part(j, transpose=True))
-            out[f"{proj}.bias"] = Recipe((p + "attn.c_attn.bias",), _part(j, transpose=False))
-        out["o_proj.weight"] = Recipe((p + "attn.c_proj.weight",), _t)
+            out[f"{proj}.weight"] = Derived((p + "attn.c_attn.weight",), _part(j, transpose=True))
+            out[f"{proj}.bias"] = Derived((p + "attn.c_attn.bias",), _part(j, transpose=False))
+        out["o_proj.weight"] = Derived((p + "attn.c_proj.weight",), _t)
         out["o_proj.bias"] = same(p + "attn.c_proj.bias")
         return out
 
-    def ffn_from_source(self, i: int, keys: set[str]) -> dict[str, Recipe]:
+    def ffn_from_source(self, i: int, keys: set[str]) -> dict[str, Derived]:
         p = f"{_prefix(keys)}h.{i}."
         return {
             "norm.weight": same(p + "ln_2.weight"),
             "norm.bias": same(p + "ln_2.bias"),
-            "fc_in.weight": Recipe((p + "mlp.c_fc.weight",), _t),
+            "fc_in.weight": Derived((p + "mlp.c_fc.weight",), _t),
             "fc_in.bias": same(p + "mlp.c_fc.bias"),
-            "fc_out.weight": Recipe((p + "mlp.c_proj.weight",), _t),
+            "fc_out.weight": Derived((p + "mlp.c_proj.weight",), _t),
             "fc_out.bias": same(p + "mlp.c_proj.bias"),
         }
 
-    def globals_from_source(self, keys: set[str], tied: bool) -> dict[str, Recipe]:
+    def globals_from_source(self, keys: set[str], tied: bool) -> dict[str, Derived]:
         p = _prefix(keys)
         return {
             "model.embed_tokens.weight": same(p + "wte.weight"),
@@ -88,25 +88,25 @@ class _GPT2:
             "model.norm.bias": same(p + "ln_f.bias"),
         }
 
-    def layer_to_source(self, i: int, mha: str, ffn: str, mom_cfg: Any) -> dict[str, Recipe]:
+    def layer_to_source(self, i: int, mha: str, ffn: str, mom_cfg: Any) -> dict[str, Derived]:
         p = f"transformer.h.{i}."
         qkv = tuple(f"{mha}{proj}" for proj in ("q_proj", "k_proj", "v_proj"))
         return {
             p + "ln_1.weight": same(mha + "norm.weight"),
             p + "ln_1.bias": same(mha + "norm.bias"),
-            p + "attn.c_attn.weight": Recipe(tuple(k + ".weight" for k in qkv), _fuse_qkv),
-            p + "attn.c_attn.bias": Recipe(tuple(k + ".bias" for k in qkv), _fuse_qkv),
-            p + "attn.c_proj.weight": Recipe((mha + "o_proj.weight",), _t),
+            p + "attn.c_attn.weight": Derived(tuple(k + ".weight" for k in qkv), _fuse_qkv),
+            p + "attn.c_attn.bias": Derived(tuple(k + ".bias" for k in qkv), _fuse_qkv),
+            p + "attn.c_proj.weight": Derived((mha + "o_proj.weight",), _t),
             p + "attn.c_proj.bias": same(mha + "o_proj.bias"),
             p + "ln_2.weight": same(ffn + "norm.weight"),
             p + "ln_2.bias": same(ffn + "norm.bias"),
-            p + "mlp.c_fc.weight": Recipe((ffn + "fc_in.weight",), _t),
+            p + "mlp.c_fc.weight": Derived((ffn + "fc_in.weight",), _t),
             p + "mlp.c_fc.bias": same(ffn + "fc_in.bias"),
-            p + "mlp.c_proj.weight": Recipe((ffn + "fc_out.weight",), _t),
+            p + "mlp.c_proj.weight": Derived((ffn + "fc_out.weight",), _t),
             p + "mlp.c_proj.bias": same(ffn + "fc_out.bias"),
         }
 
-    def globals_to_source(self, mom_cfg: Any) -> dict[str, Recipe]:
+    def globals_to_source(self, mom_cfg: Any) -> dict[str, Derived]:
         return {
             "transformer.wte.weight": same("model.embed_tokens.weight"),
             "transformer.wpe.weight": same("model.embed_positions.weight"),

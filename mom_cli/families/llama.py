@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mom_cli.families import Recipe, same
+from mom_cli.families import Derived, same
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _present(prefix: str, projections: tuple[str, ...], keys: set[str]) -> dict[str, Recipe]:
+def _present(prefix: str, projections: tuple[str, ...], keys: set[str]) -> dict[str, Derived]:
     """Each projection's weight and, where the source has one, its bias."""
     return {
         f"{proj}.{kind}": same(f"{prefix}{proj}.{kind}")
@@ -49,21 +49,21 @@ class _Llama:
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         )
 
-    def mha_from_source(self, i: int, keys: set[str]) -> dict[str, Recipe]:
+    def mha_from_source(self, i: int, keys: set[str]) -> dict[str, Derived]:
         p = f"model.layers.{i}."
         return {"norm.weight": same(p + "input_layernorm.weight"), **_present(p + "self_attn.", _ATTN, keys)}
 
-    def ffn_from_source(self, i: int, keys: set[str]) -> dict[str, Recipe]:
+    def ffn_from_source(self, i: int, keys: set[str]) -> dict[str, Derived]:
         p = f"model.layers.{i}."
         return {"norm.weight": same(p + "post_attention_layernorm.weight"), **_present(p + "mlp.", _MLP, keys)}
 
-    def globals_from_source(self, keys: set[str], tied: bool) -> dict[str, Recipe]:
+    def globals_from_source(self, keys: set[str], tied: bool) -> dict[str, Derived]:
         out = {"model.embed_tokens.weight": same("model.embed_tokens.weight"), "model.norm.weight": same("model.norm.weight")}
         if not tied:
             out["lm_head.weight"] = same("lm_head.weight")
         return out
 
-    def layer_to_source(self, i: int, mha: str, ffn: str, mom_cfg: Any) -> dict[str, Recipe]:
+    def layer_to_source(self, i: int, mha: str, ffn: str, mom_cfg: Any) -> dict[str, Derived]:
         p = f"model.layers.{i}."
         out = {p + "input_layernorm.weight": same(mha + "norm.weight"), p + "post_attention_layernorm.weight": same(ffn + "norm.weight")}
         biases = {"q_proj": mom_cfg.qkv_bias, "k_proj": mom_cfg.qkv_bias, "v_proj": mom_cfg.qkv_bias, "o_proj": mom_cfg.o_bias}
@@ -77,7 +77,7 @@ class _Llama:
                 out[f"{p}mlp.{proj}.bias"] = same(f"{ffn}{proj}.bias")
         return out
 
-    def globals_to_source(self, mom_cfg: Any) -> dict[str, Recipe]:
+    def globals_to_source(self, mom_cfg: Any) -> dict[str, Derived]:
         out = {"model.embed_tokens.weight": same("model.embed_tokens.weight"), "model.norm.weight": same("model.norm.weight")}
         if not mom_cfg.tie_word_embeddings:
             out["lm_head.weight"] = same("lm_head.weight")

@@ -20,6 +20,19 @@ from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_safetens
 DEFAULT_SHARD = 2 * 10**9
 
 
+def module_prefix(part: str, index: int, kind: str, slot: int | None = None) -> str:
+    """Where a module's weights live in the state dict: `module_prefix("bottom", 0, "mha")` is
+    "model.bottom.0.mha.", `module_prefix("blocks", 1, "ffn", 3)` "model.blocks.1.ffn.3." (slot 3 of
+    block 1's FFN pool). part: "bottom", "blocks" or "top"; kind: "mha" or "ffn"."""
+    prefix = f"model.{part}.{index}.{kind}."
+    return prefix if slot is None else f"{prefix}{slot}."
+
+
+def router_key(block: int, kind: str, name: str) -> str:
+    """A router tensor's state-dict name: `router_key(0, "ffn", "step_bias")` is "model.blocks.0.ffn_router.step_bias"."""
+    return f"model.blocks.{block}.{kind}_router.{name}"
+
+
 def meta_model(config: MomConfig) -> torch.nn.Module:
     """The model's parameter names and shapes, without allocating any weights."""
     from mom_cli.modeling.modeling_mom import MomForCausalLM

@@ -1,13 +1,25 @@
 """Open any model mom measures: a MoM checkpoint, a transformers directory, a hub id or a GGUF file."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mom_cli.errors import MomError, UsageError
 from mom_cli.io.sources import load_config, resolve_path
+
+# Every --dtype spelling: the full names, and the short ones train-routers' help uses.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """A --dtype value; None for "auto" (keep the stored dtype)."""
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import torch
 from safetensors import safe_open
@@ -243,11 +243,3 @@ def write_safetensors(
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return paths
-
-
-def iter_checkpoint_files(directory: Path) -> Iterator[Path]:
-    yield from sorted(Path(directory).glob("*.safetensors"))
-
-
-def total_bytes(paths: Iterable[Path]) -> int:
-    return sum(p.stat().st_size for p in paths)

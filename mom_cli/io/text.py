@@ -86,6 +86,13 @@ def token_stream(spec: str, tokenizer: Any, max_tokens: int | None = None) -> to
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
+def check_seq_len(seq_len: int, positions: int | None) -> None:
+    """--seq-len must fit the model's learned or rotary positions (None: the model has no limit)."""
+    if positions is not None and seq_len > positions:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's {positions} positions; "
+                         f"use --seq-len {positions} or less")
+
+
 def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_blocks, seq_len) non-overlapping windows; the tail shorter than seq_len is dropped."""
     n = stream.numel() // seq_len

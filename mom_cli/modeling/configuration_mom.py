@@ -97,7 +97,3 @@ class MomConfig(PreTrainedConfig):
     @property
     def num_attention_calls(self) -> int:
         return len(self.bottom_layers) + sum(int(b["steps"]) for b in self.blocks) + len(self.top_layers)
-
-    @property
-    def num_kv_cache_layers(self) -> int:
-        return self.num_attention_calls

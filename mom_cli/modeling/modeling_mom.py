@@ -168,6 +168,14 @@ class Router(nn.Module):
             self._constant_cache = (*key, bool(torch.count_nonzero(w).item() == 0))
         return self._constant_cache[2]
 
+    @staticmethod
+    def constant_picks(head: torch.Tensor, step_bias: torch.Tensor, k: int) -> list[list[int]] | None:
+        """The k slots each step picks for every token when the head is exactly zero (the logits are
+        then the step bias), read from stored tensors; None for a router that looks at its input."""
+        if torch.count_nonzero(head):
+            return None
+        return step_bias.float().topk(min(k, step_bias.shape[-1]), dim=-1).indices.tolist()
+
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None, step: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

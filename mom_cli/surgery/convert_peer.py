@@ -29,6 +29,7 @@ import torch
 from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
+from mom_cli.io.text import check_seq_len
 
 INITS = ("neurons", "random")
 ACTIVE_SHARE = 0.5  # default h*k: half of the FFN's neurons per token
@@ -74,7 +75,9 @@ class LayerPlan:
 
     @property
     def prefix(self) -> str:
-        return f"model.blocks.{self.block}.ffn.{self.slot}."
+        from mom_cli.io.checkpoint import module_prefix
+
+        return module_prefix("blocks", self.block, "ffn", self.slot)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -153,7 +156,7 @@ def _square_hint(n: int) -> str:
     return f"{r * r} or {(r + 1) ** 2}" if r > 0 else "1"
 
 
-def make_plan(config: MomConfig, opts: ConvertOptions) -> list[LayerPlan]:
+def plan_layers(config: MomConfig, opts: ConvertOptions) -> list[LayerPlan]:
     """Check every option against the checkpoint and describe each module's PEER layer."""
     d_ff = config.intermediate_size
     if opts.init not in INITS:
@@ -500,9 +503,9 @@ def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = Fals
         raise UsageError(f"--calib-tokens {opts.calib_tokens} is less than one --seq-len {opts.seq_len}; "
                          f"give more tokens or a shorter --seq-len")
     config, reader = read_mom(ckpt)
-    plans = make_plan(config, opts)
-    if (opts.calibrate or opts.eval_data) and opts.seq_len > config.max_position_embeddings:
-        raise UsageError(f"--seq-len {opts.seq_len} is longer than the model's {config.max_position_embeddings} positions")
+    plans = plan_layers(config, opts)
+    if opts.calibrate or opts.eval_data:
+        check_seq_len(opts.seq_len, config.max_position_embeddings)
     data = _load_data(ckpt, opts) if opts.calibrate or opts.eval_data else None
     first = plans[0].peer
     log(f"convert-peer {ckpt}: {len(plans)} FFN module(s) (layers {_ranges([p.origin for p in plans])}) -> PEER "

@@ -1,7 +1,7 @@
 """`mom decompose`: a pretrained Transformer becomes a Mixture-of-Modules checkpoint.
 
 Built as a plan, validated, then executed (as mergekit does): the plan is a `MomConfig` plus one
-recipe per output tensor; nothing is read from the source until the plan is known to be valid,
+derivation per output tensor; nothing is read from the source until the plan is known to be valid,
 and then tensors stream from the memory-mapped source into the output one at a time.
 
 Layer i of the source gives MHA module i and FFN module i. The default plan puts every layer in
@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.errors import UsageError
-from mom_cli.families import Family, Recipe, family_for
+from mom_cli.families import Family, Derived, family_for
+from mom_cli.io.checkpoint import module_prefix, router_key
 from mom_cli.io.sources import Source
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROUTER_PREFERRED_BIAS = 1.0  # logit margin of the module a step starts with; / T gives the softmax margin
 
 
@@ -36,14 +35,6 @@ class PlanOptions:
     router_hidden: int = 256
     temperature: float = 0.2
     skip: bool = True
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None or name == "auto":
-        return None
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def make_config(source: Source, family: Family, opts: PlanOptions) -> MomConfig:
@@ -114,14 +105,14 @@ def router_tensors(config: MomConfig, block: int) -> dict[str, torch.Tensor]:
             for h in range(spec["steps"]):
                 router.step_bias[h, preferred_modules(h, spec["steps"], pool)] = ROUTER_PREFERRED_BIAS
         for name, t in router.state_dict().items():
-            out[f"model.blocks.{block}.{kind}_router.{name}"] = t.detach().clone()
+            out[router_key(block, kind, name)] = t.detach().clone()
     return out
 
 
-def tensor_recipes(source: Source, family: Family, config: MomConfig) -> dict[str, Recipe | torch.Tensor]:
-    """Every output tensor: a recipe over source tensors, or a tensor made here (routers)."""
+def derived_tensors(source: Source, family: Family, config: MomConfig) -> dict[str, Derived | torch.Tensor]:
+    """Every output tensor: derived from source tensors, or a tensor made here (routers)."""
     keys = source.reader.keys()
-    out: dict[str, Recipe | torch.Tensor] = dict(family.globals_from_source(keys, config.tie_word_embeddings))
+    out: dict[str, Derived | torch.Tensor] = dict(family.globals_from_source(keys, config.tie_word_embeddings))
 
     def add_layer(prefix_mha: str, prefix_ffn: str, origin_mha: int | None, origin_ffn: int | None) -> None:
         if origin_mha is not None:
@@ -130,20 +121,16 @@ def tensor_recipes(source: Source, family: Family, config: MomConfig) -> dict[st
             out.update({prefix_ffn + k: r for k, r in family.ffn_from_source(origin_ffn, keys).items()})
 
     for i, origin in enumerate(config.bottom_layers):
-        add_layer(f"model.bottom.{i}.mha.", f"model.bottom.{i}.ffn.", origin, origin)
+        add_layer(module_prefix("bottom", i, "mha"), module_prefix("bottom", i, "ffn"), origin, origin)
     for b, spec in enumerate(config.blocks):
         for m, origin in enumerate(spec["mha"]):
-            add_layer(f"model.blocks.{b}.mha.{m}.", "", origin, None)
+            add_layer(module_prefix("blocks", b, "mha", m), "", origin, None)
         for m, origin in enumerate(spec["ffn"]):
-            add_layer("", f"model.blocks.{b}.ffn.{m}.", None, origin)
+            add_layer("", module_prefix("blocks", b, "ffn", m), None, origin)
         out.update(router_tensors(config, b))
     for i, origin in enumerate(config.top_layers):
-        add_layer(f"model.top.{i}.mha.", f"model.top.{i}.ffn.", origin, origin)
+        add_layer(module_prefix("top", i, "mha"), module_prefix("top", i, "ffn"), origin, origin)
     return out
-
-
-def plan_options_dict(opts: PlanOptions) -> dict[str, Any]:
-    return asdict(opts)
 
 
 def default_output(ref: str, suffix: str) -> Path:
@@ -185,19 +172,19 @@ def decompose(
         raise UsageError(f"output {out} would overwrite the source {source_ref}; choose another -o")
     family = family_for(source.config.model_type)
     config = make_config(source, family, opts)
-    recipes = tensor_recipes(source, family, config)
+    derived = derived_tensors(source, family, config)
     shapes = param_shapes(config)
     keys = source.reader.keys()
-    absent = sorted({k for r in recipes.values() if isinstance(r, Recipe) for k in r.keys} - keys)
+    absent = sorted({k for r in derived.values() if isinstance(r, Derived) for k in r.keys} - keys)
     if absent:
         raise MomError(f"source {source_ref} lacks tensor {absent[0]} (and {len(absent) - 1} more); the checkpoint is incomplete")
-    embed = next(k for r in recipes.values() if isinstance(r, Recipe) for k in r.keys)
+    embed = next(k for r in derived.values() if isinstance(r, Derived) for k in r.keys)
     out_dtype = dtype or source.reader.get(embed).dtype
     config.mom_provenance = [provenance.record("decompose", {**asdict(opts), "dtype": str(out_dtype)}, source_ref)]
     config.dtype = str(out_dtype).removeprefix("torch.")
 
     def producer(name: str):
-        r = recipes[name]
+        r = derived[name]
         return (lambda: r) if isinstance(r, torch.Tensor) else (lambda: r.build(source.reader.get))
 
     planned = [PlannedTensor(n, s, out_dtype, producer(n)) for n, s in shapes.items()]

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from mom_cli.io.checkpoint import copy_extras, copy_plan, param_shapes, read_mom
+from mom_cli.io.checkpoint import copy_extras, copy_plan, module_prefix, read_mom, router_key
 from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
-from mom_cli.families import Recipe, family_named
+from mom_cli.families import Derived, family_named
 from mom_cli.io.atomic import atomic_dir, atomic_file
 from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
 
@@ -39,7 +39,7 @@ def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tupl
     """
     if config.peer:
         return None
-    layers = [(f"model.bottom.{i}.mha.", f"model.bottom.{i}.ffn.") for i in range(len(config.bottom_layers))]
+    layers = [(module_prefix("bottom", i, "mha"), module_prefix("bottom", i, "ffn")) for i in range(len(config.bottom_layers))]
     for b, spec in enumerate(config.blocks):
         if config.router_top_k != 1:
             return None
@@ -51,22 +51,24 @@ def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tupl
                 continue
             if mha is None or ffn is None:
                 return None
-            layers.append((f"model.blocks.{b}.mha.{mha}.", f"model.blocks.{b}.ffn.{ffn}."))
-    layers += [(f"model.top.{i}.mha.", f"model.top.{i}.ffn.") for i in range(len(config.top_layers))]
+            layers.append((module_prefix("blocks", b, "mha", mha), module_prefix("blocks", b, "ffn", ffn)))
+    layers += [(module_prefix("top", i, "mha"), module_prefix("top", i, "ffn")) for i in range(len(config.top_layers))]
     return layers
 
 
 def _constant_choice(reader: SafetensorsReader, block: int, kind: str, origins: list) -> list[int | None] | None:
     """The live slot each step picks (None: it skips), if the router is constant and strict; else None."""
-    head = reader.get(f"model.blocks.{block}.{kind}_router.head.weight")
-    bias = reader.get(f"model.blocks.{block}.{kind}_router.step_bias").float()
-    if torch.count_nonzero(head):
+    from mom_cli.modeling.modeling_mom import Router
+
+    bias = reader.get(router_key(block, kind, "step_bias")).float()
+    picks = Router.constant_picks(reader.get(router_key(block, kind, "head.weight")), bias, 1)
+    if picks is None:
         return None
     if bias.shape[-1] > 1:
         top2 = bias.topk(2, dim=-1).values
         if not bool((top2[:, 0] > top2[:, 1]).all()):
             return None  # ties: the choice is not well defined
-    chosen = bias.argmax(-1).tolist()
+    chosen = [step[0] for step in picks]
     return [m if m < len(origins) and origins[m] is not None else None for m in chosen]
 
 
@@ -93,9 +95,9 @@ def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, forc
     from transformers import AutoConfig
 
     family = family_named(config.family)
-    recipes: dict[str, Recipe] = dict(family.globals_to_source(config))
+    derived: dict[str, Derived] = dict(family.globals_to_source(config))
     for i, (mha, ffn) in enumerate(layers):
-        recipes.update(family.layer_to_source(i, mha, ffn, config))
+        derived.update(family.layer_to_source(i, mha, ffn, config))
     cfg_dict = family.source_config(config, len(layers))
     cfg_dict.pop("model_type", None)
     src_cfg = AutoConfig.for_model(config.source_model_type, **cfg_dict)
@@ -107,7 +109,7 @@ def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, forc
         shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(src_cfg).state_dict().items()}
     planned = [
         PlannedTensor(name, shapes[name], dtype or reader.dtype(r.keys[0]), lambda r=r: r.build(reader.get))
-        for name, r in recipes.items()
+        for name, r in derived.items()
     ]
     log(f"export {ckpt}: plain stack of {len(layers)} layers -> standard {config.source_model_type} format")
     with atomic_dir(out, force) as tmp:
@@ -146,7 +148,3 @@ def _export_flat(config, reader, out, dtype, shard_bytes, force) -> Path:
     with atomic_dir(out, force) as tmp:
         _stream(tensors, tmp, shard_bytes, meta)
     return out
-
-
-def expected_names(config: MomConfig) -> list[str]:
-    return list(param_shapes(config))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
+from mom_cli.io.text import check_seq_len
 
 METRICS = ("greedy", "loss", "cosine", "block-influence", "usage")
 KINDS = ("mha", "ffn")
@@ -118,17 +119,13 @@ class Measurer:
 
     @torch.inference_mode()
     def _measure(self, off: frozenset) -> float:
+        from mom_cli.analysis.evaluate import heldout_loss
+
         switch_off(self.model, off)
-        total, count = 0.0, 0
-        for i in range(0, self.batches.shape[0], self.batch_size):
-            x = self.batches[i : i + self.batch_size].to(self.device)
-            logits = self.model(input_ids=x, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-            total += loss.item()
-            count += x[:, 1:].numel()
+        loss, _ = heldout_loss(self.model, self.batches, self.batch_size, self.device)
         switch_off(self.model, ())
         self.passes += 1
-        return total / count
+        return loss
 
 
 class _CosineProbe:
@@ -423,8 +420,7 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
     n_remove = {"mha": n["mha"] - keep_mha, "ffn": n["ffn"] - keep_ffn}
     stats = load_stats(ckpt)
     metric = pick_metric(opts.metric, stats[0] if stats else None, n, n_remove, opts.greedy_width)
-    if opts.seq_len > config.max_position_embeddings:
-        raise UsageError(f"--seq-len {opts.seq_len} is longer than the model's {config.max_position_embeddings} positions")
+    check_seq_len(opts.seq_len, config.max_position_embeddings)
 
     model, tokenizer = load_model(str(ckpt), opts.device)
     calib, heldout = calibration_split(tokenizer, opts.data, opts.calib_tokens, opts.seq_len, opts.eval_data,

@@ -36,16 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mom_cli import console
+from mom_cli.analysis.evaluate import heldout_loss
 from mom_cli.training import distributed
 from mom_cli.training import optim
 from mom_cli.io import tokencache
+from mom_cli.io.loading import DTYPES
 from mom_cli.console import log, warn
 from mom_cli.errors import MomError, UsageError
 
 TRAIN_MODES = ("routers", "routers+peer", "all")
 SCHEDULES = ("cosine", "constant")
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 PEER_RETRIEVAL = (".peer.query.", ".peer.query_bn.")
 PEER_EXPERTS = tuple(f".peer.{n}" for n in ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out"))
 STATE_FILE = "state.pt"
@@ -106,7 +106,7 @@ class TrainResult:
 
 
 def group_of(name: str) -> str:
-    """router | peer_retrieval | peer_experts | other, by the parameter names in contracts.md."""
+    """router | peer_retrieval | peer_experts | other, by their parameter names."""
     if "_router." in name:
         return "router"
     if any(s in name for s in PEER_RETRIEVAL) or name.endswith(".peer.sub_keys"):
@@ -286,12 +286,11 @@ class Run:
     def __init__(self, ckpt: Path, out: Path, opts: TrainOptions, d: distributed.Dist, device: str) -> None:
         from mom_cli.io.checkpoint import read_mom
         from mom_cli.io.loading import load_model
+        from mom_cli.io.text import check_seq_len
 
         self.ckpt, self.out, self.opts, self.dist, self.device = ckpt, out, opts, d, device
         self.config, _ = read_mom(ckpt)
-        if opts.seq_len > self.config.max_position_embeddings:
-            raise UsageError(f"--seq-len {opts.seq_len} is longer than the model's {self.config.max_position_embeddings} "
-                             f"positions; use --seq-len {self.config.max_position_embeddings} or less")
+        check_seq_len(opts.seq_len, self.config.max_position_embeddings)
         self.amp = amp_dtype(opts.dtype, device)
         self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
         self.model.train()
@@ -489,18 +488,12 @@ class Run:
             return None
         self.model.eval()
         recorder, self.model.model.recorder = self.model.model.recorder, None  # routing of training steps only
-        total, count = 0.0, 0
         try:
-            for i in range(0, self.heldout.shape[0], self.opts.batch_size):
-                x = torch.from_numpy(self.heldout[i : i + self.opts.batch_size].astype(np.int64)).to(self.device)
-                with self.autocast():
-                    logits = self.model(input_ids=x, use_cache=False).logits
-                total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
-                count += x[:, 1:].numel()
+            loss, _ = heldout_loss(self.model, self.heldout, self.opts.batch_size, self.device, self.autocast)
         finally:
             self.model.train()
             self.model.model.recorder = recorder
-        return math.exp(total / count) if self.dist.main else None
+        return math.exp(loss) if self.dist.main else None
 
 
 # ----------------------------------------------------------------------------- metrics
