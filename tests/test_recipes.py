@@ -330,7 +330,7 @@ def test_shell_completion_installs_and_completes(tmp_path):
     complete = textwrap.dedent("""\
         source ~/.bash_completions/mom.sh
         COMP_WORDS=(mom rec); COMP_CWORD=1; _mom_completion mom; echo "${COMPREPLY[@]}"
-        COMP_WORDS=(mom run prune-); COMP_CWORD=2; _mom_completion mom; echo "${COMPREPLY[@]}"
+        COMP_WORDS=(mom run prune-a); COMP_CWORD=2; _mom_completion mom; echo "${COMPREPLY[@]}"
         """)
     res = subprocess.run(["bash", "-c", complete], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.splitlines() == ["recipes", "prune-attention"], (res.stdout, res.stderr)

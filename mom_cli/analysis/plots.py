@@ -144,9 +144,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """train_metrics.jsonl (a checkpoint folder or the file itself): one JSON object per line."""
     path = Path(path)
     if path.is_dir():
-        path = path / "train_metrics.jsonl"
+        healed = path / "heal_metrics.jsonl"
+        path = healed if healed.is_file() and not (path / "train_metrics.jsonl").is_file() else path / "train_metrics.jsonl"
     if not path.is_file():
-        raise UsageError(f"{path} does not exist; `mom train-routers` writes train_metrics.jsonl into its output")
+        raise UsageError(f"{path} does not exist; `mom train-routers` and `mom heal` write train_metrics.jsonl "
+                         "and heal_metrics.jsonl into their output")
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -167,7 +169,13 @@ def training_figure(rows: list[dict[str, Any]]) -> Any:
     evals = [r for r in rows if "eval_loss" in r]
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.8))
     x = [r["tokens"] for r in train]
-    ax.plot(x, [r["loss"] for r in train], label="loss", color="tab:blue")
+    if any("stage" in r for r in train):  # mom heal: each region's local loss, then the end-to-end KL
+        for label in dict.fromkeys(_curve(r) for r in train):
+            part = [r for r in train if _curve(r) == label]
+            ax.plot([r["tokens"] for r in part], [r["loss"] for r in part], label=label)
+        ax.set_yscale("log")
+    else:
+        ax.plot(x, [r["loss"] for r in train], label="loss", color="tab:blue")
     if any(r.get("lm_loss") is not None for r in train):
         ax.plot(x, [r.get("lm_loss") for r in train], label="next-token loss", color="tab:green", alpha=0.8)
     if evals:
@@ -186,6 +194,10 @@ def training_figure(rows: list[dict[str, Any]]) -> Any:
         speed.set_ylabel("tokens/s")
     fig.tight_layout()
     return fig
+
+
+def _curve(row: dict[str, Any]) -> str:
+    return f"local: {row['region']}" if row.get("stage") == "local" else "end-to-end KL"
 
 
 def plot_training(rows: list[dict[str, Any]], path: Path, force: bool = False) -> Path:

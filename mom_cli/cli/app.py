@@ -318,6 +318,54 @@ def train_routers(
     print(result.path)
 
 
+@app.command()
+def heal(
+    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory made by a lossy surgery, or - to read it from stdin."),
+    data: str = typer.Option(..., "--data", help="Healing text: .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="MODEL", help="The model to distil from (default: the source in the provenance)."),
+    budget: Optional[str] = typer.Option(None, "--budget", metavar="TOKENS|DURATION",
+                                         help="Tokens (2M, 500k) or wall time (30m, 90s, 2h; lowercase m = minutes). Default: one pass over DATA."),
+    train: str = typer.Option("auto", "--train", help="auto (PEER experts+queries+keys; modules after a pruned one; a block's "
+                              "routers and modules), retrieval (PEER queries and keys, routers) or all (everything in a region)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-healed beside it)."),
+    local_share: float = typer.Option(0.7, "--local-share", help="Share of the budget for the local stage (the rest: end-to-end)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate of the local stage."),
+    global_lr: float = typer.Option(1e-4, "--global-lr", help="Peak learning rate of the end-to-end stage."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine (down to 10% of the peak) or constant, over each stage's budget."),
+    cache_size: str = typer.Option("4G", "--cache-size", help="Most bytes of teacher hidden states cached on disk (bf16)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: the last blocks of DATA)."),
+    eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Held-out tokens for the perplexity before and after."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: bf16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."),
+    save_every: int = typer.Option(0, "--save-every", help="Save the state every N steps (OUT.heal-state/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the saved state."),
+    keep_state: bool = typer.Option(False, "--keep-state", help="Keep OUT.heal-state/ (and its teacher cache) after the run."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
+    force: bool = Force,
+    as_json: bool = Json,
+) -> None:
+    """Win back what a surgery cost: each changed region learns the source's hidden states, then a short
+    end-to-end distillation.
+
+    Scale out with: torchrun --nproc-per-node N -m mom_cli heal ...
+
+    Example: mom heal smol-peer --data docs/ --budget 30m -o smol-peer-healed
+    """
+    from mom_cli.surgery.decompose import default_output
+    from mom_cli.training.heal import HealOptions
+    from mom_cli.training.heal import heal as run
+
+    _quiet_third_party()
+    ckpt = Path(checkpoint_arg(checkpoint))
+    out = output or default_output(str(ckpt), "-healed")
+    opts = options_from_context(HealOptions)
+    result = run(ckpt, out, opts, force)
+    if result.main:
+        _emit_report(result.as_dict(), out, as_json, render.print_heal)
+
+
 # ----------------------------------------------------------------------------- recipes and pictures
 
 recipes_app = typer.Typer(help="The shipped recipes: list, show, copy to edit.", no_args_is_help=True)

@@ -74,6 +74,17 @@ def print_convert_peer(r: dict) -> None:
         console.log(f"{label}: {r[key]['before']:,} -> {r[key]['after']:,}")
 
 
+def print_heal(r: dict) -> None:
+    for x in r["regions"]:
+        err = "-" if x["error_after"] is None else f"{x['error_before']:.4g} -> {x['error_after']:.4g}"
+        console.log(f"{x['name']} ({x['cause']}): error {err}, {x['tokens']:,} tokens")
+    console.log(f"local {r['local_tokens']:,} tokens in {r['local_seconds']:.0f}s; end-to-end {r['global_tokens']:,} tokens "
+                f"in {r['global_seconds']:.0f}s")
+    if r["eval_ppl_before"] is not None:
+        console.log(f"held-out perplexity ({r['heldout_tokens']} tokens): {r['eval_ppl_before']:.4f} -> "
+                    f"{r['eval_ppl_after']:.4f} (teacher {r['eval_ppl_teacher']:.4f})")
+
+
 def short(n: int) -> str:
     """1925696 -> '1.93M': keeps wide tables readable in 80 columns."""
     for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):

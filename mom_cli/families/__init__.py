@@ -38,6 +38,7 @@ def same(key: str) -> Derived:
 class Family(Protocol):
     name: str
     model_types: tuple[str, ...]
+    hf_norms: tuple[str, str, str, str]  # layers, attention pre-norm, FFN pre-norm, final norm (module paths)
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]: ...
     def num_layers(self, cfg: Any) -> int: ...

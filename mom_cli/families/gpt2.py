@@ -33,6 +33,8 @@ def _fuse_qkv(ts: list[torch.Tensor]) -> torch.Tensor:
 
 class _GPT2:
     name = "gpt2"
+    # the transformers model's decoder layers, each layer's two pre-norms and the final norm
+    hf_norms = ("transformer.h", "ln_1", "ln_2", "transformer.ln_f")
     model_types = ("gpt2",)
 
     def num_layers(self, cfg: Any) -> int:

@@ -21,6 +21,8 @@ def _present(prefix: str, projections: tuple[str, ...], keys: set[str]) -> dict[
 
 class _Llama:
     name = "llama"
+    # the transformers model's decoder layers, each layer's two pre-norms and the final norm
+    hf_norms = ("model.layers", "input_layernorm", "post_attention_layernorm", "model.norm")
     model_types = ("llama", "mistral", "qwen2")
 
     def num_layers(self, cfg: Any) -> int:

@@ -475,15 +475,26 @@ class MomBlock(nn.Module):
     ) -> torch.Tensor:
         s_mha = s_ffn = None
         for h in range(self.steps):
-            r, s_mha = self._route("mha", x, s_mha, h, aux)
-            y = x + self._attend(x, r, ctx, first_layer + h)
-            if recorder is not None:
-                recorder.record(block_id, "mha", h, r, x, y)
-            r, s_ffn = self._route("ffn", y, s_ffn, h, aux)
-            x = y + scatter_modules(y, r, lambda m, xs: self.ffn[str(m)](xs), (self.d,), weighted=True)[0]
-            if recorder is not None:
-                recorder.record(block_id, "ffn", h, r, y, x)
+            x, s_mha = self.mha_step(x, s_mha, h, ctx, first_layer + h, aux, recorder, block_id)
+            x, s_ffn = self.ffn_step(x, s_ffn, h, aux, recorder, block_id)
         return x
+
+    def mha_step(self, x: torch.Tensor, state, h: int, ctx: StepContext, layer_idx: int, aux: list,
+                 recorder=None, block_id: int = 0) -> tuple[torch.Tensor, Any]:
+        """Step h's attention half: route, attend, add to the residual stream."""
+        r, state = self._route("mha", x, state, h, aux)
+        y = x + self._attend(x, r, ctx, layer_idx)
+        if recorder is not None:
+            recorder.record(block_id, "mha", h, r, x, y)
+        return y, state
+
+    def ffn_step(self, y: torch.Tensor, state, h: int, aux: list, recorder=None, block_id: int = 0) -> tuple[torch.Tensor, Any]:
+        """Step h's feed-forward half: route, run the chosen FFN modules, add to the residual stream."""
+        r, state = self._route("ffn", y, state, h, aux)
+        x = y + scatter_modules(y, r, lambda m, xs: self.ffn[str(m)](xs), (self.d,), weighted=True)[0]
+        if recorder is not None:
+            recorder.record(block_id, "ffn", h, r, y, x)
+        return x, state
 
     def _attend(self, x: torch.Tensor, r: Routing, ctx: StepContext, layer_idx: int) -> torch.Tensor:
         mods = self.mha

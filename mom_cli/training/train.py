@@ -250,6 +250,33 @@ def split_data(opts: TrainOptions, tokenizer: Any, d: distributed.Dist) -> tuple
     return train[:-n_eval], train[-n_eval:]
 
 
+# ----------------------------------------------------------------------------- teacher
+
+
+def source_model(ckpt: Path, config: Any, flag: str) -> str:
+    """The model the checkpoint was made from, as its provenance records it."""
+    prov = config.mom_provenance
+    if not prov or not prov[0].get("source"):
+        raise UsageError(f"{ckpt} records no source model; pass the teacher: {flag}")
+    return prov[0]["source"]
+
+
+def load_teacher(ref: str, config: Any, device: str, amp: torch.dtype, flag: str) -> nn.Module:
+    """A frozen teacher in eval mode, refused unless it shares the student's vocabulary."""
+    from mom_cli.io.loading import load_model
+
+    try:
+        teacher, _ = load_model(ref, device, amp if device.startswith("cuda") else torch.float32)
+    except UsageError as e:
+        raise UsageError(f"cannot load the distillation teacher {ref}: {e}; pass {flag}") from e
+    if teacher.config.vocab_size != config.vocab_size:
+        raise UsageError(f"teacher {ref} has a vocabulary of {teacher.config.vocab_size}, the model "
+                         f"{config.vocab_size}; distil from a model with the same tokenizer")
+    teacher.requires_grad_(False)
+    log(f"distilling from {ref}")
+    return teacher
+
+
 # ----------------------------------------------------------------------------- objective
 
 
@@ -354,24 +381,10 @@ class Run:
                 module.compile()
 
     def _teacher(self) -> nn.Module:
-        from mom_cli.io.loading import load_model
-
         ref = self.opts.distill
         if ref == "source":
-            prov = self.config.mom_provenance
-            if not prov or not prov[0].get("source"):
-                raise UsageError(f"{self.ckpt} records no source model; pass the teacher: --distill MODEL")
-            ref = prov[0]["source"]
-        try:
-            teacher, _ = load_model(ref, self.device, self.amp if self.device.startswith("cuda") else torch.float32)
-        except UsageError as e:
-            raise UsageError(f"cannot load the distillation teacher {ref}: {e}; pass --distill MODEL") from e
-        if teacher.config.vocab_size != self.config.vocab_size:
-            raise UsageError(f"teacher {ref} has a vocabulary of {teacher.config.vocab_size}, the model "
-                             f"{self.config.vocab_size}; distil from a model with the same tokenizer")
-        teacher.requires_grad_(False)
-        log(f"distilling from {ref}")
-        return teacher
+            ref = source_model(self.ckpt, self.config, "--distill MODEL")
+        return load_teacher(ref, self.config, self.device, self.amp, "--distill MODEL")
 
     # ------------------------------------------------------------------- state
 
@@ -408,12 +421,9 @@ class Run:
             "step": self.done, "fingerprint": self.fingerprint(), "params": params, "opt": opt,
             "row_opt": self.row_opt.state_dict() if self.row_opt else None,
             "scheds": [s.state_dict() for s in self.scheds], "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": rng_state(),
         }
-        tmp = self.work / f".{STATE_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.work / STATE_FILE)  # a kill during the save leaves the previous state
+        save_state_file(self.work / STATE_FILE, state)
 
     def load_state(self, path: Path) -> None:
         try:
@@ -433,11 +443,7 @@ class Run:
         for s, sd in zip(self.scheds, state["scheds"]):
             s.load_state_dict(sd)
         self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(state["rng"])
         self.done = int(state["step"])
         log(f"resuming {self.work} at step {self.done}/{self.steps}")
 
@@ -496,14 +502,32 @@ class Run:
         return math.exp(loss) if self.dist.main else None
 
 
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_state_file(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill during the save leaves the previous state
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
 class Metrics:
     """train_metrics.jsonl in the state dir (rank 0), plus TensorBoard when it is installed."""
 
-    def __init__(self, work: Path, main: bool, resume_step: int) -> None:
-        self.path = work / METRICS_FILE
+    def __init__(self, work: Path, main: bool, resume_step: int, name: str = METRICS_FILE) -> None:
+        self.path = work / name
         self.main = main
         self.tb = None
         if not main:
@@ -533,11 +557,11 @@ class Metrics:
             self.tb.close()
 
 
-def progress_bar():
+def progress_bar(label: str = "training"):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
         console=console.stderr, disable=console.QUIET, transient=True,
     )
@@ -550,10 +574,9 @@ def write_output(run: Run, weights: dict[str, torch.Tensor], stats: dict | None,
     """The trained model as a normal MoM checkpoint (rank 0), with metrics and routing statistics."""
     from mom_cli.io import provenance
     from mom_cli.analysis import routing_stats
-    from mom_cli.io.checkpoint import copy_extras, param_shapes, write_checkpoint
+    from mom_cli.io.checkpoint import copy_extras, write_checkpoint
     from mom_cli.modeling.configuration_mom import MomConfig
     from mom_cli.io.atomic import atomic_dir
-    from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader
 
     o = run.opts
     args = {k: v for k, v in asdict(o).items() if k not in ("stop_after",)}
@@ -562,13 +585,7 @@ def write_output(run: Run, weights: dict[str, torch.Tensor], stats: dict | None,
     new = MomConfig.from_dict(run.config.to_dict())
     new.mom_provenance = [*run.config.mom_provenance, provenance.record("train-routers", args, str(run.ckpt))]
     new.aux_loss_coef = run.coef
-    reader = SafetensorsReader(run.ckpt)
-    stored = reader.keys()
-    tensors = [
-        PlannedTensor(name, shape, reader.dtype(name) if name in stored else torch.float32,
-                      lambda name=name: weights[name])
-        for name, shape in param_shapes(new).items()
-    ]
+    tensors = planned_weights(run.ckpt, new, weights)
     with atomic_dir(run.out, force) as tmp:
         write_checkpoint(tmp, new, tensors, lambda dst: copy_extras(run.ckpt, dst))
         shutil.copy2(run.work / METRICS_FILE, tmp / METRICS_FILE)
@@ -578,6 +595,18 @@ def write_output(run: Run, weights: dict[str, torch.Tensor], stats: dict | None,
             routing_stats.save(tmp, stats, stat_tokens)
     if not o.keep_state:
         shutil.rmtree(run.work, ignore_errors=True)
+
+
+def planned_weights(ckpt: Path, config: Any, weights: dict[str, torch.Tensor]) -> list:
+    """The output tensors of `config` from `weights`, each in the dtype the checkpoint stored it in."""
+    from mom_cli.io.checkpoint import param_shapes
+    from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader
+
+    reader = SafetensorsReader(ckpt)
+    stored = reader.keys()
+    return [PlannedTensor(name, shape, reader.dtype(name) if name in stored else torch.float32,
+                          lambda name=name: weights[name])
+            for name, shape in param_shapes(config).items()]
 
 
 def reduced_stats(run: Run) -> dict | None:

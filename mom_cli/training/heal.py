@@ -1,0 +1,851 @@
+"""`mom heal`: win back the quality a lossy surgery cost, by distillation from the source model.
+
+    regions    what the surgeries changed, found in the checkpoint: converted PEER layers, pruned
+               modules, and blocks whose routing no longer follows the source layer by layer
+               (compressed, or trained routers). A region is a span of the residual stream between
+               two positions of the source model: position 2l is the input of layer l, 2l+1 the
+               input of its FFN, 2L the input of the final norm. Regions never overlap (overlaps merge).
+    trains     PEER: the layer's experts, queries and keys; a pruned module: the next FOLLOW live
+               modules of its block; a block: its routers and modules. `retrieval` trains only PEER
+               queries, keys and routers; `all` every parameter inside the region.
+    stage 1    local: the teacher runs once over the data; the residual stream at every region's
+               input and output is cached on disk (bf16, memory-mapped, at most `cache_size` bytes).
+               Each region then learns to map its cached input to its cached output (MSE; KL
+               through the final norm and head when the region ends at the top), one after another.
+    stage 2    global: end-to-end KL distillation to the teacher of the same parameters.
+    budget     tokens (2M, 500k, 131072) or wall time (30m, 90s, 2h); `local_share` of it goes to
+               stage 1, split evenly over the regions. Uppercase M is millions, lowercase m minutes.
+               A token budget fixes every step, so `resume` is bit-exact; a time budget continues
+               with the time that was left.
+    state      `OUT.heal-state/` beside the output: state.pt (atomic), the teacher cache and
+               heal_metrics.jsonl; removed when the output is written unless `keep_state`.
+    ranks      under torchrun: stage 1 gives region i to rank i mod world and then shares the
+               results; stage 2 is DDP (see `distributed`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mom_cli import console
+from mom_cli.console import log, warn
+from mom_cli.errors import MomError, UsageError
+from mom_cli.training import distributed, optim
+from mom_cli.training import train as tr
+
+TRAIN_MODES = ("auto", "retrieval", "all")
+FOLLOW = 2  # live modules after a pruned one that learn to make up for it
+METRICS_FILE = "heal_metrics.jsonl"
+STATE_FILE = "state.pt"
+LOCAL_EVAL_BLOCKS = 4  # cached sequences kept out of stage 1 to measure each region's error
+
+
+@dataclass
+class HealOptions:
+    data: str
+    teacher: str | None = None  # default: the source model in the provenance
+    budget: str | None = None  # tokens or a duration (see parse_budget); default: one pass over DATA
+    train: str = "auto"
+    local_share: float = 0.7
+    seq_len: int = 512
+    batch_size: int = 8
+    lr: float = 3e-4  # stage 1 (per region)
+    global_lr: float = 1e-4  # stage 2
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    cache_size: str = "4G"  # bytes of cached teacher states at most
+    eval_data: str | None = None
+    eval_tokens: int = 32768
+    device: str = "auto"
+    dtype: str = "auto"
+    save_every: int = 0
+    resume: bool = False
+    keep_state: bool = False
+    seed: int = 0
+    stop_after: int | None = None  # library only: stop after this many steps as if killed
+
+
+@dataclass
+class Budget:
+    tokens: int | None = None
+    seconds: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.tokens:,} tokens" if self.tokens is not None else f"{self.seconds:g} s"
+
+
+@dataclass
+class Region:
+    """A span [start, end) of source positions and the student parameters that learn it."""
+
+    name: str
+    cause: str  # the operation that made it: convert-peer, prune, decompose or train-routers
+    block: int
+    start: int
+    end: int
+    units: list[tuple[str, int]]  # ("mha" | "ffn", step) of an aligned block, or ("block", 0)
+    params: list[str]
+    steps: int = 0
+    tokens: int = 0
+    error_before: float | None = None
+    error_after: float | None = None
+
+    def report(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("units", "params")} | {"params": len(self.params)}
+
+
+@dataclass
+class HealResult:
+    path: Path | None
+    teacher: str
+    budget: str
+    regions: list[dict[str, Any]]
+    trainable_params: int
+    local_tokens: int
+    local_seconds: float
+    global_steps: int
+    global_tokens: int
+    global_seconds: float
+    kl_first: float | None
+    kl_last: float | None
+    eval_ppl_teacher: float | None
+    eval_ppl_before: float | None
+    eval_ppl_after: float | None
+    heldout_tokens: int
+    main: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "main"}
+
+
+# ----------------------------------------------------------------------------- options
+
+
+_SIZE = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
+_TIME = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+
+
+def parse_budget(text: str) -> Budget:
+    """'2M', '500k', '131072' -> tokens; '30m', '90s', '2h', '1.5h' -> wall time."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text or "")
+    if m and m[2] in _SIZE and int(float(m[1]) * _SIZE[m[2]]) >= 1:
+        return Budget(tokens=int(float(m[1]) * _SIZE[m[2]]))
+    if m and m[2] in _TIME and float(m[1]) > 0:
+        return Budget(seconds=float(m[1]) * _TIME[m[2]])
+    raise UsageError(f"--budget {text!r} is not a number of tokens (2M, 500k, 131072) or a duration (30m, 90s, 2h)")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKMG]?)i?B?\s*", text)
+    if not m:
+        raise UsageError(f"--cache-size {text!r} is not a size in bytes (4G, 500M)")
+    return int(float(m[1]) * {"": 1, "k": 2**10, "K": 2**10, "M": 2**20, "G": 2**30}[m[2]])
+
+
+def check_options(o: HealOptions) -> Budget | None:
+    if o.train not in TRAIN_MODES:
+        raise UsageError(f"unknown --train {o.train!r}: use one of {', '.join(TRAIN_MODES)}")
+    if o.schedule not in tr.SCHEDULES:
+        raise UsageError(f"unknown --schedule {o.schedule!r}: use cosine or constant")
+    if not 0 <= o.local_share <= 1:
+        raise UsageError("--local-share must be between 0 and 1")
+    if o.batch_size < 1 or o.seq_len < 2 or o.save_every < 0 or min(o.lr, o.global_lr) <= 0:
+        raise UsageError("--batch-size must be >= 1, --seq-len >= 2, --save-every >= 0 and learning rates > 0")
+    if o.dtype in ("fp16", "float16"):
+        raise UsageError("mom heal runs in bf16 or fp32: use --dtype bf16, fp32 or auto")
+    if o.dtype != "auto" and o.dtype not in tr.DTYPES:
+        raise UsageError(f"unknown --dtype {o.dtype!r}: use bf16, fp32 or auto")
+    parse_size(o.cache_size)
+    return parse_budget(o.budget) if o.budget is not None else None
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+def block_starts(config: Any) -> list[int]:
+    """The source layer each block starts at: blocks follow the bottom layers, one pool after another."""
+    starts, s = [], len(config.bottom_layers)
+    for b in config.blocks:
+        starts.append(s)
+        s += len(b["mha"])
+    return starts
+
+
+def num_positions(config: Any) -> int:
+    """2L: the final norm's input (L source layers)."""
+    return 2 * (len(config.bottom_layers) + sum(len(b["mha"]) for b in config.blocks) + len(config.top_layers))
+
+
+@torch.no_grad()
+def aligned(block: nn.Module, spec: dict[str, Any], top_k: int) -> bool:
+    """Step h runs exactly source layer h (as decompose leaves it): constant routers whose step
+    bias picks slot h. Then the block can be cut anywhere between modules."""
+    m = len(spec["mha"])
+    if top_k != 1 or spec["steps"] != m or len(spec["ffn"]) != m:
+        return False
+    for router in (block.mha_router, block.ffn_router):
+        if bool(torch.count_nonzero(router.head.weight)) or router.step_bias.shape[0] != m:
+            return False
+        if not torch.equal(router.step_bias.argmax(-1).cpu(), torch.arange(m)):
+            return False
+    return True
+
+
+def _module_params(model: nn.Module, prefix: str, mode: str) -> list[str]:
+    names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+    if mode == "all":
+        return names
+    peer = [n for n in names if ".peer." in n]
+    if peer:  # a PEER module: its experts, queries and keys
+        return [n for n in peer if tr.group_of(n) == "peer_retrieval"] if mode == "retrieval" else peer
+    return [] if mode == "retrieval" else names
+
+
+def causes(config: Any) -> set[str]:
+    return {r.get("command") for r in config.mom_provenance}
+
+
+def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
+    """Every changed span of the checkpoint, with the parameters that learn it (see the docstring)."""
+    ops = causes(config)
+    regions: list[Region] = []
+    blocks = model.model.blocks
+    for i, (spec, s) in enumerate(zip(config.blocks, block_starts(config))):
+        m = len(spec["mha"])
+        prefix = f"model.blocks.{i}."
+        if not aligned(blocks[i], spec, config.router_top_k):
+            names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+            if mode != "all":
+                names = [n for n in names if "_router." in n or mode == "auto" or tr.group_of(n) == "peer_retrieval"]
+            compressed = spec["steps"] != m or config.router_top_k != 1
+            cause = "train-routers" if "train-routers" in ops and not compressed else "decompose"
+            regions.append(Region(f"block {i}", cause, i, 2 * s, 2 * (s + m),
+                                  [("block", 0)], names))
+            continue
+        live = [(kind, h) for h in range(m) for kind in ("mha", "ffn") if spec[kind][h] is not None]
+        spans: list[tuple[int, int, str, list[tuple[str, int]]]] = []
+        for h in range(m):
+            if f"{i}.{h}" in config.peer and spec["ffn"][h] is not None:
+                spans.append((2 * (s + h) + 1, 2 * (s + h) + 2, "convert-peer", [("ffn", h)]))
+            for kind in ("mha", "ffn"):
+                if spec[kind][h] is None:
+                    p = 2 * (s + h) + (kind == "ffn")
+                    after = [u for u in live if 2 * (s + u[1]) + (u[0] == "ffn") > p][:FOLLOW]
+                    if not after:
+                        warn(f"the pruned {kind.upper()} module of layer {s + h} has no live module after it in "
+                             f"block {i}: nothing learns to make up for it")
+                        continue
+                    last = after[-1]
+                    spans.append((p, 2 * (s + last[1]) + (last[0] == "ffn") + 1, "prune", after))
+        for a, b, cause, trained in _merge(spans):
+            units = [u for u in _units(s, m) if a <= 2 * (s + u[1]) + (u[0] == "ffn") < b]
+            names = [n for kind, h in trained for n in _module_params(model, f"{prefix}{kind}.{h}.", mode)]
+            regions.append(Region(f"positions {a}-{b} (layers {a // 2}-{(b - 1) // 2})", cause, i, a, b, units, names))
+    return [r for r in regions if r.params]
+
+
+def _units(s: int, m: int) -> list[tuple[str, int]]:
+    return [(kind, h) for h in range(m) for kind in ("mha", "ffn")]
+
+
+def _merge(spans: list) -> list[tuple[int, int, str, list[tuple[str, int]]]]:
+    """Overlapping spans become one region: their union, trained modules and causes together."""
+    out: list[list] = []
+    for a, b, cause, trained in sorted(spans, key=lambda x: x[0]):
+        if out and a < out[-1][1]:
+            last = out[-1]
+            last[1] = max(last[1], b)
+            last[2] = last[2] if cause in last[2].split("+") else f"{last[2]}+{cause}"
+            last[3] += [u for u in trained if u not in last[3]]
+        else:
+            out.append([a, b, cause, list(trained)])
+    return [tuple(x) for x in out]
+
+
+# ----------------------------------------------------------------------------- running a region
+
+
+def step_context(model: nn.Module, b: int, t: int, x: torch.Tensor) -> Any:
+    """What the attention of a region needs for b sequences of t tokens at positions 0..t-1."""
+    from mom_cli.modeling.modeling_mom import StepContext
+
+    inner = model.model
+    cos = sin = None
+    if inner.rotary_emb is not None:
+        pos = torch.arange(t, device=x.device)[None].expand(b, -1)
+        cos, sin = inner.rotary_emb(x.view(b, t, -1), pos)
+    return StepContext(b, t, 0, None, cos, sin, None, x.device)
+
+
+def run_region(model: nn.Module, region: Region, x: torch.Tensor, aux: list) -> torch.Tensor:
+    """The student from the region's input to its output: x (B, T, d) -> (B, T, d)."""
+    b, t, d = x.shape
+    ctx = step_context(model, b, t, x)
+    block = model.model.blocks[region.block]
+    h = x.reshape(b * t, d)
+    for kind, step in region.units:
+        if kind == "block":
+            h = block(h, ctx, 0, aux, None, region.block)
+        elif kind == "mha":
+            h, _ = block.mha_step(h, None, step, ctx, 0, aux)
+        else:
+            h, _ = block.ffn_step(h, None, step, aux)
+    return h.view(b, t, d)
+
+
+def region_loss(model: nn.Module, region: Region, top: int, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE on the residual stream; KL through the final norm and head when the region ends at the top."""
+    if region.end == top:
+        head = lambda h: model.lm_head(model.model.norm(h))  # noqa: E731
+        with torch.no_grad():
+            t_logits = head(target)
+        return tr.kl_to_teacher(head(y), t_logits)
+    return F.mse_loss(y.float(), target.float())
+
+
+def relative_error(y: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> float:
+    """||y - target||^2 / ||target - x||^2: 0 is exact, 1 is as far off as leaving the region out."""
+    return float(((y.float() - target.float()) ** 2).sum() / ((target.float() - x.float()) ** 2).sum().clamp_min(1e-12))
+
+
+# ----------------------------------------------------------------------------- the teacher cache
+
+
+class TeacherCache:
+    """The teacher's residual stream at some positions for the first n blocks: one (n, T, d) bf16
+    memory-mapped file per position (stored as int16 bits: numpy has no bf16)."""
+
+    def __init__(self, folder: Path, positions: list[int], n: int, seq_len: int, d: int) -> None:
+        self.folder, self.positions, self.shape = folder, positions, (n, seq_len, d)
+        self.maps: dict[int, np.memmap] = {}
+
+    def meta(self, key: dict[str, Any]) -> dict[str, Any]:
+        return {"key": key, "positions": self.positions, "shape": list(self.shape)}
+
+    def ready(self, key: dict[str, Any]) -> bool:
+        meta = self.folder / "cache.json"
+        return meta.exists() and json.loads(meta.read_text()) == self.meta(key)
+
+    def open(self, mode: str) -> None:
+        self.maps = {p: np.memmap(self.folder / f"pos{p}.bf16", dtype=np.int16, mode=mode, shape=self.shape)
+                     for p in self.positions}
+
+    def fill(self, teacher: nn.Module, family: Any, blocks: np.ndarray, batch_size: int, device: str,
+             key: dict[str, Any], autocast: Callable) -> None:
+        """One teacher pass over the blocks; hooks on the teacher's norms catch the residual stream."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.open("w+")
+        rows: slice = slice(0, 0)
+        hooks = []
+
+        def keep(pos: int):
+            def hook(mod, args):
+                if pos in self.maps:
+                    h = args[0].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+                    self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
+            return hook
+
+        layers_path, attn_norm, ffn_norm, final = family.hf_norms
+        layers = teacher.get_submodule(layers_path)
+        for l, layer in enumerate(layers):
+            hooks.append(layer.get_submodule(attn_norm).register_forward_pre_hook(keep(2 * l)))
+            hooks.append(layer.get_submodule(ffn_norm).register_forward_pre_hook(keep(2 * l + 1)))
+        hooks.append(teacher.get_submodule(final).register_forward_pre_hook(keep(2 * len(layers))))
+        try:
+            with torch.no_grad(), console.progress() as bar:
+                task = bar.add_task("caching the teacher", total=self.shape[0])
+                for i in range(0, self.shape[0], batch_size):
+                    rows = slice(i, min(i + batch_size, self.shape[0]))
+                    x = torch.from_numpy(blocks[rows].astype(np.int64)).to(device)
+                    with autocast():
+                        teacher(input_ids=x, use_cache=False)
+                    bar.update(task, completed=rows.stop)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in self.maps.values():
+            m.flush()
+        (self.folder / "cache.json").write_text(json.dumps(self.meta(key)))
+        self.open("r")
+
+    def read(self, pos: int, rows: torch.Tensor, device: str) -> torch.Tensor:
+        idx = rows.reshape(-1).numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.maps[pos][idx])).view(torch.bfloat16).to(device).float()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Heal:
+    """Model, teacher, regions, data, budget and state of one healing run."""
+
+    def __init__(self, ckpt: Path, out: Path, opts: HealOptions, budget: Budget | None, d: distributed.Dist,
+                 device: str) -> None:
+        from mom_cli.families import family_for
+        from mom_cli.io.checkpoint import read_mom
+        from mom_cli.io.loading import load_model
+
+        self.ckpt, self.out, self.opts, self.dist, self.device = ckpt, out, opts, d, device
+        self.config, _ = read_mom(ckpt)
+        if opts.teacher is None and not self.config.mom_provenance:
+            raise UsageError(f"{ckpt} records no provenance, so neither its changes nor its source are known; "
+                             "pass the model it was made from: --teacher MODEL")
+        if opts.seq_len > self.config.max_position_embeddings:
+            raise UsageError(f"--seq-len {opts.seq_len} is longer than the model's {self.config.max_position_embeddings} "
+                             f"positions; use --seq-len {self.config.max_position_embeddings} or less")
+        self.teacher_ref = opts.teacher or tr.source_model(ckpt, self.config, "--teacher MODEL")
+        self.amp = tr.amp_dtype(opts.dtype, device)
+        self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
+        self.family = family_for(self.config.source_model_type)
+        self.model.train()
+        self.model.requires_grad_(False)
+        self.regions = find_regions(self.model, self.config, opts.train)
+        self.top = num_positions(self.config)
+        self.named = dict(self.model.named_parameters())
+        self.trainable = sorted({n for r in self.regions for n in r.params})
+        self.coef = self.config.aux_loss_coef if any(r.units[0][0] == "block" for r in self.regions) else 0.0
+        self._data(budget)
+        self.teacher = tr.load_teacher(self.teacher_ref, self.config, device, self.amp, "--teacher MODEL")
+        self.work = out.parent / f"{out.name}.heal-state"
+        self.cursor = {"stage": "local", "region": 0, "step": 0, "global_step": 0, "tokens": 0, "elapsed": 0.0}
+        self.opt_state: dict[str, Any] | None = None
+
+    def _data(self, budget: Budget | None) -> None:
+        o = self.opts
+        topts = tr.TrainOptions(data=o.data, seq_len=o.seq_len, batch_size=o.batch_size, eval_data=o.eval_data,
+                                eval_tokens=o.eval_tokens, seed=o.seed)
+        self.blocks, self.heldout = tr.split_data(topts, self.tokenizer, self.dist)
+        if self.blocks.shape[0] == 0:
+            raise UsageError(f"data {o.data} is shorter than one sequence of --seq-len {o.seq_len}; give more text "
+                             "or a smaller --seq-len")
+        self.step_tokens = o.batch_size * o.seq_len
+        self.budget = budget or Budget(tokens=int(self.blocks.size))
+        d = self.config.hidden_size
+        positions = sorted({p for r in self.regions if self._owns(r) for p in (r.start, r.end)})
+        per_block = max(1, len(positions)) * o.seq_len * d * 2
+        n = min(self.blocks.shape[0], max(1, parse_size(o.cache_size) // per_block))
+        if self.budget.tokens is not None and self.regions:
+            local = self.budget.tokens * o.local_share / len(self.regions)
+            n = min(n, max(1, math.ceil(local / o.seq_len)) + LOCAL_EVAL_BLOCKS)
+        self.local_eval = min(LOCAL_EVAL_BLOCKS, n // 5)
+        self.cache_blocks = n
+        self.cache_positions = positions
+
+    def _owns(self, region: Region) -> bool:
+        return self.regions.index(region) % self.dist.world == self.dist.rank
+
+    # ------------------------------------------------------------------- state
+
+    def fingerprint(self) -> dict[str, Any]:
+        from mom_cli.io import tokencache
+
+        o = self.opts
+        data = o.data if o.data.startswith("hf:") else tokencache.cache_path(o.data, self.tokenizer).name
+        return {"checkpoint": str(self.ckpt.resolve()), "data": data, "teacher": self.teacher_ref, "budget": str(self.budget),
+                "train": o.train, "local_share": o.local_share, "seq_len": o.seq_len, "batch_size": o.batch_size,
+                "lr": o.lr, "global_lr": o.global_lr, "schedule": o.schedule, "weight_decay": o.weight_decay,
+                "seed": o.seed, "dtype": str(self.amp), "ranks": self.dist.world, "regions": [r.name for r in self.regions]}
+
+    def prepare_state_dir(self, force: bool) -> None:
+        state = self.work / STATE_FILE
+        if self.opts.resume:
+            if not state.exists():
+                raise UsageError(f"--resume: no saved healing state at {self.work}; run without --resume to start")
+            self.load_state(state)
+        elif state.exists() and not force:
+            raise UsageError(f"a saved healing state exists at {self.work}; pass --resume to continue it, "
+                             "or --force to start over")
+        elif self.dist.main:
+            shutil.rmtree(self.work, ignore_errors=True)
+        distributed.barrier(self.dist)
+        if self.dist.main:
+            self.work.mkdir(exist_ok=True)
+
+    def save_state(self, opts: list[torch.optim.Optimizer]) -> None:
+        if not self.dist.main:
+            return
+        state = {"cursor": dict(self.cursor), "fingerprint": self.fingerprint(),
+                 "params": {n: self.named[n].detach().cpu().clone() for n in self.trainable},
+                 "buffers": {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()},
+                 "opt": [o.state_dict() for o in opts], "regions": [r.report() for r in self.regions],
+                 "rng": tr.rng_state()}
+        tr.save_state_file(self.work / STATE_FILE, state)
+
+    def load_state(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MomError(f"cannot read the healing state {path}: {e}; start over with --force") from e
+        saved, now = state["fingerprint"], self.fingerprint()
+        diff = [f"{k} ({saved.get(k)} saved, {now[k]} now)" for k in now if saved.get(k) != now[k]]
+        if diff:
+            raise UsageError(f"--resume: the saved run differs in {', '.join(diff[:3])}; run with its options, "
+                             "or --force without --resume to start over")
+        with torch.no_grad():
+            for n, v in state["params"].items():
+                self.named[n].copy_(v)
+            buffers = dict(self.model.named_buffers())
+            for n, v in state["buffers"].items():
+                buffers[n].copy_(v)
+        for r, saved_r in zip(self.regions, state["regions"]):
+            r.steps, r.tokens = saved_r["steps"], saved_r["tokens"]
+            r.error_before, r.error_after = saved_r["error_before"], saved_r["error_after"]
+        self.cursor = state["cursor"]
+        self.opt_state = state["opt"]
+        tr.restore_rng(state["rng"])
+        log(f"resuming {self.work} at step {self.cursor['global_step']} ({self.cursor['stage']} stage)")
+
+    # ------------------------------------------------------------------- pieces
+
+    def autocast(self):
+        if self.amp == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.amp)
+
+    def optimizers(self, names: list[str], lr: float) -> list[torch.optim.Optimizer]:
+        """AdamW for dense parameters, RowSparseAdam for PEER expert tables (only retrieved rows move)."""
+        dense = [(n, self.named[n]) for n in names if tr.group_of(n) != "peer_experts" or self.opts.train == "all"]
+        rows = [self.named[n] for n in names if tr.group_of(n) == "peer_experts" and self.opts.train != "all"]
+        for n in names:
+            self.named[n].requires_grad_(True)
+        opts: list[torch.optim.Optimizer] = []
+        if dense:
+            opts.append(optim.adamw(dense, lr, self.opts.weight_decay, self.device))
+        if rows:
+            opts.append(optim.RowSparseAdam(rows, lr=lr, weight_decay=self.opts.weight_decay))
+        if self.opt_state is not None:  # resuming inside this stage or region
+            for o, sd in zip(opts, self.opt_state):
+                o.load_state_dict(sd)
+            self.opt_state = None
+        return opts
+
+    def step(self, opts: list[torch.optim.Optimizer], params: list[nn.Parameter], loss: torch.Tensor,
+             lr: float) -> None:
+        loss.backward()
+        if self.opts.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.opts.max_grad_norm)
+        for o in opts:
+            for g in o.param_groups:
+                g["lr"] = lr
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+    def lr(self, peak: float, progress: float) -> float:
+        """The schedule of train-routers over the fraction of this stage's budget spent."""
+        return peak * optim.schedule(self.opts.schedule, 50, 1000)(min(999, int(progress * 1000)))
+
+    @torch.no_grad()
+    def perplexity(self, model: nn.Module) -> float | None:
+        if self.heldout is None or not self.dist.main:
+            return None
+        from mom_cli.analysis.evaluate import perplexity
+
+        was = model.training
+        model.eval()
+        try:
+            with self.autocast():
+                loss, _ = perplexity(model, torch.from_numpy(self.heldout.astype(np.int64)), self.opts.batch_size, self.device)
+        finally:
+            model.train(was)
+        return math.exp(loss)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Clock:
+    """The budget spent so far, in the budget's unit (tokens, or seconds including earlier runs)."""
+
+    def __init__(self, run: Heal) -> None:
+        self.run, self.t0 = run, time.perf_counter() - run.cursor["elapsed"]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def spent(self) -> float:
+        c = self.run.cursor
+        return c["tokens"] if self.run.budget.tokens is not None else self.elapsed()
+
+    @property
+    def total(self) -> float:
+        b = self.run.budget
+        return float(b.tokens if b.tokens is not None else b.seconds)
+
+
+def local_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: Any) -> None:
+    """Stage 1: each region of this rank learns its cached output, one region after another."""
+    o, c = run.opts, run.cursor
+    if c["stage"] != "local":
+        return
+    mine = [r for r in run.regions if run._owns(r)]
+    cache = TeacherCache(run.work / f"cache-rank{run.dist.rank}", run.cache_positions, run.cache_blocks, o.seq_len,
+                         run.config.hidden_size)
+    key = {"fingerprint": run.fingerprint()}
+    if mine and not cache.ready(key):
+        cache.fill(run.teacher, run.family, run.blocks, o.batch_size, run.device, key, run.autocast)
+    elif mine:
+        cache.open("r")
+    n_train = cache.shape[0] - run.local_eval
+    order = tr.Batches(np.arange(n_train).reshape(-1, 1), o.batch_size, 1, distributed.Dist(0, 1, 0), o.seed)
+    stage_end = clock.total * o.local_share
+    for i, region in enumerate(run.regions):
+        if i < c["region"]:
+            continue
+        if region in mine:
+            _train_region(run, region, cache, order, metrics, clock, stage_end, bar, task)
+            if run.stopped:
+                return
+        c.update(region=i + 1, step=0)
+        if o.save_every:
+            run.save_state([])
+    _share_regions(run)
+    c.update(stage="global", step=0)
+
+
+def _train_region(run: Heal, region: Region, cache: TeacherCache, order: tr.Batches, metrics: tr.Metrics,
+                  clock: Clock, stage_end: float, bar: Any, task: Any) -> None:
+    o, c = run.opts, run.cursor
+    left = len(run.regions) - run.regions.index(region)
+    # This region's share of what stage 1 has left; a token budget fixes it in advance.
+    if run.budget.tokens is not None:
+        share = stage_end / len(run.regions)
+        steps = max(1, math.ceil(share / run.step_tokens))
+        done_before = run.regions.index(region) * steps * run.step_tokens
+        end = lambda: c["step"] >= steps  # noqa: E731
+        progress = lambda: c["step"] / steps  # noqa: E731
+    else:
+        if c["step"] == 0:
+            c["region_start"] = clock.spent()
+            c["region_end"] = c["region_start"] + max(0.0, stage_end - c["region_start"]) / left
+        start, region_end = c["region_start"], c["region_end"]
+        end = lambda: clock.spent() >= region_end  # noqa: E731
+        progress = lambda: (clock.spent() - start) / max(1e-9, region_end - start)  # noqa: E731
+        done_before = None
+    if c["step"] == 0:
+        region.error_before = _region_error(run, region, cache)
+    params = [run.named[n] for n in region.params]
+    opts = run.optimizers(region.params, o.lr)
+    log(f"{region.name} ({region.cause}): {sum(p.numel() for p in params):,} parameters, error {region.error_before:.4g}")
+    while not end():
+        t0 = time.perf_counter()
+        rows = next(order.micro_batches(c["step"])).reshape(-1)
+        x, target = cache.read(region.start, rows, run.device), cache.read(region.end, rows, run.device)
+        aux: list[torch.Tensor] = []
+        with run.autocast():
+            y = run_region(run.model, region, x.to(torch.float32), aux)
+            loss = region_loss(run.model, region, run.top, y, target)
+            if aux and run.coef:
+                loss = loss + run.coef * torch.stack(aux).mean()
+        lr = run.lr(o.lr, progress())
+        run.step(opts, params, loss, lr)
+        if not math.isfinite(loss.item()):
+            raise MomError(f"the loss of {region.name} became {loss.item()}; lower --lr")
+        tokens = rows.numel() * o.seq_len
+        c["step"] += 1
+        c["global_step"] += 1
+        c["tokens"] = (done_before + c["step"] * run.step_tokens) if done_before is not None else c["tokens"] + tokens
+        region.steps, region.tokens = c["step"], c["step"] * run.step_tokens
+        tps = tokens / (time.perf_counter() - t0)
+        metrics.write({"step": c["global_step"], "tokens": c["tokens"], "stage": "local", "region": region.name,
+                       "loss": loss.item(), "lr": lr, "tokens_per_s": tps})
+        bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{loss.item():.4g}", tps=f"{tps:.0f}")
+        if _checkpoint(run, opts, clock):
+            return
+    for p in params:
+        p.requires_grad_(False)
+    region.error_after = _region_error(run, region, cache)
+    log(f"{region.name}: error {region.error_before:.4g} -> {region.error_after:.4g} in {region.steps} steps")
+
+
+@torch.no_grad()
+def _region_error(run: Heal, region: Region, cache: TeacherCache) -> float:
+    """The relative error (see relative_error) on the cached blocks kept out of stage 1."""
+    n = cache.shape[0]
+    rows = torch.arange(n - run.local_eval, n) if run.local_eval else torch.arange(min(n, run.opts.batch_size))
+    was = run.model.training
+    run.model.eval()
+    try:
+        x, t = cache.read(region.start, rows, run.device), cache.read(region.end, rows, run.device)
+        with run.autocast():
+            y = run_region(run.model, region, x, [])
+        return relative_error(y, x, t)
+    finally:
+        run.model.train(was)
+
+
+def _share_regions(run: Heal) -> None:
+    """Under torchrun, each region's owner sends its trained parameters to every rank."""
+    if not run.dist.active:
+        return
+    import torch.distributed as dist
+
+    for i, r in enumerate(run.regions):
+        for n in r.params:
+            p = run.named[n]
+            buf = p.detach().to(run.device).contiguous()
+            dist.broadcast(buf, src=i % run.dist.world)
+            with torch.no_grad():
+                p.copy_(buf)
+
+
+def global_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: Any) -> tuple[float | None, float | None]:
+    """Stage 2: end-to-end KL to the teacher of every region's parameters together."""
+    o, c, d = run.opts, run.cursor, run.dist
+    first = last = None
+    if c["stage"] != "global" or not run.trainable:
+        return first, last
+    params = [run.named[n] for n in run.trainable]
+    opts = run.optimizers(run.trainable, o.global_lr)
+    model = distributed.wrap(d, run.model, run.device, "ddp")
+    batches = tr.Batches(run.blocks, o.batch_size, 1, d, o.seed)
+    stage_start = clock.total * o.local_share
+    step_tokens = run.step_tokens * d.world
+    if run.budget.tokens is not None:
+        steps = max(1, math.ceil((clock.total - stage_start) / step_tokens))
+        start_tokens = c["tokens"] - c["step"] * step_tokens
+        end = lambda: c["step"] >= steps  # noqa: E731
+        progress = lambda: c["step"] / steps  # noqa: E731
+    else:
+        start_s = c.setdefault("global_start", clock.spent())
+        end = lambda: clock.spent() >= clock.total  # noqa: E731
+        progress = lambda: (clock.spent() - start_s) / max(1e-9, clock.total - start_s)  # noqa: E731
+        start_tokens = None
+    while not end():
+        t0 = time.perf_counter()
+        x = next(batches.micro_batches(c["step"])).to(run.device)
+        with run.autocast():
+            parts = tr.step_losses(model, run.teacher, x, run.coef)
+        lr = run.lr(o.global_lr, progress())
+        run.step(opts, params, parts["loss"], lr)
+        m = dict(zip(("loss", "kl", "lm_loss"), distributed.mean(
+            d, torch.stack([parts["loss"].detach().float(), parts["kl"].float(), parts["lm_loss"].float()])).tolist()))
+        if not math.isfinite(m["loss"]):
+            raise MomError(f"the loss became {m['loss']} in the global stage; lower --global-lr")
+        c["step"] += 1
+        c["global_step"] += 1
+        c["tokens"] = start_tokens + c["step"] * step_tokens if start_tokens is not None else c["tokens"] + step_tokens
+        first = m["kl"] if first is None else first
+        last = m["kl"]
+        tps = step_tokens / (time.perf_counter() - t0)
+        metrics.write({"step": c["global_step"], "tokens": c["tokens"], "stage": "global", "loss": m["loss"],
+                       "kl": m["kl"], "lm_loss": m["lm_loss"], "lr": lr, "tokens_per_s": tps})
+        bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{m['kl']:.4g}", tps=f"{tps:.0f}")
+        if _checkpoint(run, opts, clock):
+            break
+    for p in params:
+        p.requires_grad_(False)
+    return first, last
+
+
+def _checkpoint(run: Heal, opts: list[torch.optim.Optimizer], clock: Clock) -> bool:
+    """Save every `save_every` steps; True when the run must stop here (`stop_after`)."""
+    c = run.cursor
+    c["elapsed"] = clock.elapsed()
+    if run.opts.save_every and c["global_step"] % run.opts.save_every == 0:
+        run.save_state(opts)
+    run.stopped = c["global_step"] == run.opts.stop_after
+    return run.stopped
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def heal(ckpt: Path, out: Path, opts: HealOptions, force: bool = False) -> HealResult:
+    """Heal `ckpt` per `opts` and write the result to `out` (see the module docstring)."""
+    from mom_cli.io.atomic import check_output
+    from mom_cli.io.loading import pick_device
+
+    ckpt, out = Path(ckpt), Path(out)
+    budget = check_options(opts)
+    check_output(out, force)
+    d = distributed.from_env()
+    if not d.main:
+        console.QUIET = True
+    device = distributed.init(d, pick_device(opts.device))
+    try:
+        torch.manual_seed(opts.seed)
+        run = Heal(ckpt, out, opts, budget, d, device)
+        run.stopped = False
+        run.prepare_state_dir(force)
+        return _run(run, force)
+    finally:
+        distributed.shutdown(d)
+
+
+def _run(run: Heal, force: bool) -> HealResult:
+    c = run.cursor
+    metrics = tr.Metrics(run.work, run.dist.main, c["global_step"], METRICS_FILE)
+    n = sum(run.named[p].numel() for p in run.trainable)
+    log(f"heal {run.ckpt}: {len(run.regions)} region(s), {n:,} parameters, budget {run.budget}, teacher "
+        f"{run.teacher_ref}, {run.dist.world} process(es) on {run.device}, autocast {run.amp}")
+    for r in run.regions:
+        log(f"  {r.name}: {r.cause}, {len(r.params)} tensors")
+    if not run.regions:
+        log("nothing to heal: every block follows its source layer by layer and nothing was converted or pruned")
+    fresh = c["global_step"] == 0 and c["stage"] == "local" and c["region"] == 0
+    teacher_ppl = run.perplexity(run.teacher)
+    before = run.perplexity(run.model) if fresh else None
+    if before is not None:
+        metrics.write({"step": 0, "tokens": 0, "eval_loss": math.log(before), "eval_ppl": before})
+    clock = Clock(run)
+    start_tokens, local_t0 = c["tokens"], clock.elapsed()
+    with tr.progress_bar("healing") as bar:
+        task = bar.add_task("healing", total=clock.total, completed=min(clock.total, clock.spent()), loss="-", tps="-")
+        local_stage(run, metrics, clock, bar, task)
+        local_s, local_tokens = clock.elapsed() - local_t0, c["tokens"] - start_tokens
+        first = last = None
+        if not run.stopped:
+            first, last = global_stage(run, metrics, clock, bar, task)
+    global_s = clock.elapsed() - local_t0 - local_s
+    result = HealResult(None, run.teacher_ref, str(run.budget), [r.report() for r in run.regions], n, local_tokens,
+                        local_s, c["step"] if c["stage"] == "global" else 0,
+                        c["tokens"] - start_tokens - local_tokens, global_s, first, last, teacher_ppl, before, None,
+                        0 if run.heldout is None else int(run.heldout.size) - run.heldout.shape[0], run.dist.main)
+    if run.stopped:
+        metrics.close()
+        return result
+    run.model.eval()
+    result.eval_ppl_after = run.perplexity(run.model)
+    if result.eval_ppl_after is not None:
+        metrics.write({"step": c["global_step"], "tokens": c["tokens"], "eval_loss": math.log(result.eval_ppl_after),
+                       "eval_ppl": result.eval_ppl_after})
+    metrics.close()
+    if run.dist.main:
+        write_output(run, result, force)
+        result.path = run.out
+    distributed.barrier(run.dist)
+    return result
+
+
+def write_output(run: Heal, result: HealResult, force: bool) -> None:
+    """The healed model as a normal MoM checkpoint, with provenance and heal_metrics.jsonl."""
+    from mom_cli.io import provenance
+    from mom_cli.io.atomic import atomic_dir
+    from mom_cli.io.checkpoint import copy_extras, write_checkpoint
+    from mom_cli.modeling.configuration_mom import MomConfig
+
+    args = {k: v for k, v in asdict(run.opts).items() if k != "stop_after"}
+    args.update(teacher=run.teacher_ref, budget=str(run.budget), regions=[r.name for r in run.regions],
+                ranks=run.dist.world, eval_ppl_before=result.eval_ppl_before, eval_ppl_after=result.eval_ppl_after)
+    new = MomConfig.from_dict(run.config.to_dict())
+    new.mom_provenance = [*run.config.mom_provenance, provenance.record("heal", args, str(run.ckpt))]
+    weights = {k: v.detach() for k, v in run.model.state_dict().items()}
+    with atomic_dir(run.out, force) as tmp:
+        write_checkpoint(tmp, new, tr.planned_weights(run.ckpt, new, weights), lambda dst: copy_extras(run.ckpt, dst))
+        shutil.copy2(run.work / METRICS_FILE, tmp / METRICS_FILE)
+    if not run.opts.keep_state:
+        shutil.rmtree(run.work, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""`mom heal`: a region cut out of an exact checkpoint reproduces the teacher, the local stage lowers
+each region's error, an exact checkpoint comes back unchanged, resume is bit-exact, and bad input
+is one clear line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import decomposed
+from mom_cli.errors import UsageError
+from mom_cli.io.checkpoint import load
+from mom_cli.training import heal as H
+from test_cli import assert_one_line_error, mom
+
+SMALL = dict(seq_len=32, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, models_dir) -> Path:
+    """An exact Llama MoM, a PEER conversion of two of its layers, a pruned MHA module, and the text."""
+    from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
+    from mom_cli.surgery.prune import remove_modules, pooled_modules
+
+    root = tmp_path_factory.mktemp("heal")
+    shutil.copy(models_dir / "text.txt", root / "text.txt")
+    decomposed(models_dir / "llama", root / "exact")
+    convert_peer(root / "exact", root / "peer", ConvertOptions(layers="1,2", heads=2, topk=16))
+    mha1 = next(r for r in pooled_modules(load(root / "exact").config) if r.kind == "mha" and r.slot == 1)
+    remove_modules(root / "exact", root / "pruned", [mha1], {"command": "prune", "args": {}, "source": str(root / "exact"),
+                                                            "time": "", "mom_version": ""})
+    return root
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in load(path).state_dict().items()}
+
+
+def test_budget_parses_tokens_and_durations():
+    assert H.parse_budget("2M").tokens == 2_000_000 and H.parse_budget("500k").tokens == 500_000
+    assert H.parse_budget("131072").tokens == 131072
+    assert H.parse_budget("30m").seconds == 1800 and H.parse_budget("1.5h").seconds == 5400
+    for bad in ("fast", "2x", "-3", "0", "m"):
+        with pytest.raises(UsageError, match="not a number of tokens"):
+            H.parse_budget(bad)
+
+
+def test_regions_found_from_the_surgeries(work):
+    peer = load(work / "peer")
+    regions = H.find_regions(peer, peer.config, "auto")
+    assert [(r.cause, r.start, r.end) for r in regions] == [("convert-peer", 3, 4), ("convert-peer", 5, 6)]
+    assert all(".peer." in n for r in regions for n in r.params)
+    pruned = load(work / "pruned")
+    (r,) = H.find_regions(pruned, pruned.config, "auto")
+    # MHA of layer 1 removed: its FFN and the next MHA learn to make up for it
+    assert (r.cause, r.start, r.end) == ("prune", 2, 5)
+    assert {n.split(".")[3] + n.split(".")[4] for n in r.params} == {"ffn1", "mha2"}
+    exact = load(work / "exact")
+    assert H.find_regions(exact, exact.config, "auto") == []
+
+
+def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(work, models_dir):
+    """Positions cut from the teacher's hooks and spans run by the student meet exactly (float32)."""
+    from mom_cli.families import family_for
+    from mom_cli.io.loading import load_model
+
+    student = load(work / "exact")
+    teacher, _ = load_model(str(models_dir / "llama"))
+    x = torch.randint(0, 320, (2, 16))
+    cache = H.TeacherCache(work / "cache-check", list(range(9)), 2, 16, 64)
+    cache.fill(teacher, family_for("llama"), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
+    rows = torch.arange(2)
+    for a, b in ((0, 3), (3, 4), (4, 8)):
+        units = [u for u in H._units(0, 4) if a <= 2 * u[1] + (u[0] == "ffn") < b]
+        r = H.Region("r", "test", 0, a, b, units, [])
+        y = H.run_region(student, r, cache.read(a, rows, "cpu"), [])
+        # inputs and outputs are stored in bf16: the difference is their rounding, not the model's
+        ref = cache.read(b, rows, "cpu")
+        assert (y - ref).abs().max() <= 0.02 * ref.abs().max(), (a, b)
+    logits = teacher(input_ids=x).logits
+    head = student.lm_head(student.model.norm(cache.read(8, rows, "cpu")))
+    assert torch.allclose(head, logits, atol=0.05)
+
+
+def test_local_stage_lowers_each_regions_error_and_heals(work):
+    out = work / "peer-healed"
+    r = H.heal(work / "peer", out, H.HealOptions(data=str(work / "text.txt"), budget="12k", lr=3e-3, global_lr=1e-3,
+                                                **SMALL))
+    assert len(r.regions) == 2
+    for reg in r.regions:
+        assert reg["error_after"] < 0.95 * reg["error_before"], reg
+    config = json.loads((out / "config.json").read_text())
+    assert config["mom_provenance"][-1]["command"] == "heal"
+    lines = [json.loads(x) for x in (out / "heal_metrics.jsonl").read_text().splitlines()]
+    assert {x.get("stage") for x in lines if "loss" in x} == {"local", "global"}
+    assert r.global_steps > 0 and r.eval_ppl_before is not None and r.eval_ppl_after is not None
+    assert not (work / "peer-healed.heal-state").exists()
+    # only the regions' parameters (and the PEER BatchNorm statistics) moved
+    before, after = weights(work / "peer"), weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".peer." in k for k in changed), changed
+
+
+def test_an_exact_checkpoint_comes_back_unchanged(work):
+    out = work / "exact-healed"
+    r = H.heal(work / "exact", out, H.HealOptions(data=str(work / "text.txt"), budget="4k", **SMALL))
+    assert r.regions == [] and r.trainable_params == 0
+    before, after = weights(work / "exact"), weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert r.eval_ppl_before == r.eval_ppl_after
+
+
+def test_resume_is_bit_exact(work):
+    opts = dict(data=str(work / "text.txt"), budget="4k", lr=3e-3, save_every=1, **SMALL)
+    whole = H.heal(work / "pruned", work / "whole", H.HealOptions(**opts))
+    steps = 0
+    for line in (work / "whole" / "heal_metrics.jsonl").read_text().splitlines():
+        steps = max(steps, json.loads(line)["step"])
+    assert steps >= 4
+    for stop in (2, steps - 1):  # inside the local stage, then inside the global one
+        out = work / f"resumed-{stop}"
+        cut = H.heal(work / "pruned", out, H.HealOptions(**opts, stop_after=stop))
+        assert cut.path is None and (work / f"resumed-{stop}.heal-state" / "state.pt").exists()
+        H.heal(work / "pruned", out, H.HealOptions(**opts, resume=True))
+        a, b = weights(work / "whole"), weights(out)
+        assert all(torch.equal(a[k], b[k]) for k in a), stop
+        ma = [json.loads(x) for x in (work / "whole" / "heal_metrics.jsonl").read_text().splitlines()]
+        mb = [json.loads(x) for x in (out / "heal_metrics.jsonl").read_text().splitlines()]
+        assert [m.get("loss") for m in ma] == [m.get("loss") for m in mb]
+    assert whole.path == work / "whole"
+
+
+def test_plot_training_reads_heal_metrics(work, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mom_cli.analysis.plots import plot_training, read_metrics
+
+    rows = read_metrics(work / "whole")
+    assert any(r.get("stage") == "local" for r in rows)
+    assert plot_training(rows, tmp_path / "heal.png").exists()
+
+
+def test_bad_input_is_one_clear_line(work, models_dir, tmp_path):
+    text = str(work / "text.txt")
+    # no provenance, no teacher
+    bare = tmp_path / "bare"
+    shutil.copytree(work / "exact", bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg["mom_provenance"] = []
+    (bare / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(mom("heal", str(bare), "-o", str(tmp_path / "out"), "--data", text, cwd=tmp_path), 2, "no provenance.*--teacher")
+    # a teacher with another vocabulary
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_tokenizer
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=400)).save_pretrained(other)
+    make_tokenizer(other)
+    assert_one_line_error(mom("heal", str(work / "peer"), "-o", str(tmp_path / "out"), "--data", text, "--seq-len", "32", "--teacher", str(other),
+                              cwd=tmp_path),
+                          2, "vocabulary of 400")
+    # data too short for one sequence
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    assert_one_line_error(mom("heal", str(work / "peer"), "-o", str(tmp_path / "out"), "--data", str(short), "--seq-len", "64", cwd=tmp_path),
+                          2, "shorter than one sequence")
+    # a budget that is neither tokens nor time
+    assert_one_line_error(mom("heal", str(work / "peer"), "-o", str(tmp_path / "out"), "--data", text, "--budget", "soon", cwd=tmp_path),
+                          2, "--budget 'soon' is not a number of tokens")
