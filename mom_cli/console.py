@@ -22,3 +22,19 @@ def progress() -> Progress:
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeRemainingColumn(), console=stderr, disable=QUIET, transient=True,
     )
+
+
+def status(msg: str):
+    """A spinner on stderr for a step with no count to show (loading a model); silent with --quiet."""
+    from contextlib import nullcontext
+
+    return nullcontext() if QUIET or not stderr.is_terminal else stderr.status(msg, spinner="dots")
+
+
+def hush():
+    """--quiet for other libraries' own progress bars (tqdm in lm-eval and transformers' GGUF
+    reader), which have no switch: what they write to sys.stderr is dropped. Errors still raise."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stderr(io.StringIO()) if QUIET else contextlib.nullcontext()

@@ -34,6 +34,21 @@ Force = typer.Option(False, "--force", help="Replace an existing output.")
 Json = typer.Option(False, "--json", help="Print a JSON result on stdout.")
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from mom_cli.io.provenance import version
+
+        print(f"mom {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_show_version, help="Print mom's version and exit."),
+) -> None:
+    """Model surgery for pretrained Transformers: Mixture-of-Modules, PEER experts, pruning."""
+
+
 def checkpoint_arg(value: str) -> str:
     """`-` means: read the path from stdin (the previous command of a pipe printed it)."""
     if value != "-":
@@ -96,6 +111,9 @@ def export(
     fmt: str = typer.Option("hf", "--format", help="hf (standard family format when possible, else trust_remote_code) or safetensors."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest weights file before sharding."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help="Then upload the directory "
+                                              "to this Hugging Face Hub model repo (created if needed)."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -105,39 +123,83 @@ def export(
     """
     from mom_cli.io.loading import parse_dtype
     from mom_cli.surgery.export import export as run
+    from mom_cli.surgery.export import push_to_hub as push
     from mom_cli.io.tensorio import parse_size
 
     ckpt = Path(checkpoint_arg(checkpoint))
+    if push_to_hub is not None:  # before the export: a bad repo id must not cost an export first
+        from mom_cli.surgery.export import check_repo_id
+
+        check_repo_id(push_to_hub)
+        if output.suffix == ".safetensors":
+            raise UsageError("--push-to-hub uploads a model directory: give a directory as -o")
     path, kind = run(ckpt, output, fmt, parse_dtype(dtype), parse_size(shard_size), force)
-    emit(path, as_json, format=fmt, kind=kind)
+    extra = {"hub": push(path, push_to_hub, private)} if push_to_hub is not None else {}
+    if extra:
+        console.log(f"pushed to {extra['hub']}")
+    emit(path, as_json, format=fmt, kind=kind, **extra)
 
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="MoM checkpoint, transformers directory, hub id, .gguf file, or -."),
-    data: str = typer.Option(..., "--data", help=".txt/.jsonl/.parquet file, a folder of them, or hf:NAME[:CONFIG[:SPLIT]]."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens."),
+    model: list[str] = typer.Argument(..., metavar="MODEL...", help="MoM checkpoints, transformers directories, hub ids, "
+                                      ".gguf files, or - (the first); --tasks compares them side by side."),
+    data: Optional[str] = typer.Option(None, "--data", help="Perplexity on .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks: names "
+                                        "(hellaswag,arc_easy) or .yaml task files (offline)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples per task (default: the task's)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (below 1: a share of each task)."),
+    record: bool = typer.Option(False, "--record", help="Write the task scores into the MoM checkpoint's provenance and model card."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence (--data)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens (--data)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickled .bin weights (weights_only)."),
     as_json: bool = Json,
 ) -> None:
-    """Perplexity, tokens evaluated and tokens/s of any model on text.
+    """Perplexity on text (--data), or lm-evaluation-harness tasks (--tasks) side by side.
 
-    Example: mom eval gpt2-mom --data docs/ --seq-len 256 --max-tokens 20000 --json
+    Example: mom eval gpt2 gpt2-pruned --tasks hellaswag,arc_easy --limit 200
     """
-    from mom_cli.io.loading import parse_dtype
-    from mom_cli.analysis.evaluate import check_eval_options, evaluate
-    from mom_cli.io.loading import load_model, pick_device
+    from mom_cli.io.loading import parse_dtype, pick_device
 
     _quiet_third_party()
-    ref = checkpoint_arg(model)
+    refs = [checkpoint_arg(m) if i == 0 else m for i, m in enumerate(model)]
+    if (data is None) == (tasks is None):
+        raise UsageError("give --data (perplexity) or --tasks (lm-eval tasks), one of the two")
+    if batch_size < 1 or (limit is not None and limit <= 0) or (num_fewshot is not None and num_fewshot < 0):
+        raise UsageError("--batch-size must be >= 1, --limit > 0 and --num-fewshot >= 0")
+    if tasks is not None:
+        from mom_cli.analysis.tasks import TaskOptions, check_recordable, comparison, evaluate_models
+        from mom_cli.analysis.tasks import record as record_scores
+
+        if record and len(refs) > 1:
+            raise UsageError("--record writes one checkpoint's scores: give one model")
+        if record:
+            check_recordable(refs[0])
+        opts = TaskOptions([t.strip() for t in tasks.split(",")], num_fewshot, limit, batch_size, pick_device(device),
+                           parse_dtype(dtype), allow_pickle)
+        results = evaluate_models(refs, opts)
+        if record:
+            record_scores(results[0])
+        if as_json:
+            for r in results:
+                print(json.dumps(r.as_dict()))
+        else:
+            render.print_tasks(comparison(results), [r.model for r in results])
+        return
+    if record:
+        raise UsageError("--record writes task scores: use it with --tasks")
+    if len(refs) > 1:
+        raise UsageError("--data measures one model at a time; --tasks compares several")
+    from mom_cli.analysis.evaluate import check_eval_options, evaluate
+    from mom_cli.io.loading import load_model
+
     check_eval_options(seq_len, batch_size)  # before minutes of loading
     dev = pick_device(device)
-    m, tok = load_model(ref, dev, parse_dtype(dtype), allow_pickle)
-    result = evaluate(m, tok, ref, data, seq_len, max_tokens, batch_size, dev)
+    m, tok = load_model(refs[0], dev, parse_dtype(dtype), allow_pickle)
+    result = evaluate(m, tok, refs[0], data, seq_len, max_tokens, batch_size, dev)
     if as_json:
         print(json.dumps(result.as_dict()))
     else:
@@ -287,6 +349,8 @@ def train_routers(
     resume: bool = typer.Option(False, "--resume", help="Continue from the saved training state."),
     keep_state: bool = typer.Option(False, "--keep-state", help="Keep OUT.train-state/ after the run completes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
+    lora: Optional[int] = typer.Option(None, "--lora", metavar="RANK", help="Also train rank-RANK LoRA adapters on "
+                                            "the MHA/FFN projections (cheaper than --train all), merged into the output."),
     strategy: str = typer.Option("ddp", "--strategy", help="Under torchrun: ddp (the whole model on every process) or "
                                  "fsdp (parameters, gradients and optimizer state sharded over the processes)."),
     force: bool = Force,

@@ -1,4 +1,4 @@
-"""Reports as people read them: the tables `mom info`, `mom prune` and `mom convert-peer` print
+"""Reports as people read them: the tables `mom info`, `mom prune`, `mom convert-peer` and `mom eval --tasks` print
 on stderr (or stdout for info) when --json is not given. Each takes the command's JSON report."""
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def print_heal(r: dict) -> None:
     if r["eval_ppl_before"] is not None:
         console.log(f"held-out perplexity ({r['heldout_tokens']} tokens): {r['eval_ppl_before']:.4f} -> "
                     f"{r['eval_ppl_after']:.4f} (teacher {r['eval_ppl_teacher']:.4f})")
+
+
+def print_tasks(rows: list[dict], models: list[str]) -> None:
+    """lm-eval scores, one column per model; after the first, each with its difference from the first."""
+    from rich.table import Table
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    table = Table("task", "metric", *models)
+    for r in rows:
+        cells = [num(r["values"][0])] + [
+            num(v) if d is None else f"{num(v)} ({d:+.3g})" for v, d in zip(r["values"][1:], r["deltas"][1:])
+        ]
+        table.add_row(r["task"], r["metric"], *cells)
+    console.stderr.print(table)
 
 
 def short(n: int) -> str:

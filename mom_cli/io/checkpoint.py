@@ -1,9 +1,14 @@
 """MoM checkpoints on disk: a `transformers` model directory with `model_type: "mom"`.
 
-    config.json              MomConfig: family, sizes, routing plan, PEER layers, provenance
+    config.json              MomConfig: family, sizes, routing plan, PEER layers, provenance, auto_map
     model.safetensors        weights (sharded with model.safetensors.index.json above a size)
+    configuration_mom.py, modeling_mom.py, peer.py   the runtime, for trust_remote_code loads
     tokenizer files, generation_config.json   copied from the source
     README.md                model card with the provenance
+
+The runtime files make every checkpoint self-describing: `lm_eval`, `pipeline(...)` or
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` load it without `mom`.
+`mom` itself never runs them: it loads with its own installed classes (trust_remote_code=False).
 """
 from __future__ import annotations
 
@@ -18,6 +23,20 @@ from mom_cli.io.provenance import model_card
 from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_safetensors
 
 DEFAULT_SHARD = 2 * 10**9
+# The runtime's files; modeling_mom.py imports the other two relatively, and nothing from mom_cli.
+RUNTIME_FILES = ("configuration_mom.py", "modeling_mom.py", "peer.py")
+AUTO_MAP = {"AutoConfig": "configuration_mom.MomConfig", "AutoModelForCausalLM": "modeling_mom.MomForCausalLM"}
+
+
+def self_describing(config: MomConfig, directory: Path) -> None:
+    """Name the runtime in `config` (auto_map, architectures) and copy its files into `directory`."""
+    import shutil
+
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["MomForCausalLM"]
+    runtime = Path(__file__).resolve().parent.parent / "modeling"
+    for name in RUNTIME_FILES:
+        shutil.copy2(runtime / name, Path(directory) / name)
 
 
 def module_prefix(part: str, index: int, kind: str, slot: int | None = None) -> str:
@@ -64,21 +83,21 @@ def write_checkpoint(
     if missing or any(expected.get(k) != s for k, s in got.items()):
         bad = missing[:3] or [k for k, s in got.items() if expected.get(k) != s][:3]
         raise MomError(f"internal plan error: tensors {bad} do not match the MoM config")
-    config.architectures = ["MomForCausalLM"]
+    self_describing(config, directory)
     config.save_pretrained(directory)
     write_safetensors(directory, tensors, shard_bytes, on_tensor=on_tensor)
     if copy_extras is not None:
         copy_extras(directory)
-    (directory / "README.md").write_text(model_card(config))
+    (directory / "README.md").write_text(model_card(config, "mom"))
 
 
 def copy_extras(ckpt: Path, out: Path) -> None:
-    """Tokenizer files, generation config and model card travel with the weights."""
+    """Tokenizer files and generation config travel with the weights (each writer makes its own card)."""
     import shutil
 
     from mom_cli.io.sources import TOKENIZER_FILES
 
-    for name in (*TOKENIZER_FILES, "generation_config.json", "README.md"):
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (Path(ckpt) / name).exists():
             shutil.copy2(Path(ckpt) / name, Path(out) / name)
 
@@ -110,4 +129,4 @@ def load(path: str | Path, **kwargs: Any):
     from mom_cli.modeling.modeling_mom import MomForCausalLM
 
     read_mom(Path(path))  # clear errors for non-MoM or corrupt directories before transformers tries
-    return MomForCausalLM.from_pretrained(path, **kwargs)
+    return MomForCausalLM.from_pretrained(path, **{"trust_remote_code": False, **kwargs})

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from mom_cli.console import hush, status
 from mom_cli.errors import MomError, UsageError
 from mom_cli.io.sources import load_config, resolve_path
 
@@ -29,7 +30,8 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, 
     import mom_cli  # noqa: F401  (registers the mom model type)
 
     path = resolve_path(ref)
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    # mom loads MoM checkpoints with its own classes: never the code a folder carries
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": False}
     if path.is_file():
         if path.suffix != ".gguf":
             raise UsageError(f"{path} is a file but not a .gguf model")
@@ -46,10 +48,18 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, 
             raise UsageError(f"{directory} has no safetensors weights; convert them, or pass --allow-pickle if you trust the file")
         kwargs["use_safetensors"] = not allow_pickle
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": path.name} if path.is_file() else {}))
+        with status(f"loading {ref}"), hush():
+            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False,
+                                                  **({"gguf_file": path.name} if path.is_file() else {}))
     except (OSError, ValueError) as e:
         raise MomError(f"cannot load {ref}: {str(e).splitlines()[0]}") from e
+    if path.is_file():  # dequantised to float: tools that see a quantizer refuse to save or train it
+        from mom_cli.io.sources import dequantised_config
+
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        dequantised_config(model)
     return model.to(device).eval(), tokenizer
 
 

