@@ -283,11 +283,11 @@ def step_context(model: nn.Module, b: int, t: int, x: torch.Tensor) -> Any:
     from mom_cli.modeling.modeling_mom import StepContext
 
     inner = model.model
-    cos = sin = None
+    rope = {}
     if inner.rotary_emb is not None:
         pos = torch.arange(t, device=x.device)[None].expand(b, -1)
-        cos, sin = inner.rotary_emb(x.view(b, t, -1), pos)
-    return StepContext(b, t, 0, None, cos, sin, None, x.device)
+        rope = inner.rope_tables(x.view(b, t, -1), pos)
+    return StepContext(b, t, 0, None, rope, None, x.device)
 
 
 def run_region(model: nn.Module, region: Region, x: torch.Tensor, aux: list) -> torch.Tensor:
