@@ -42,6 +42,9 @@ FAMILIES = {
                     ("use_bidirectional_attention", True)),
     "phi3": ("phi3", dict(sliding_window=WINDOW, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
              ("foo_mode", "on")),
+    "phi3-longrope": ("phi3", dict(original_max_position_embeddings=16, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "short_factor": [1.0, 1.5],
+        "long_factor": [2.0, 3.0], "original_max_position_embeddings": 16}), ("foo_mode", "on")),
     "olmo2": ("olmo2", dict(), ("foo_mode", "on")),
     "granite": ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=2.5),
                 ("foo_mode", "on")),
@@ -152,3 +155,44 @@ def test_a_module_keeps_its_attention_kind_wherever_it_runs(name, sources, tmp_p
     x = tokens()
     with torch.no_grad():
         assert max_diff(mom(x).logits, load(out)(x).logits) <= 1e-4
+
+
+def test_tokens_of_one_step_attend_with_their_own_modules_kind():
+    """When a step's tokens chose modules of different kinds, each query row gets its module's
+    window and scale: row by row, the mixed call equals the call with that row's kind for all."""
+    from mom_cli.modeling.configuration_mom import MomConfig
+    from mom_cli.modeling.modeling_mom import Attention, MixedKinds, StepContext
+
+    cfg = MomConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, position_type="learned")
+    attn = Attention(cfg)
+    b, t = 2, 12
+    q, k, v = torch.randn(b * t, 16), torch.randn(b * t, 8), torch.randn(b * t, 8)
+    ctx = StepContext(b, t, 0, None, {}, None, torch.device("cpu"))
+    kinds = [(3, None, 0.5), (None, None, 0.2)]
+    which = torch.randint(0, 2, (b * t,), generator=torch.Generator().manual_seed(0))
+    mixed = attn(q, k, v, ctx, 0, None, False, kind=MixedKinds(kinds, which))
+    for j, kind in enumerate(kinds):
+        rows = which == j
+        assert max_diff(mixed[rows], attn(q, k, v, ctx, 0, None, False, kind=kind)[rows]) <= 1e-6
+
+
+def test_convert_peer_refuses_ffn_modules_it_cannot_hold(sources, tmp_path):
+    from mom_cli.modeling.configuration_mom import MomConfig
+    from mom_cli.surgery.convert_peer import select_modules
+
+    mom_dir = decomposed(source_dir(sources, "olmo2"), tmp_path / "mom")
+    with pytest.raises(UsageError, match=r"convert-peer: olmo2 FFN modules \(post_norm\) are not supported yet"):
+        select_modules(MomConfig.from_pretrained(mom_dir), "all")
+
+
+def test_cli_refuses_an_unsupported_field_in_one_line(sources, tmp_path):
+    import json
+
+    from test_cli import assert_one_line_error, mom
+
+    src = Path(shutil.copytree(source_dir(sources, "gemma2"), tmp_path / "src"))
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "use_bidirectional_attention": True}))
+    run = mom("decompose", str(src), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert_one_line_error(run, 2, r"gemma2: use_bidirectional_attention=True is not supported yet")
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,9 @@
 """The Mixture-of-Modules runtime (arXiv 2407.06677), as a `transformers` model.
 
-Read top to bottom: norms, the kinds of module (MHA, dense FFN, PEER FFN), the router, routing and
-dispatch, attention, the routed block, the plain layer, the model. This file, `configuration_mom.py`
+Read top to bottom: norms, the kinds of module (MHA, dense FFN, sparse MoE FFN, PEER FFN), the
+router, routing and dispatch, attention, the routed block, the plain layer, the model. Families'
+quirks (q/k norms, post-norms, sliding windows, soft-capping, scales) are config fields, each off
+by default; a module carries those of its origin layer. This file, `configuration_mom.py`
 and `peer.py` (the PEER layer, imported relatively) are copied verbatim into `trust_remote_code`
 exports, so they import nothing else from `mom_cli`.
 
@@ -77,7 +79,9 @@ def source_config(config: MomConfig) -> Any:
     from transformers import AutoConfig
 
     cfg = {k: v for k, v in config.source_config.items() if k != "model_type"}
-    return AutoConfig.for_model(config.source_model_type, **cfg)
+    cfg = AutoConfig.for_model(config.source_model_type, **cfg)
+    cfg._experts_implementation = "eager"  # an MoE block outside its model: transformers' own loop
+    return cfg
 
 
 # ----------------------------------------------------------------------------- modules
