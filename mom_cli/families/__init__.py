@@ -133,6 +133,7 @@ class Family:
 # Fields of every config that do not change the function of a causal LM at inference.
 IGNORED = frozenset({
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+    "_model_name_or_path", "_commit_hash",
     "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
     "use_cache", "initializer_range", "tie_word_embeddings", "id2label", "label2id", "return_dict",
     "output_hidden_states", "output_attentions", "problem_type", "chunk_size_feed_forward",
@@ -142,7 +143,10 @@ IGNORED = frozenset({
 })
 
 
-def _ignored(field: str) -> bool:
+def _ignored(field: str, value: Any) -> bool:
+    if field == "quantization_config":  # a GGUF source is dequantised on reading; others are refused
+        method = (value or {}).get("quant_method")
+        return getattr(method, "value", method) == "gguf"
     return field in IGNORED or "dropout" in field or field.endswith("pdrop") or field.startswith("summary_")
 
 
@@ -153,7 +157,7 @@ def check_supported(family: Family, cfg: Any) -> None:
     except Exception:  # a config class that needs arguments: compare against nothing
         default = {}
     for field, value in cfg.to_dict().items():
-        if field in family.understood or _ignored(field):
+        if field in family.understood or _ignored(field, value):
             continue
         if field not in default or default[field] != value:
             raise UsageError(f"{cfg.model_type}: {field}={value} is not supported yet")
