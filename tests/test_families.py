@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import decomposed, max_diff
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import decomposed, max_diff
 from mom_cli.errors import UsageError
 from mom_cli.families import check_supported, family_for
 from mom_cli.modeling.modeling_mom import MomForCausalLM
@@ -196,3 +196,22 @@ def test_cli_refuses_an_unsupported_field_in_one_line(sources, tmp_path):
     run = mom("decompose", str(src), "-o", str(tmp_path / "out"), cwd=tmp_path)
     assert_one_line_error(run, 2, r"gemma2: use_bidirectional_attention=True is not supported yet")
     assert not (tmp_path / "out").exists()
+
+
+# Fields as the hub's config.json files of Pythia-70m, Gemma-2-2b and Phi-3-mini-4k write them
+# (older transformers' names included): taken, not refused.
+HUB_CONFIGS = {
+    "gpt_neox": {"hidden_act": "gelu", "hidden_size": 512, "intermediate_size": 2048, "layer_norm_eps": 1e-05,
+                 "num_attention_heads": 8, "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25,
+                 "tie_word_embeddings": False, "torch_dtype": "float16", "use_parallel_residual": True, "vocab_size": 50304},
+    "gemma2": {"attn_logit_softcapping": 50.0, "cache_implementation": "hybrid", "final_logit_softcapping": 30.0,
+               "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+               "query_pre_attn_scalar": 256, "rope_theta": 10000.0, "sliding_window": 4096, "num_hidden_layers": 26},
+    "phi3": {"auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"}, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+             "original_max_position_embeddings": 4096, "rope_scaling": None, "sliding_window": 2047},
+}
+
+
+@pytest.mark.parametrize("model_type", HUB_CONFIGS)
+def test_hub_configs_are_taken(model_type):
+    check_supported(family_for(model_type), AutoConfig.for_model(model_type, **HUB_CONFIGS[model_type]))

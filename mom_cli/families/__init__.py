@@ -13,8 +13,9 @@ Module keys in a layer table start with "mha." or "ffn." (the modules of source 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -53,7 +54,7 @@ def same(source: str, mom: str) -> Entry:
 
 def transposed(source: str, mom: str) -> Entry:
     """GPT-2's Conv1D stores (in, out); a Linear stores (out, in)."""
-    t = lambda ts: [ts[0].t().contiguous()]  # noqa: E731
+    t = lambda ts: [ts[0].t().contiguous()]
     return Entry((source,), (mom,), t, t)
 
 
@@ -110,7 +111,7 @@ class Family:
 
     def layer_to_source(self, i: int, mha: str, ffn: str, mom_cfg: Any) -> dict[str, Derived]:
         """Source layer i's tensors from the MoM modules at prefixes `mha` and `ffn`."""
-        rename = lambda k: (mha if k.startswith("mha.") else ffn) + k[4:]  # noqa: E731
+        rename = lambda k: (mha if k.startswith("mha.") else ffn) + k[4:]
         return derive_source(self.layer(i, mom_cfg), rename)
 
     def globals_to_source(self, mom_cfg: Any) -> dict[str, Derived]:
@@ -140,6 +141,8 @@ IGNORED = frozenset({
     "tokenizer_class", "task_specific_params", "prefix", "finetuning_task", "is_encoder_decoder",
     "vocab_size", "max_position_embeddings", "_attn_implementation_autoset", "output_router_logits",
     "router_aux_loss_coef", "classifier_dropout",
+    "cache_implementation",  # a generation setting: mom's cache masks windows itself
+    "auto_map",  # remote code the hub ships for old transformers; mom reads with the native class
 })
 
 
@@ -154,7 +157,7 @@ def check_supported(family: Family, cfg: Any) -> None:
     """Refuse a source whose config sets a field the family does not understand."""
     try:
         default = type(cfg)().to_dict()
-    except Exception:  # a config class that needs arguments: compare against nothing
+    except (TypeError, ValueError):  # a config class that needs arguments: compare against nothing
         default = {}
     for field, value in cfg.to_dict().items():
         if field in family.understood or _ignored(field, value):

@@ -7,7 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 from mom_cli.families import Entry, Family
-from mom_cli.families.llama import LLAMA_FIELDS, attention_entries, llama_globals, llama_kwargs, mlp_entries, norm_entries
+from mom_cli.families.llama import (
+    LLAMA_FIELDS,
+    attention_entries,
+    llama_globals,
+    llama_kwargs,
+    mlp_entries,
+    norm_entries,
+)
 
 _NORMS = {
     "input_layernorm": "mha.norm",
@@ -31,7 +38,7 @@ class _Gemma(Family):
             cfg, keys,
             rotary_embedding=_ROTARY[cfg.model_type],
             post_norm=True,
-            norm_unit_offset=True,
+            rmsnorm="unit_offset",
             qk_norm="head" if cfg.model_type == "gemma3_text" else None,
             embed_scale=cfg.hidden_size**0.5,
             attn_scale=cfg.query_pre_attn_scalar**-0.5,

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from mom_cli.families import Entry, Family
-from mom_cli.families.llama import LLAMA_FIELDS, LLAMA_NORMS, attention_entries, llama_globals, llama_kwargs, mlp_entries, norm_entries
+from mom_cli.families.llama import (
+    LLAMA_FIELDS,
+    LLAMA_NORMS,
+    attention_entries,
+    llama_globals,
+    llama_kwargs,
+    mlp_entries,
+    norm_entries,
+)
 
 
 class _Granite(Family):

@@ -31,7 +31,7 @@ def attention_layout(cfg: Any) -> dict[str, Any]:
 
 def llama_kwargs(cfg: Any, keys: set[str], **quirks: Any) -> dict[str, Any]:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    has = lambda k: any(key.endswith(f"layers.0.{k}") for key in keys)  # noqa: E731  (Qwen2: qkv bias only)
+    has = lambda k: any(key.endswith(f"layers.0.{k}") for key in keys)  # biases differ: Qwen2 has qkv only
     return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 
 from mom_cli.families import Entry, Family, same
-from mom_cli.families.llama import LLAMA_FIELDS, LLAMA_NORMS, attention_entries, llama_globals, llama_kwargs, norm_entries
+from mom_cli.families.llama import (
+    LLAMA_FIELDS,
+    LLAMA_NORMS,
+    attention_entries,
+    llama_globals,
+    llama_kwargs,
+    norm_entries,
+)
 
 # model_type -> (MoE block class, its prefix in a layer, expert projection names: gate, up, down)
 _LAYOUT = {

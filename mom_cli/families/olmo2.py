@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from mom_cli.families import Entry, Family
-from mom_cli.families.llama import LLAMA_FIELDS, attention_entries, llama_globals, llama_kwargs, mlp_entries, norm_entries
+from mom_cli.families.llama import (
+    LLAMA_FIELDS,
+    attention_entries,
+    llama_globals,
+    llama_kwargs,
+    mlp_entries,
+    norm_entries,
+)
 
 _NORMS = {"post_attention_layernorm": "mha.post_norm", "post_feedforward_layernorm": "ffn.post_norm"}
 
@@ -16,7 +23,7 @@ class _Olmo2(Family):
     understood = LLAMA_FIELDS
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:
-        return llama_kwargs(cfg, keys, pre_norm=False, post_norm=True, qk_norm="full")
+        return llama_kwargs(cfg, keys, pre_norm=False, post_norm=True, qk_norm="full", rmsnorm="float32")
 
     def layer(self, i: int, mom_cfg: Any) -> list[Entry]:
         p = f"model.layers.{i}."

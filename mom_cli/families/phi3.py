@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from mom_cli.families import Entry, Family, same, split_rows
-from mom_cli.families.llama import LLAMA_FIELDS, LLAMA_NORMS, llama_globals, llama_kwargs, norm_entries
+from mom_cli.families.llama import (
+    LLAMA_FIELDS,
+    LLAMA_NORMS,
+    llama_globals,
+    llama_kwargs,
+    norm_entries,
+)
 
 
 class _Phi3(Family):

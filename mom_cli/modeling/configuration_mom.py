@@ -44,7 +44,7 @@ class MomConfig(PreTrainedConfig):
         rotary_embedding: str | None = None,
         pre_norm: bool = True,
         post_norm: bool = False,
-        norm_unit_offset: bool = False,
+        rmsnorm: str = "llama",
         qk_norm: str | None = None,
         embed_scale: float | None = None,
         residual_multiplier: float = 1.0,
@@ -97,7 +97,9 @@ class MomConfig(PreTrainedConfig):
         self.rotary_embedding = rotary_embedding  # the source's rotary class (None: Llama's)
         self.pre_norm = pre_norm  # False: OLMo 2 (norm after the sublayer only)
         self.post_norm = post_norm  # norm of each module's output (OLMo 2, Gemma's sandwich)
-        self.norm_unit_offset = norm_unit_offset  # Gemma: RMSNorm scales by (1 + w)
+        # RMSNorm's scale: "llama" w * x (in x's dtype), "float32" w * x in float32 (OLMo 2),
+        # "unit_offset" (1 + w) * x in float32 (Gemma)
+        self.rmsnorm = rmsnorm
         self.qk_norm = qk_norm  # None, "head" (per head: Qwen3, Gemma 3) or "full" (OLMo 2)
         self.embed_scale = embed_scale  # Gemma: sqrt(d); Granite: embedding_multiplier
         self.residual_multiplier = residual_multiplier  # Granite: x += m * module(x)

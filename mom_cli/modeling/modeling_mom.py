@@ -34,21 +34,23 @@ from .peer import PeerLayer
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: statistics in float32, scale in the input dtype. With `unit_offset`
-    (Gemma), the weight is stored as w - 1 and the scale, 1 + w, applies in float32."""
+    """RMSNorm with statistics in float32. The scale (`style`): Llama's w in the input dtype;
+    OLMo 2's w in float32 ("float32"); Gemma's 1 + w in float32, w stored as w - 1 ("unit_offset")."""
 
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+    def __init__(self, dim: int, eps: float, style: str = "llama") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if style == "unit_offset" else torch.ones(dim))
         self.eps = eps
-        self.unit_offset = unit_offset
+        self.style = style
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
+        if self.style == "unit_offset":
             return (x * (1.0 + self.weight.float())).to(dtype)
+        if self.style == "float32":
+            return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -56,7 +58,7 @@ def make_norm(config: MomConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.hidden_size
     if config.norm_type == "layernorm":
         return nn.LayerNorm(dim, eps=config.norm_eps)
-    return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
+    return RMSNorm(dim, config.norm_eps, config.rmsnorm)
 
 
 def maybe_norm(config: MomConfig, on: bool) -> nn.Module:
