@@ -6,6 +6,7 @@ For each: the decomposed MoM's logits equal the source's; cached generation equa
 the source's; `mom export` writes the source's own class with identical logits; a config field
 the family does not understand is refused in one line.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,37 +24,119 @@ from mom_cli.modeling.modeling_mom import MomForCausalLM
 from mom_cli.surgery.export import export
 
 VOCAB, SEQ, WINDOW = 96, 20, 6
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-             num_hidden_layers=4, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
 # model_type -> (config overrides, a field=value the family refuses)
 FAMILIES = {
-    "gpt2-unscaled": ("gpt2", dict(scale_attn_weights=False, n_embd=32, n_head=4, n_layer=4, n_positions=64), ("add_cross_attention", True)),
-    "gpt2-layer-scaled": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True, n_embd=32, n_head=4, n_layer=4, n_positions=64), ("n_ctx", 7)),
+    "gpt2-unscaled": (
+        "gpt2",
+        dict(scale_attn_weights=False, n_embd=32, n_head=4, n_layer=4, n_positions=64),
+        ("add_cross_attention", True),
+    ),
+    "gpt2-layer-scaled": (
+        "gpt2",
+        dict(scale_attn_by_inverse_layer_idx=True, n_embd=32, n_head=4, n_layer=4, n_positions=64),
+        ("n_ctx", 7),
+    ),
     "llama": ("llama", dict(tie_word_embeddings=False), ("pretraining_tp", 2)),
     "mistral": ("mistral", dict(sliding_window=WINDOW), ("foo_mode", "on")),
     "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2), ("foo_mode", "on")),
-    "qwen3": ("qwen3", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, head_dim=16), ("foo_mode", "on")),
+    "qwen3": (
+        "qwen3",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, head_dim=16),
+        ("foo_mode", "on"),
+    ),
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0, 1, 0], tie_word_embeddings=True), ("foo_mode", "on")),
-    "gemma2": ("gemma2", dict(sliding_window=WINDOW, head_dim=8, query_pre_attn_scalar=12, attn_logit_softcapping=1.5,
-                              final_logit_softcapping=2.0), ("use_bidirectional_attention", True)),
-    "gemma3_text": ("gemma3_text", dict(sliding_window=WINDOW, head_dim=8, query_pre_attn_scalar=12, sliding_window_pattern=2,
-                                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-                                                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
-                    ("use_bidirectional_attention", True)),
-    "phi3": ("phi3", dict(sliding_window=WINDOW, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-             ("foo_mode", "on")),
-    "phi3-longrope": ("phi3", dict(original_max_position_embeddings=16, rope_parameters={
-        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "short_factor": [1.0, 1.5],
-        "long_factor": [2.0, 3.0], "original_max_position_embeddings": 16}), ("foo_mode", "on")),
+    "gemma2": (
+        "gemma2",
+        dict(
+            sliding_window=WINDOW,
+            head_dim=8,
+            query_pre_attn_scalar=12,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+        ),
+        ("use_bidirectional_attention", True),
+    ),
+    "gemma3_text": (
+        "gemma3_text",
+        dict(
+            sliding_window=WINDOW,
+            head_dim=8,
+            query_pre_attn_scalar=12,
+            sliding_window_pattern=2,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+        ("use_bidirectional_attention", True),
+    ),
+    "phi3": (
+        "phi3",
+        dict(
+            sliding_window=WINDOW,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+        ("foo_mode", "on"),
+    ),
+    "phi3-longrope": (
+        "phi3",
+        dict(
+            original_max_position_embeddings=16,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.5],
+                "long_factor": [2.0, 3.0],
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        ("foo_mode", "on"),
+    ),
     "olmo2": ("olmo2", dict(), ("foo_mode", "on")),
-    "granite": ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=2.5),
-                ("foo_mode", "on")),
-    "gpt_neox": ("gpt_neox", dict(num_key_value_heads=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                             "partial_rotary_factor": 0.5}), ("foo_mode", "on")),
-    "gpt_neox-serial": ("gpt_neox", dict(num_key_value_heads=None, use_parallel_residual=False, attention_bias=False), ("foo_mode", "on")),
+    "granite": (
+        "granite",
+        dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=2.5),
+        ("foo_mode", "on"),
+    ),
+    "gpt_neox": (
+        "gpt_neox",
+        dict(
+            num_key_value_heads=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+        ("foo_mode", "on"),
+    ),
+    "gpt_neox-serial": (
+        "gpt_neox",
+        dict(num_key_value_heads=None, use_parallel_residual=False, attention_bias=False),
+        ("foo_mode", "on"),
+    ),
     "mixtral": ("mixtral", dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2), ("foo_mode", "on")),
-    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
-                                    head_dim=16, tie_word_embeddings=True), ("mlp_only_layers", [1])),
+    "qwen3_moe": (
+        "qwen3_moe",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            head_dim=16,
+            tie_word_embeddings=True,
+        ),
+        ("mlp_only_layers", [1]),
+    ),
 }
 
 
@@ -93,7 +176,9 @@ def load(path: Path) -> torch.nn.Module:
 
 
 def greedy(model, prompt: torch.Tensor, use_cache: bool) -> torch.Tensor:
-    return model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
+    return model.generate(
+        prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0
+    )
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -201,14 +286,40 @@ def test_cli_refuses_an_unsupported_field_in_one_line(sources, tmp_path):
 # Fields as the hub's config.json files of Pythia-70m, Gemma-2-2b and Phi-3-mini-4k write them
 # (older transformers' names included): taken, not refused.
 HUB_CONFIGS = {
-    "gpt_neox": {"hidden_act": "gelu", "hidden_size": 512, "intermediate_size": 2048, "layer_norm_eps": 1e-05,
-                 "num_attention_heads": 8, "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25,
-                 "tie_word_embeddings": False, "torch_dtype": "float16", "use_parallel_residual": True, "vocab_size": 50304},
-    "gemma2": {"attn_logit_softcapping": 50.0, "cache_implementation": "hybrid", "final_logit_softcapping": 30.0,
-               "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
-               "query_pre_attn_scalar": 256, "rope_theta": 10000.0, "sliding_window": 4096, "num_hidden_layers": 26},
-    "phi3": {"auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"}, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
-             "original_max_position_embeddings": 4096, "rope_scaling": None, "sliding_window": 2047},
+    "gpt_neox": {
+        "hidden_act": "gelu",
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 6,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 0.25,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "use_parallel_residual": True,
+        "vocab_size": 50304,
+    },
+    "gemma2": {
+        "attn_logit_softcapping": 50.0,
+        "cache_implementation": "hybrid",
+        "final_logit_softcapping": 30.0,
+        "head_dim": 256,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "num_hidden_layers": 26,
+    },
+    "phi3": {
+        "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"},
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "original_max_position_embeddings": 4096,
+        "rope_scaling": None,
+        "sliding_window": 2047,
+    },
 }
 
 

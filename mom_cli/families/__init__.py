@@ -11,6 +11,7 @@ in `_registry`. A family answers:
     written once.
 Module keys in a layer table start with "mha." or "ffn." (the modules of source layer i).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,8 +61,12 @@ def transposed(source: str, mom: str) -> Entry:
 
 def split_rows(source: str, mom: tuple[str, ...], sizes: list[int]) -> Entry:
     """A fused projection (Phi-3's qkv_proj, gate_up_proj) <-> its parts, stacked by rows."""
-    return Entry((source,), mom, lambda ts: [p.contiguous() for p in ts[0].split(sizes, dim=0)],
-                 lambda ts: [torch.cat(ts, dim=0)])
+    return Entry(
+        (source,),
+        mom,
+        lambda ts: [p.contiguous() for p in ts[0].split(sizes, dim=0)],
+        lambda ts: [torch.cat(ts, dim=0)],
+    )
 
 
 def _pick(fn: Many | None, j: int) -> Transform | None:
@@ -132,18 +137,46 @@ class Family:
 
 
 # Fields of every config that do not change the function of a causal LM at inference.
-IGNORED = frozenset({
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
-    "_model_name_or_path", "_commit_hash",
-    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
-    "use_cache", "initializer_range", "tie_word_embeddings", "id2label", "label2id", "return_dict",
-    "output_hidden_states", "output_attentions", "problem_type", "chunk_size_feed_forward",
-    "tokenizer_class", "task_specific_params", "prefix", "finetuning_task", "is_encoder_decoder",
-    "vocab_size", "max_position_embeddings", "_attn_implementation_autoset", "output_router_logits",
-    "router_aux_loss_coef", "classifier_dropout",
-    "cache_implementation",  # a generation setting: mom's cache masks windows itself
-    "auto_map",  # remote code the hub ships for old transformers; mom reads with the native class
-})
+IGNORED = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+        "_model_name_or_path",
+        "_commit_hash",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "initializer_range",
+        "tie_word_embeddings",
+        "id2label",
+        "label2id",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "problem_type",
+        "chunk_size_feed_forward",
+        "tokenizer_class",
+        "task_specific_params",
+        "prefix",
+        "finetuning_task",
+        "is_encoder_decoder",
+        "vocab_size",
+        "max_position_embeddings",
+        "_attn_implementation_autoset",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "classifier_dropout",
+        "cache_implementation",  # a generation setting: mom's cache masks windows itself
+        "auto_map",  # remote code the hub ships for old transformers; mom reads with the native class
+    }
+)
 
 
 def _ignored(field: str, value: Any) -> bool:
@@ -187,9 +220,7 @@ def family_for(model_type: str) -> Family:
     for fam in _registry().values():
         if model_type in fam.model_types:
             return fam
-    raise UsageError(
-        f"unsupported model family {model_type!r}: mom supports {', '.join(supported_model_types())}"
-    )
+    raise UsageError(f"unsupported model family {model_type!r}: mom supports {', '.join(supported_model_types())}")
 
 
 def family_named(name: str) -> Family:

@@ -2,6 +2,7 @@
 (1 + w) RMSNorm, embeddings scaled by sqrt(d), GeGLU, attention scaled by query_pre_attn_scalar,
 alternating sliding-window and global layers; Gemma 2 soft-caps attention scores and final
 logits; Gemma 3 has per-head q/k norms and a RoPE base per attention type."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,13 +30,18 @@ class _Gemma(Family):
     name = "gemma"
     model_types = ("gemma2", "gemma3_text")
     understood = LLAMA_FIELDS | {
-        "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-        "_sliding_window_pattern", "sliding_window_pattern",
+        "hidden_activation",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "_sliding_window_pattern",
+        "sliding_window_pattern",
     }
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:
         return llama_kwargs(
-            cfg, keys,
+            cfg,
+            keys,
             rotary_embedding=_ROTARY[cfg.model_type],
             post_norm=True,
             rmsnorm="unit_offset",

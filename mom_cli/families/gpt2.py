@@ -1,4 +1,5 @@
 """GPT-2: Conv1D weights stored (in, out), a fused c_attn, learned positions, biases, tied head."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,12 +23,21 @@ class _GPT2(Family):
     model_types = ("gpt2",)
     layers_field = "n_layer"
     optional_prefix = "transformer."  # GPT2LMHeadModel saves "transformer.h.0...", the hub's `gpt2` "h.0..."
-    understood = frozenset({
-        "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "activation_function", "layer_norm_epsilon",
-        "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
-        # Upcasts and reorders the eager attention's matmul: the same function (float32 exact).
-        "reorder_and_upcast_attn",
-    })
+    understood = frozenset(
+        {
+            "n_layer",
+            "n_embd",
+            "n_head",
+            "n_inner",
+            "n_positions",
+            "activation_function",
+            "layer_norm_epsilon",
+            "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx",
+            # Upcasts and reorders the eager attention's matmul: the same function (float32 exact).
+            "reorder_and_upcast_attn",
+        }
+    )
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:
         return dict(

@@ -1,6 +1,7 @@
 """GPT-NeoX / Pythia: LayerNorm with biases, a fused query_key_value interleaved per head,
 partial rotary, a GELU MLP, an untied `embed_out` head, and the parallel residual
 x += MHA(x) + FFN(x) (when use_parallel_residual)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,10 +28,19 @@ def _qkv(n_heads: int) -> tuple[Any, Any]:
 class _GPTNeoX(Family):
     name = "gpt_neox"
     model_types = ("gpt_neox",)
-    understood = frozenset({
-        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-        "layer_norm_eps", "use_parallel_residual", "rope_parameters", "attention_bias",
-    })
+    understood = frozenset(
+        {
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "use_parallel_residual",
+            "rope_parameters",
+            "attention_bias",
+        }
+    )
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:
         return dict(

@@ -1,5 +1,6 @@
 """Granite: Llama's layers with four multipliers: embeddings, each sublayer's residual
 contribution, the attention scores (instead of head_dim ** -0.5), and the logits (a divisor)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,11 +20,17 @@ from mom_cli.families.llama import (
 class _Granite(Family):
     name = "granite"
     model_types = ("granite",)
-    understood = LLAMA_FIELDS | {"embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"}
+    understood = LLAMA_FIELDS | {
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+    }
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:
         return llama_kwargs(
-            cfg, keys,
+            cfg,
+            keys,
             embed_scale=cfg.embedding_multiplier,
             residual_multiplier=cfg.residual_multiplier,
             attn_scale=cfg.attention_multiplier,

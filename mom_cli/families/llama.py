@@ -4,6 +4,7 @@ GQA; Qwen3's per-head q/k norms, SmolLM3's layers without RoPE, sliding windows)
 Its helpers also serve the families whose layers are Llama's with a twist (Gemma, OLMo 2, Granite,
 Phi-3, the MoE family).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,11 +14,25 @@ from mom_cli.families import Entry, Family, same
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 # What every Llama-like config says about sizes, RoPE and sliding windows.
-LLAMA_FIELDS = frozenset({
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters", "attention_bias", "mlp_bias",
-    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
-})
+LLAMA_FIELDS = frozenset(
+    {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "rms_norm_eps",
+        "rope_parameters",
+        "attention_bias",
+        "mlp_bias",
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
+    }
+)
 
 
 def attention_layout(cfg: Any) -> dict[str, Any]:
@@ -66,7 +81,10 @@ def attention_entries(p: str, cfg: Any) -> list[Entry]:
     out = [e for proj in _ATTN[:3] for e in biased(f"{p}self_attn.{proj}", f"mha.{proj}", True, cfg.qkv_bias)]
     out += biased(f"{p}self_attn.o_proj", "mha.o_proj", True, cfg.o_bias)
     if cfg.qk_norm:
-        out += [same(f"{p}self_attn.q_norm.weight", "mha.q_norm.weight"), same(f"{p}self_attn.k_norm.weight", "mha.k_norm.weight")]
+        out += [
+            same(f"{p}self_attn.q_norm.weight", "mha.q_norm.weight"),
+            same(f"{p}self_attn.k_norm.weight", "mha.k_norm.weight"),
+        ]
     return out
 
 
@@ -83,7 +101,10 @@ LLAMA_NORMS = {"input_layernorm": "mha.norm", "post_attention_layernorm": "ffn.n
 
 
 def llama_globals(cfg: Any) -> list[Entry]:
-    out = [same("model.embed_tokens.weight", "model.embed_tokens.weight"), same("model.norm.weight", "model.norm.weight")]
+    out = [
+        same("model.embed_tokens.weight", "model.embed_tokens.weight"),
+        same("model.norm.weight", "model.norm.weight"),
+    ]
     return out if cfg.tie_word_embeddings else out + [same("lm_head.weight", "lm_head.weight")]
 
 

@@ -2,6 +2,7 @@
 norms); each layer's sparse MoE block becomes one FFN module of the pool, run by the family's own
 `transformers` block (its top-k router over its experts). The files store one tensor per expert
 and projection; the block holds them stacked (gate and up fused), so the table stacks and splits."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,7 +49,11 @@ class _Moe(Family):
     name = "moe"
     model_types = tuple(_LAYOUT)
     understood = LLAMA_FIELDS | {
-        "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+        "num_local_experts",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
         "router_jitter_noise",  # training-time noise only
     }
 
@@ -62,12 +67,22 @@ class _Moe(Family):
         p = f"model.layers.{i}."
         e = f"{p}{block}.experts."
         stack, unstack = _gate_up(n)
-        return norm_entries(p, LLAMA_NORMS) + attention_entries(p, mom_cfg) + [
-            same(f"{p}{block}.gate.weight", "ffn.moe.gate.weight"),
-            Entry(tuple(f"{e}{j}.{proj}.weight" for proj in (gate, up) for j in range(n)),
-                  ("ffn.moe.experts.gate_up_proj",), stack, unstack),
-            Entry(tuple(f"{e}{j}.{down}.weight" for j in range(n)), ("ffn.moe.experts.down_proj",), _stack, _unstack),
-        ]
+        return (
+            norm_entries(p, LLAMA_NORMS)
+            + attention_entries(p, mom_cfg)
+            + [
+                same(f"{p}{block}.gate.weight", "ffn.moe.gate.weight"),
+                Entry(
+                    tuple(f"{e}{j}.{proj}.weight" for proj in (gate, up) for j in range(n)),
+                    ("ffn.moe.experts.gate_up_proj",),
+                    stack,
+                    unstack,
+                ),
+                Entry(
+                    tuple(f"{e}{j}.{down}.weight" for j in range(n)), ("ffn.moe.experts.down_proj",), _stack, _unstack
+                ),
+            ]
+        )
 
     def globals(self, mom_cfg: Any) -> list[Entry]:
         return llama_globals(mom_cfg)

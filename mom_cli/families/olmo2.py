@@ -1,5 +1,6 @@
 """OLMo 2: Llama's layers with the norm after each sublayer instead of before (x += norm(f(x))),
 and q/k norms over all heads at once."""
+
 from __future__ import annotations
 
 from typing import Any

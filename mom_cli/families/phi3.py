@@ -1,6 +1,7 @@
 """Phi-3 and Phi-4(-mini): Llama's layers with fused projections (qkv_proj = [q; k; v],
 gate_up_proj = [gate; up]), split into the module's projections and fused back at export;
 partial rotary (Phi-4-mini) through Phi-3's own rotary embedding."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,7 +31,11 @@ class _Phi3(Family):
         kv = mom_cfg.num_key_value_heads * mom_cfg.head_dim
         f = mom_cfg.intermediate_size
         return norm_entries(p, LLAMA_NORMS) + [
-            split_rows(p + "self_attn.qkv_proj.weight", ("mha.q_proj.weight", "mha.k_proj.weight", "mha.v_proj.weight"), [q, kv, kv]),
+            split_rows(
+                p + "self_attn.qkv_proj.weight",
+                ("mha.q_proj.weight", "mha.k_proj.weight", "mha.v_proj.weight"),
+                [q, kv, kv],
+            ),
             same(p + "self_attn.o_proj.weight", "mha.o_proj.weight"),
             split_rows(p + "mlp.gate_up_proj.weight", ("ffn.gate_proj.weight", "ffn.up_proj.weight"), [f, f]),
             same(p + "mlp.down_proj.weight", "ffn.down_proj.weight"),

@@ -426,7 +426,7 @@ class Attention(nn.Module):
         self.softcap = config.attn_softcap
         self.default_kind = config.attention_kind(None)
 
-    def _position(self, q, k, ctx: "StepContext", kind: "Kind | MixedKinds"):
+    def _position(self, q, k, ctx: StepContext, kind: Kind | MixedKinds):
         """RoPE by each token's kind; returns q, k, the window (int, or (B, T) per query) and the scale."""
         if not isinstance(kind, MixedKinds):
             window, rope, scale = kind
@@ -454,11 +454,11 @@ class Attention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        ctx: "StepContext",
+        ctx: StepContext,
         layer_idx: int,
         key_valid: torch.Tensor | None,
         track_valid: bool,
-        kind: "Kind | MixedKinds | None" = None,
+        kind: Kind | MixedKinds | None = None,
     ) -> torch.Tensor:
         b, t = ctx.batch, ctx.seq
         q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -496,7 +496,7 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
-    def skip_all(self, x: torch.Tensor, ctx: "StepContext", layer_idx: int, track_valid: bool) -> None:
+    def skip_all(self, x: torch.Tensor, ctx: StepContext, layer_idx: int, track_valid: bool) -> None:
         """A step where every token skips attention still fills its cache layer (with keys nobody
         may attend to), so every layer's cache keeps the same length."""
         if ctx.cache is None:
@@ -520,7 +520,7 @@ class StepContext:
     device: torch.device
 
     def mask(
-        self, key_valid: torch.Tensor | None, n_keys: int, window: "int | torch.Tensor | None" = None,
+        self, key_valid: torch.Tensor | None, n_keys: int, window: int | torch.Tensor | None = None,
         always: bool = False,
     ) -> torch.Tensor | None:
         """Boolean (B or 1, 1, T, n_keys) mask, or None when plain causal attention is exact.
@@ -666,7 +666,7 @@ class MomBlock(nn.Module):
         a = self.attn(q, k, v, ctx, layer_idx, key_valid, track_valid=track, kind=self._kind(r))
         return scatter_modules(a, r, lambda m, xs: mods[str(m)].out(xs), (self.d,), weighted=True)[0]
 
-    def _kind(self, r: Routing) -> "Kind | MixedKinds":
+    def _kind(self, r: Routing) -> Kind | MixedKinds:
         """The attention kind of the chosen modules; per token (its first choice) when they differ."""
         kinds = {m: self.mha[str(m)].kind for m in r.groups if m != r.skip_id}
         distinct = sorted(set(kinds.values()), key=str)
