@@ -411,6 +411,9 @@ class Heal:
         self.amp = tr.amp_dtype(opts.dtype, device)
         self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
         self.family = family_for(self.config.source_model_type)
+        if self.family.hf_norms is None:
+            raise UsageError(f"heal: {self.config.source_model_type} teachers are not supported yet "
+                             "(no pre-norm marks the residual stream)")
         self.model.train()
         self.model.requires_grad_(False)
         self.regions = find_regions(self.model, self.config, opts.train)
