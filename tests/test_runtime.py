@@ -83,7 +83,7 @@ def test_skip_tokens_contribute_no_keys():
     cfg = MomConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, position_type="learned")
     attn = Attention(cfg)
     q, k, v = (torch.randn(4, 8) for _ in range(3))
-    ctx = StepContext(1, 4, 0, None, None, None, None, torch.device("cpu"))
+    ctx = StepContext(1, 4, 0, None, {}, None, torch.device("cpu"))
     valid = torch.tensor([True, False, True, True])
     with_skip = attn(q, k, v, ctx, 0, valid, track_valid=True)
     k2, v2 = k.clone(), v.clone()

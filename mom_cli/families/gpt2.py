@@ -1,44 +1,44 @@
 """GPT-2: Conv1D weights stored (in, out), a fused c_attn, learned positions, biases, tied head."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from mom_cli.families import Derived, same
+from mom_cli.families import Entry, Family, same, transposed
 
 
-def _prefix(keys: set[str]) -> str:
-    # GPT2LMHeadModel saves "transformer.h.0...", the original hub `gpt2` files save "h.0...".
-    return "transformer." if "transformer.wte.weight" in keys else ""
+def _split_qkv(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    parts = ts[0].chunk(3, dim=-1)
+    return [p.t().contiguous() if p.dim() == 2 else p.contiguous() for p in parts]
 
 
-def _t(ts: list[torch.Tensor]) -> torch.Tensor:
-    return ts[0].t().contiguous()
+def _fuse_qkv(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.cat(ts, dim=0) if ts[0].dim() == 1 else torch.cat([t.t() for t in ts], dim=1).contiguous()]
 
 
-def _part(j: int, transpose: bool) -> Any:
-    def fn(ts: list[torch.Tensor]) -> torch.Tensor:
-        w = ts[0].chunk(3, dim=-1)[j]
-        return w.t().contiguous() if transpose else w.contiguous()
-
-    return fn
-
-
-def _fuse_qkv(ts: list[torch.Tensor]) -> torch.Tensor:
-    if ts[0].dim() == 1:
-        return torch.cat(ts, dim=0)
-    return torch.cat([t.t() for t in ts], dim=1).contiguous()
-
-
-class _GPT2:
+class _GPT2(Family):
     name = "gpt2"
-    # the transformers model's decoder layers, each layer's two pre-norms and the final norm
-    hf_norms = ("transformer.h", "ln_1", "ln_2", "transformer.ln_f")
     model_types = ("gpt2",)
-
-    def num_layers(self, cfg: Any) -> int:
-        return cfg.n_layer
+    layers_field = "n_layer"
+    hf_norms = ("transformer.h", "ln_1", "ln_2", "transformer.ln_f")
+    optional_prefix = "transformer."  # GPT2LMHeadModel saves "transformer.h.0...", the hub's `gpt2` "h.0..."
+    understood = frozenset(
+        {
+            "n_layer",
+            "n_embd",
+            "n_head",
+            "n_inner",
+            "n_positions",
+            "activation_function",
+            "layer_norm_epsilon",
+            "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx",
+            # Upcasts and reorders the eager attention's matmul: the same function (float32 exact).
+            "reorder_and_upcast_attn",
+        }
+    )
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:
         return dict(
@@ -58,68 +58,39 @@ class _GPT2:
             position_type="learned",
             max_position_embeddings=cfg.n_positions,
             tie_word_embeddings=True,
+            attn_scale=None if cfg.scale_attn_weights else 1.0,
+            attn_scale_by_layer=bool(cfg.scale_attn_by_inverse_layer_idx),
         )
 
-    def mha_from_source(self, i: int, keys: set[str]) -> dict[str, Derived]:
-        p = f"{_prefix(keys)}h.{i}."
-        out = {"norm.weight": same(p + "ln_1.weight"), "norm.bias": same(p + "ln_1.bias")}
-        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[f"{proj}.weight"] = Derived((p + "attn.c_attn.weight",), _part(j, transpose=True))
-            out[f"{proj}.bias"] = Derived((p + "attn.c_attn.bias",), _part(j, transpose=False))
-        out["o_proj.weight"] = Derived((p + "attn.c_proj.weight",), _t)
-        out["o_proj.bias"] = same(p + "attn.c_proj.bias")
-        return out
-
-    def ffn_from_source(self, i: int, keys: set[str]) -> dict[str, Derived]:
-        p = f"{_prefix(keys)}h.{i}."
-        return {
-            "norm.weight": same(p + "ln_2.weight"),
-            "norm.bias": same(p + "ln_2.bias"),
-            "fc_in.weight": Derived((p + "mlp.c_fc.weight",), _t),
-            "fc_in.bias": same(p + "mlp.c_fc.bias"),
-            "fc_out.weight": Derived((p + "mlp.c_proj.weight",), _t),
-            "fc_out.bias": same(p + "mlp.c_proj.bias"),
-        }
-
-    def globals_from_source(self, keys: set[str], tied: bool) -> dict[str, Derived]:
-        p = _prefix(keys)
-        return {
-            "model.embed_tokens.weight": same(p + "wte.weight"),
-            "model.embed_positions.weight": same(p + "wpe.weight"),
-            "model.norm.weight": same(p + "ln_f.weight"),
-            "model.norm.bias": same(p + "ln_f.bias"),
-        }
-
-    def layer_to_source(self, i: int, mha: str, ffn: str, mom_cfg: Any) -> dict[str, Derived]:
+    def layer(self, i: int, mom_cfg: Any) -> list[Entry]:
         p = f"transformer.h.{i}."
-        qkv = tuple(f"{mha}{proj}" for proj in ("q_proj", "k_proj", "v_proj"))
-        return {
-            p + "ln_1.weight": same(mha + "norm.weight"),
-            p + "ln_1.bias": same(mha + "norm.bias"),
-            p + "attn.c_attn.weight": Derived(tuple(k + ".weight" for k in qkv), _fuse_qkv),
-            p + "attn.c_attn.bias": Derived(tuple(k + ".bias" for k in qkv), _fuse_qkv),
-            p + "attn.c_proj.weight": Derived((mha + "o_proj.weight",), _t),
-            p + "attn.c_proj.bias": same(mha + "o_proj.bias"),
-            p + "ln_2.weight": same(ffn + "norm.weight"),
-            p + "ln_2.bias": same(ffn + "norm.bias"),
-            p + "mlp.c_fc.weight": Derived((ffn + "fc_in.weight",), _t),
-            p + "mlp.c_fc.bias": same(ffn + "fc_in.bias"),
-            p + "mlp.c_proj.weight": Derived((ffn + "fc_out.weight",), _t),
-            p + "mlp.c_proj.bias": same(ffn + "fc_out.bias"),
-        }
+        qkv = ("mha.q_proj", "mha.k_proj", "mha.v_proj")
+        return [
+            same(p + "ln_1.weight", "mha.norm.weight"),
+            same(p + "ln_1.bias", "mha.norm.bias"),
+            Entry((p + "attn.c_attn.weight",), tuple(k + ".weight" for k in qkv), _split_qkv, _fuse_qkv),
+            Entry((p + "attn.c_attn.bias",), tuple(k + ".bias" for k in qkv), _split_qkv, _fuse_qkv),
+            transposed(p + "attn.c_proj.weight", "mha.o_proj.weight"),
+            same(p + "attn.c_proj.bias", "mha.o_proj.bias"),
+            same(p + "ln_2.weight", "ffn.norm.weight"),
+            same(p + "ln_2.bias", "ffn.norm.bias"),
+            transposed(p + "mlp.c_fc.weight", "ffn.fc_in.weight"),
+            same(p + "mlp.c_fc.bias", "ffn.fc_in.bias"),
+            transposed(p + "mlp.c_proj.weight", "ffn.fc_out.weight"),
+            same(p + "mlp.c_proj.bias", "ffn.fc_out.bias"),
+        ]
 
-    def globals_to_source(self, mom_cfg: Any) -> dict[str, Derived]:
-        return {
-            "transformer.wte.weight": same("model.embed_tokens.weight"),
-            "transformer.wpe.weight": same("model.embed_positions.weight"),
-            "transformer.ln_f.weight": same("model.norm.weight"),
-            "transformer.ln_f.bias": same("model.norm.bias"),
-        }
+    def globals(self, mom_cfg: Any) -> list[Entry]:
+        return [
+            same("transformer.wte.weight", "model.embed_tokens.weight"),
+            same("transformer.wpe.weight", "model.embed_positions.weight"),
+            same("transformer.ln_f.weight", "model.norm.weight"),
+            same("transformer.ln_f.bias", "model.norm.bias"),
+        ]
 
-    def source_config(self, mom_cfg: Any, n_layers: int) -> dict[str, Any]:
-        cfg = dict(mom_cfg.source_config)
-        cfg["n_layer"] = n_layers
-        return cfg
+    def plain_stack_ok(self, mom_cfg: Any, origins: list[int]) -> bool:
+        # The scale 1/(layer+1) is by position in the stack: only the original order keeps it.
+        return not mom_cfg.attn_scale_by_layer or origins == list(range(len(origins)))
 
 
 GPT2 = _GPT2()

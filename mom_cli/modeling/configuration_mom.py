@@ -41,6 +41,23 @@ class MomConfig(PreTrainedConfig):
         position_type: str = "rope",
         max_position_embeddings: int = 2048,
         rope_parameters: dict[str, Any] | None = None,
+        rotary_embedding: str | None = None,
+        pre_norm: bool = True,
+        post_norm: bool = False,
+        rmsnorm: str = "llama",
+        qk_norm: str | None = None,
+        embed_scale: float | None = None,
+        residual_multiplier: float = 1.0,
+        attn_scale: float | None = None,
+        attn_scale_by_layer: bool = False,
+        attn_softcap: float | None = None,
+        final_softcap: float | None = None,
+        logits_divisor: float = 1.0,
+        attention_window: int | None = None,
+        attention_types: list[str] | None = None,
+        rope_layers: list[int] | None = None,
+        parallel_residual: bool = False,
+        moe_block: str | None = None,
         bottom_layers: list[int] | None = None,
         blocks: list[dict[str, Any]] | None = None,
         top_layers: list[int] | None = None,
@@ -75,6 +92,28 @@ class MomConfig(PreTrainedConfig):
         self.position_type = position_type
         self.max_position_embeddings = max_position_embeddings
         self.rope_parameters = rope_parameters
+        # Family quirks, each off by default. Per-layer ones (window, RoPE table, scale) are read
+        # by a module from its origin layer, so a module keeps them wherever it is routed.
+        self.rotary_embedding = rotary_embedding  # the source's rotary class (None: Llama's)
+        self.pre_norm = pre_norm  # False: OLMo 2 (norm after the sublayer only)
+        self.post_norm = post_norm  # norm of each module's output (OLMo 2, Gemma's sandwich)
+        # RMSNorm's scale: "llama" w * x (in x's dtype), "float32" w * x in float32 (OLMo 2),
+        # "unit_offset" (1 + w) * x in float32 (Gemma)
+        self.rmsnorm = rmsnorm
+        self.qk_norm = qk_norm  # None, "head" (per head: Qwen3, Gemma 3) or "full" (OLMo 2)
+        self.embed_scale = embed_scale  # Gemma: sqrt(d); Granite: embedding_multiplier
+        self.residual_multiplier = residual_multiplier  # Granite: x += m * module(x)
+        self.attn_scale = attn_scale  # None: head_dim ** -0.5
+        self.attn_scale_by_layer = attn_scale_by_layer  # GPT-2: scale / (origin + 1)
+        self.attn_softcap = attn_softcap  # Gemma 2: cap * tanh(scores / cap)
+        self.final_softcap = final_softcap
+        self.logits_divisor = logits_divisor  # Granite: logits / logits_scaling
+        # Not `sliding_window`/`layer_types`: transformers' caches would read those and drop keys.
+        self.attention_window = attention_window
+        self.attention_types = list(attention_types) if attention_types else None  # per origin layer
+        self.rope_layers = list(rope_layers) if rope_layers else None  # per origin layer, 0 = no RoPE
+        self.parallel_residual = parallel_residual  # GPT-NeoX: x += MHA(x) + FFN(x)
+        self.moe_block = moe_block  # the source's sparse MoE block class: one FFN module each
         self.bottom_layers = list(bottom_layers or [])
         # Each block: {"mha": [origin, ...], "ffn": [origin, ...], "steps": H}
         self.blocks = [dict(b) for b in (blocks or [])]
@@ -93,6 +132,24 @@ class MomConfig(PreTrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         # One KV-cache layer per attention call: plain layers once, each block once per step.
         self.num_hidden_layers = self.num_attention_calls
+
+    def attention_kind(self, origin: int | None) -> tuple[int | None, str | None, float]:
+        """(window, RoPE table, score scale) of the attention of source layer `origin`."""
+        kind = self.attention_types[origin] if self.attention_types and origin is not None else "full_attention"
+        window = self.attention_window if kind == "sliding_attention" else None
+        rope = None
+        if self.position_type == "rope" and not (self.rope_layers and origin is not None and not self.rope_layers[origin]):
+            rope = kind if self.rope_per_type else "default"
+        scale = self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
+        if self.attn_scale_by_layer and origin is not None:
+            scale /= float(origin + 1)
+        return window, rope, scale
+
+    @property
+    def rope_per_type(self) -> bool:
+        """Gemma 3: one RoPE table per attention type ({"full_attention": {...}, ...})."""
+        params = self.rope_parameters or {}
+        return any(isinstance(params.get(kind), dict) for kind in ("full_attention", "sliding_attention"))
 
     @property
     def num_attention_calls(self) -> int:

@@ -1,7 +1,9 @@
 """The Mixture-of-Modules runtime (arXiv 2407.06677), as a `transformers` model.
 
-Read top to bottom: norms, the kinds of module (MHA, dense FFN, PEER FFN), the router, routing and
-dispatch, attention, the routed block, the plain layer, the model. This file, `configuration_mom.py`
+Read top to bottom: norms, the kinds of module (MHA, dense FFN, sparse MoE FFN, PEER FFN), the
+router, routing and dispatch, attention, the routed block, the plain layer, the model. Families'
+quirks (q/k norms, post-norms, sliding windows, soft-capping, scales) are config fields, each off
+by default; a module carries those of its origin layer. This file, `configuration_mom.py`
 and `peer.py` (the PEER layer, imported relatively) are copied verbatim into `trust_remote_code`
 exports, so they import nothing else from `mom_cli`.
 
@@ -32,53 +34,110 @@ from .peer import PeerLayer
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: statistics in float32, scale in the input dtype."""
+    """RMSNorm with statistics in float32. The scale (`style`): Llama's w in the input dtype;
+    OLMo 2's w in float32 ("float32"); Gemma's 1 + w in float32, w stored as w - 1 ("unit_offset")."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, style: str = "llama") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if style == "unit_offset" else torch.ones(dim))
         self.eps = eps
+        self.style = style
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.style == "unit_offset":
+            return (x * (1.0 + self.weight.float())).to(dtype)
+        if self.style == "float32":
+            return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
-def make_norm(config: MomConfig) -> nn.Module:
+def make_norm(config: MomConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
     if config.norm_type == "layernorm":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return RMSNorm(config.hidden_size, config.norm_eps)
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps, config.rmsnorm)
+
+
+def maybe_norm(config: MomConfig, on: bool) -> nn.Module:
+    """A module's pre- or post-norm where the family has one, else the identity (no weights)."""
+    return make_norm(config) if on else nn.Identity()
+
+
+def source_class(config: MomConfig, name: str) -> Callable[..., nn.Module]:
+    """A class of the source family's own `transformers` modeling file (rotary embedding, MoE block)."""
+    import importlib
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = model_type_to_module_name(config.source_model_type)
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+
+
+def source_config(config: MomConfig) -> Any:
+    """The source's `transformers` config, for the source classes reused here."""
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in config.source_config.items() if k != "model_type"}
+    cfg = AutoConfig.for_model(config.source_model_type, **cfg)
+    cfg._experts_implementation = "eager"  # an MoE block outside its model: transformers' own loop
+    return cfg
 
 
 # ----------------------------------------------------------------------------- modules
 
 
 class MhaModule(nn.Module):
-    """One attention module: its own pre-norm, Q/K/V projections and output projection W^O."""
+    """One attention module: its own pre-norm, Q/K/V projections (and q/k norms), output
+    projection W^O (and post-norm). Its origin layer fixes its attention `kind`: sliding window,
+    RoPE table and score scale, which travel with the module wherever a router sends it."""
 
-    def __init__(self, config: MomConfig) -> None:
+    def __init__(self, config: MomConfig, origin: int | None = None) -> None:
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
-        self.norm = make_norm(config)
+        self.norm = maybe_norm(config, config.pre_norm)
         self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=config.o_bias)
+        self.head_dim = hd
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            per_head = self.qk_norm == "head"
+            self.q_norm = make_norm(config, hd if per_head else config.num_attention_heads * hd)
+            self.k_norm = make_norm(config, hd if per_head else config.num_key_value_heads * hd)
+        self.post_norm = maybe_norm(config, config.post_norm)
+        self.multiplier = config.residual_multiplier
+        self.kind = config.attention_kind(origin)
+
+    def _norm_qk(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.qk_norm == "head":
+            return norm(x.view(*x.shape[:-1], -1, self.head_dim)).flatten(-2)
+        return norm(x)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.norm(x)
-        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if self.qk_norm:
+            q, k = self._norm_qk(self.q_norm, q), self._norm_qk(self.k_norm, k)
+        return q, k, v
+
+    def out(self, a: torch.Tensor) -> torch.Tensor:
+        """W^O, then the family's post-norm and residual multiplier."""
+        y = self.post_norm(self.o_proj(a))
+        return y if self.multiplier == 1.0 else y * self.multiplier
 
 
 class FfnModule(nn.Module):
-    """One FFN module: its own pre-norm, then SwiGLU (Llama family) or act(W_in x) (GPT-2)."""
+    """One FFN module: its own pre-norm, then SwiGLU (Llama family) or act(W_in x) (GPT-2),
+    then the family's post-norm and residual multiplier."""
 
     def __init__(self, config: MomConfig) -> None:
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
-        self.norm = make_norm(config)
+        self.norm = maybe_norm(config, config.pre_norm)
         self.gated = config.gated_mlp
         self.act = ACT2FN[config.hidden_act]
         if self.gated:
@@ -88,12 +147,33 @@ class FfnModule(nn.Module):
         else:
             self.fc_in = nn.Linear(d, f, bias=config.mlp_bias)
             self.fc_out = nn.Linear(f, d, bias=config.mlp_bias)
+        self.post_norm = maybe_norm(config, config.post_norm)
+        self.multiplier = config.residual_multiplier
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
         return self.fc_out(self.act(self.fc_in(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.post_norm(self.mlp(self.norm(x)))
+        return y if self.multiplier == 1.0 else y * self.multiplier
+
+
+class MoeFfnModule(FfnModule):
+    """An FFN module that is a whole sparse MoE block (Mixtral, Qwen3-MoE): the source family's
+    own `transformers` block (its top-k expert router and experts), between this module's norms.
+    The MoM router picks the block; the block's router picks its experts."""
+
+    def __init__(self, config: MomConfig) -> None:
+        nn.Module.__init__(self)
+        self.norm = maybe_norm(config, config.pre_norm)
+        self.moe = source_class(config, config.moe_block)(source_config(config))
+        self.post_norm = maybe_norm(config, config.post_norm)
+        self.multiplier = config.residual_multiplier
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.moe(h[None])[0]  # the block takes (batch, seq, d); tokens here are (N, d)
 
 
 class PeerFfnModule(nn.Module):
@@ -126,7 +206,9 @@ class PeerFfnModule(nn.Module):
 def make_ffn(config: MomConfig, block: int, slot: int) -> nn.Module:
     """FFN slot `slot` of block `block`: a PEER module when config.peer names "block.slot", else dense."""
     peer_kwargs = config.peer.get(f"{block}.{slot}")
-    return FfnModule(config) if peer_kwargs is None else PeerFfnModule(config, peer_kwargs)
+    if peer_kwargs is not None:
+        return PeerFfnModule(config, peer_kwargs)
+    return MoeFfnModule(config) if config.moe_block else FfnModule(config)
 
 
 # ----------------------------------------------------------------------------- router
@@ -306,8 +388,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first cos.shape[-1] channels of each head (all of them unless partial: GPT-NeoX, Phi)."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# An attention kind: (sliding window or None, RoPE table or None, score scale); see MomConfig.attention_kind.
+Kind = tuple[int | None, str | None, float]
+
+
+@dataclass
+class MixedKinds:
+    """A step whose tokens chose MHA modules of different kinds: token i uses kinds[which[i]]."""
+
+    kinds: list[Kind]
+    which: torch.Tensor  # (B*T,) index into kinds
+
+
 class Attention(nn.Module):
-    """Causal attention over per-token Q, K, V, with RoPE, GQA and the KV cache.
+    """Causal attention over per-token Q, K, V, with RoPE, GQA, sliding windows, soft-capping
+    and the KV cache.
 
     Keys of tokens that chose only SKIP are masked out for everyone (the paper's code lets them
     take attention mass). Their validity travels in the cache as one extra value channel, so
@@ -319,25 +423,48 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.softcap = config.attn_softcap
+        self.default_kind = config.attention_kind(None)
+
+    def _position(self, q, k, ctx: StepContext, kind: Kind | MixedKinds):
+        """RoPE by each token's kind; returns q, k, the window (int, or (B, T) per query) and the scale."""
+        if not isinstance(kind, MixedKinds):
+            window, rope, scale = kind
+            if rope is not None:
+                cos, sin = (c.unsqueeze(1) for c in ctx.rope[rope])
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            return q, k, window, scale
+        b, t = ctx.batch, ctx.seq
+        which = kind.which.view(b, 1, t, 1)
+        q0, k0 = q, k
+        windows = torch.full((b, t), 1 << 30, dtype=torch.long, device=q.device)
+        scales = q.new_ones(b, 1, t, 1)
+        for j, (window, rope, scale) in enumerate(kind.kinds):
+            mine = which == j
+            if rope is not None:
+                cos, sin = (c.unsqueeze(1) for c in ctx.rope[rope])
+                q, k = torch.where(mine, apply_rope(q0, cos, sin), q), torch.where(mine, apply_rope(k0, cos, sin), k)
+            if window is not None:
+                windows = torch.where(mine.view(b, t), window, windows)
+            scales = torch.where(mine, scale, scales)
+        return q * scales, k, windows, 1.0  # per-query scales folded into q
 
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        ctx: "StepContext",
+        ctx: StepContext,
         layer_idx: int,
         key_valid: torch.Tensor | None,
         track_valid: bool,
+        kind: Kind | MixedKinds | None = None,
     ) -> torch.Tensor:
         b, t = ctx.batch, ctx.seq
         q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if ctx.cos is not None:
-            cos, sin = ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        q, k, window, scale = self._position(q, k, ctx, self.default_kind if kind is None else kind)
         valid = None if key_valid is None else key_valid.view(b, t)
         if ctx.cache is not None:
             if track_valid:
@@ -349,13 +476,27 @@ class Attention(nn.Module):
                 v = v[..., :-1]
                 if bool(valid.all()):
                     valid = None
-        mask = ctx.mask(valid, k.shape[-2])
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.n_kv != self.n_heads
-        )
+        if self.softcap is not None:
+            out = self._softcapped(q, k, v, ctx.mask(valid, k.shape[-2], window, always=True), scale)
+        else:
+            mask = ctx.mask(valid, k.shape[-2], window)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale,
+                enable_gqa=self.n_kv != self.n_heads,
+            )
         return out.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim)
 
-    def skip_all(self, x: torch.Tensor, ctx: "StepContext", layer_idx: int, track_valid: bool) -> None:
+    def _softcapped(self, q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """Gemma 2's attention: scores capped by cap * tanh(scores / cap) before the softmax
+        (no fused kernel takes a cap), softmax in float32 as `transformers`' eager path."""
+        groups = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+    def skip_all(self, x: torch.Tensor, ctx: StepContext, layer_idx: int, track_valid: bool) -> None:
         """A step where every token skips attention still fills its cache layer (with keys nobody
         may attend to), so every layer's cache keeps the same length."""
         if ctx.cache is None:
@@ -374,21 +515,32 @@ class StepContext:
     seq: int
     past: int
     cache: Cache | None
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # RoPE table -> (cos, sin), each (B, T, rot)
     pad_mask: torch.Tensor | None  # (B, past+T) bool, True = real token
     device: torch.device
 
-    def mask(self, key_valid: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
-        """Boolean (B, 1, T, n_keys) mask, or None when plain causal attention is exact."""
+    def mask(
+        self, key_valid: torch.Tensor | None, n_keys: int, window: int | torch.Tensor | None = None,
+        always: bool = False,
+    ) -> torch.Tensor | None:
+        """Boolean (B or 1, 1, T, n_keys) mask, or None when plain causal attention is exact.
+
+        `window`: a query sees the `window` latest keys, itself included (`transformers`' sliding
+        window); an int for every query, or (B, T) per query.
+        """
         keys = self.pad_mask
         if key_valid is not None:
             keys = key_valid if keys is None else keys & key_valid
-        if keys is None and (self.past == 0 or self.seq == 1):
+        if isinstance(window, int) and window >= n_keys:
+            window = None  # every key is inside the window
+        if keys is None and window is None and not always and (self.past == 0 or self.seq == 1):
             return None
         rows = torch.arange(self.seq, device=self.device)[:, None] + (n_keys - self.seq)
         cols = torch.arange(n_keys, device=self.device)[None, :]
         allowed = (cols <= rows)[None, None]
+        if window is not None:
+            w = window if isinstance(window, int) else window[:, None, :, None]
+            allowed = allowed & (cols > rows - w)
         if keys is not None:
             # Always let a query see itself, so rows of padding or all-SKIP tokens stay finite;
             # their outputs are discarded.
@@ -400,18 +552,19 @@ class StepContext:
 
 
 class PlainLayer(nn.Module):
-    """A source layer kept as it is: x += MHA(x); x += FFN(x)."""
+    """A source layer kept as it is: x += MHA(x); x += FFN(x) (GPT-NeoX: x += MHA(x) + FFN(x))."""
 
-    def __init__(self, config: MomConfig) -> None:
+    def __init__(self, config: MomConfig, origin: int | None = None) -> None:
         super().__init__()
-        self.mha = MhaModule(config)
-        self.ffn = FfnModule(config)
+        self.mha = MhaModule(config, origin)
+        self.ffn = MoeFfnModule(config) if config.moe_block else FfnModule(config)
         self.attn = Attention(config)
+        self.parallel = config.parallel_residual
 
     def forward(self, x: torch.Tensor, ctx: StepContext, layer_idx: int) -> torch.Tensor:
         q, k, v = self.mha.qkv(x)
-        x = x + self.mha.o_proj(self.attn(q, k, v, ctx, layer_idx, None, track_valid=False))
-        return x + self.ffn(x)
+        y = x + self.mha.out(self.attn(q, k, v, ctx, layer_idx, None, track_valid=False, kind=self.mha.kind))
+        return y + self.ffn(x if self.parallel else y)
 
 
 def make_pool(origins: list[int | None], make: Callable[[int], nn.Module]) -> nn.ModuleDict:
@@ -433,7 +586,7 @@ class MomBlock(nn.Module):
         self.temperature = config.router_temperature
         self.skip = config.skip
         self.slots = {"mha": len(spec["mha"]), "ffn": len(spec["ffn"])}
-        self.mha = make_pool(spec["mha"], lambda m: MhaModule(config))
+        self.mha = make_pool(spec["mha"], lambda m: MhaModule(config, spec["mha"][m]))
         self.ffn = make_pool(spec["ffn"], lambda m: make_ffn(config, block_id, m))
         self.mha_router = Router(config, self.slots["mha"] + self.skip, self.steps)
         self.ffn_router = Router(config, self.slots["ffn"] + self.skip, self.steps)
@@ -441,6 +594,7 @@ class MomBlock(nn.Module):
         self.d = config.hidden_size
         self.attn_dim = config.num_attention_heads * config.head_dim
         self.kv_dim = config.num_key_value_heads * config.head_dim
+        self.parallel = config.parallel_residual
         self.removed: dict[str, set[int]] = {}
         self.set_removed(set(), set())
 
@@ -475,8 +629,8 @@ class MomBlock(nn.Module):
     ) -> torch.Tensor:
         s_mha = s_ffn = None
         for h in range(self.steps):
-            x, s_mha = self.mha_step(x, s_mha, h, ctx, first_layer + h, aux, recorder, block_id)
-            x, s_ffn = self.ffn_step(x, s_ffn, h, aux, recorder, block_id)
+            y, s_mha = self.mha_step(x, s_mha, h, ctx, first_layer + h, aux, recorder, block_id)
+            x, s_ffn = self.ffn_step(y, s_ffn, h, aux, recorder, block_id, step_input=x)
         return x
 
     def mha_step(self, x: torch.Tensor, state, h: int, ctx: StepContext, layer_idx: int, aux: list,
@@ -488,10 +642,13 @@ class MomBlock(nn.Module):
             recorder.record(block_id, "mha", h, r, x, y)
         return y, state
 
-    def ffn_step(self, y: torch.Tensor, state, h: int, aux: list, recorder=None, block_id: int = 0) -> tuple[torch.Tensor, Any]:
-        """Step h's feed-forward half: route, run the chosen FFN modules, add to the residual stream."""
-        r, state = self._route("ffn", y, state, h, aux)
-        x = y + scatter_modules(y, r, lambda m, xs: self.ffn[str(m)](xs), (self.d,), weighted=True)[0]
+    def ffn_step(self, y: torch.Tensor, state, h: int, aux: list, recorder=None, block_id: int = 0,
+                 step_input: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Step h's feed-forward half: route, run the chosen FFN modules, add to the residual stream.
+        With GPT-NeoX's parallel residual, the FFN reads the step's input (before attention)."""
+        f = step_input if self.parallel and step_input is not None else y
+        r, state = self._route("ffn", f, state, h, aux)
+        x = y + scatter_modules(f, r, lambda m, xs: self.ffn[str(m)](xs), (self.d,), weighted=True)[0]
         if recorder is not None:
             recorder.record(block_id, "ffn", h, r, y, x)
         return x, state
@@ -506,8 +663,19 @@ class MomBlock(nn.Module):
         # only the output projections are weighted.
         q, k, v = scatter_modules(x, r, lambda m, xs: mods[str(m)].qkv(xs), (self.attn_dim, self.kv_dim, self.kv_dim), False)
         key_valid = None if r.all_skip is None else ~r.all_skip
-        a = self.attn(q, k, v, ctx, layer_idx, key_valid, track_valid=track)
-        return scatter_modules(a, r, lambda m, xs: mods[str(m)].o_proj(xs), (self.d,), weighted=True)[0]
+        a = self.attn(q, k, v, ctx, layer_idx, key_valid, track_valid=track, kind=self._kind(r))
+        return scatter_modules(a, r, lambda m, xs: mods[str(m)].out(xs), (self.d,), weighted=True)[0]
+
+    def _kind(self, r: Routing) -> Kind | MixedKinds:
+        """The attention kind of the chosen modules; per token (its first choice) when they differ."""
+        kinds = {m: self.mha[str(m)].kind for m in r.groups if m != r.skip_id}
+        distinct = sorted(set(kinds.values()), key=str)
+        if len(distinct) == 1:
+            return distinct[0]
+        table = torch.zeros(r.n_modules, dtype=torch.long, device=r.idx.device)
+        for m, kind in kinds.items():
+            table[m] = distinct.index(kind)
+        return MixedKinds(distinct, table[r.idx[:, 0]])
 
 
 # ----------------------------------------------------------------------------- model
@@ -527,6 +695,12 @@ class MomPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # linear, embedding, norms, and the rotary embedding's buffers
+        if "RotaryEmbedding" in type(module).__name__ and not hasattr(module, "original_inv_freq"):
+            # A source rotary class with one table per attention type (Gemma 3), which the generic
+            # init above does not know: its buffers as a fresh instance computes them.
+            fresh = type(module)(module.config, device="cpu")
+            for name, buf in fresh.named_buffers():
+                init.copy_(module.get_buffer(name), buf)
         if isinstance(module, Router):
             # Identity until trained: the logits are the step bias (set by `mom decompose`).
             init.zeros_(module.head.weight)
@@ -546,9 +720,9 @@ class MomModel(MomPreTrainedModel):
             if config.position_type == "learned"
             else None
         )
-        self.bottom = nn.ModuleList(PlainLayer(config) for _ in config.bottom_layers)
+        self.bottom = nn.ModuleList(PlainLayer(config, o) for o in config.bottom_layers)
         self.blocks = nn.ModuleList(MomBlock(config, spec, i) for i, spec in enumerate(config.blocks))
-        self.top = nn.ModuleList(PlainLayer(config) for _ in config.top_layers)
+        self.top = nn.ModuleList(PlainLayer(config, o) for o in config.top_layers)
         self.norm = make_norm(config)
         self.rotary_emb = self._make_rotary(config) if config.position_type == "rope" else None
         self.recorder: RoutingRecorder | None = None
@@ -557,7 +731,10 @@ class MomModel(MomPreTrainedModel):
 
     @staticmethod
     def _make_rotary(config: MomConfig) -> nn.Module:
-        # transformers' own rotary embedding, so every RoPE scaling variant it knows works here.
+        # transformers' own rotary embedding, so every RoPE scaling variant it knows works here:
+        # the source family's class (partial rotary, per-type tables), or Llama's.
+        if config.rotary_embedding:
+            return source_class(config, config.rotary_embedding)(source_config(config))
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -585,6 +762,8 @@ class MomModel(MomPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         b, t, _ = x.shape
         cache = cache if cache is not None else past_key_values  # the name before transformers 5.24
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -597,13 +776,11 @@ class MomModel(MomPreTrainedModel):
             position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids)
-        cos = sin = None
-        if self.rotary_emb is not None:
-            cos, sin = self.rotary_emb(x, position_ids)
+        rope = self.rope_tables(x, position_ids) if self.rotary_emb is not None else {}
         pad = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             pad = attention_mask[:, -(past + t) :].bool()
-        ctx = StepContext(b, t, past, cache if use_cache else None, cos, sin, pad, x.device)
+        ctx = StepContext(b, t, past, cache if use_cache else None, rope, pad, x.device)
 
         h = x.reshape(b * t, -1)
         aux: list[torch.Tensor] = []
@@ -623,6 +800,13 @@ class MomModel(MomPreTrainedModel):
         h = self.norm(h).view(b, t, -1)
         aux_loss = torch.stack(aux).mean() if aux else None
         return h, cache, aux_loss
+
+    def rope_tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) per RoPE table: one, or one per attention type (Gemma 3's local and global bases)."""
+        if not self.config.rope_per_type:
+            return {"default": self.rotary_emb(x, position_ids)}
+        types = set(self.config.attention_types or ["full_attention"])
+        return {kind: self.rotary_emb(x, position_ids, layer_type=kind) for kind in sorted(types)}
 
     def _checkpointed_block(self, block: MomBlock, h: torch.Tensor, ctx: StepContext, layer: int, aux: list, i: int) -> torch.Tensor:
         """A block whose activations are recomputed in backward. The recomputation must not count
@@ -689,6 +873,10 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep, :])
+        if self.config.logits_divisor != 1.0:  # Granite
+            logits = logits / self.config.logits_divisor
+        if self.config.final_softcap is not None:  # Gemma 2
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -106,12 +106,22 @@ def _num_layers(config: MomConfig) -> int:
     return int(n) if n else max(origins) + 1
 
 
+def _check_dense_ffn(config: MomConfig) -> None:
+    """A PEER module is a pre-norm and one dense FFN: refuse the families whose FFN modules are more."""
+    quirks = {"moe_block": config.moe_block, "post_norm": config.post_norm, "pre_norm": not config.pre_norm,
+              "residual_multiplier": config.residual_multiplier != 1.0}
+    for name, on in quirks.items():
+        if on:
+            raise UsageError(f"convert-peer: {config.source_model_type} FFN modules ({name}) are not supported yet")
+
+
 def select_modules(config: MomConfig, spec: str) -> list[tuple[int, int, int]]:
     """(origin, block, slot) of the FFN modules `--layers` names, by source layer index.
 
     `all`: every pooled FFN module not yet PEER; `middle`: the middle third of those (layers 10-19
     of a 30-layer model decomposed whole).
     """
+    _check_dense_ffn(config)
     pooled = {o: (b, m) for b, s in enumerate(config.blocks) for m, o in enumerate(s["ffn"]) if o is not None}
     dense = sorted(o for o, (b, m) in pooled.items() if f"{b}.{m}" not in config.peer)
     if spec.strip() in ("all", "middle"):

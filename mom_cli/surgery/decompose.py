@@ -17,7 +17,7 @@ import torch
 
 from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.errors import UsageError
-from mom_cli.families import Family, Derived, family_for
+from mom_cli.families import Derived, Family, check_supported, family_for
 from mom_cli.io.checkpoint import module_prefix, router_key
 from mom_cli.io.sources import Source
 
@@ -55,8 +55,7 @@ def make_config(source: Source, family: Family, opts: PlanOptions) -> MomConfig:
         raise UsageError(f"unknown router {opts.router!r}: use gru or mlp")
     if opts.temperature <= 0:
         raise UsageError("--temperature must be > 0")
-    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
-        raise UsageError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx are not supported: modules move between depths")
+    check_supported(family, cfg)
     keys = source.reader.keys()
     kwargs = family.mom_kwargs(cfg, keys)
     blocks = [
@@ -112,13 +111,13 @@ def router_tensors(config: MomConfig, block: int) -> dict[str, torch.Tensor]:
 def derived_tensors(source: Source, family: Family, config: MomConfig) -> dict[str, Derived | torch.Tensor]:
     """Every output tensor: derived from source tensors, or a tensor made here (routers)."""
     keys = source.reader.keys()
-    out: dict[str, Derived | torch.Tensor] = dict(family.globals_from_source(keys, config.tie_word_embeddings))
+    out: dict[str, Derived | torch.Tensor] = dict(family.globals_from_source(config))
 
     def add_layer(prefix_mha: str, prefix_ffn: str, origin_mha: int | None, origin_ffn: int | None) -> None:
         if origin_mha is not None:
-            out.update({prefix_mha + k: r for k, r in family.mha_from_source(origin_mha, keys).items()})
+            out.update({prefix_mha + k: r for k, r in family.modules_from_source(origin_mha, config, "mha").items()})
         if origin_ffn is not None:
-            out.update({prefix_ffn + k: r for k, r in family.ffn_from_source(origin_ffn, keys).items()})
+            out.update({prefix_ffn + k: r for k, r in family.modules_from_source(origin_ffn, config, "ffn").items()})
 
     for i, origin in enumerate(config.bottom_layers):
         add_layer(module_prefix("bottom", i, "mha"), module_prefix("bottom", i, "ffn"), origin, origin)
@@ -130,7 +129,14 @@ def derived_tensors(source: Source, family: Family, config: MomConfig) -> dict[s
         out.update(router_tensors(config, b))
     for i, origin in enumerate(config.top_layers):
         add_layer(module_prefix("top", i, "mha"), module_prefix("top", i, "ffn"), origin, origin)
-    return out
+    return {name: _resolve(r, keys, family.optional_prefix) for name, r in out.items()}
+
+
+def _resolve(r: Derived | torch.Tensor, keys: set[str], optional_prefix: str) -> Derived | torch.Tensor:
+    """Source keys as this checkpoint spells them: without the family's optional prefix where it omits it."""
+    if isinstance(r, torch.Tensor) or not optional_prefix or all(k in keys for k in r.keys):
+        return r
+    return Derived(tuple(k if k in keys else k.removeprefix(optional_prefix) for k in r.keys), r.fn)
 
 
 def default_output(ref: str, suffix: str) -> Path:

@@ -54,6 +54,18 @@ def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tupl
     return layers
 
 
+def layer_origins(config: MomConfig, layers: list[tuple[str, str]]) -> list[int]:
+    """The source layer each plain layer's MHA module came from (its attention kind follows it)."""
+    out = []
+    for mha, _ in layers:
+        parts = mha.split(".")  # model.bottom.i. / model.top.i. / model.blocks.b.mha.m.
+        if parts[1] == "blocks":
+            out.append(config.blocks[int(parts[2])]["mha"][int(parts[4])])
+        else:
+            out.append((config.bottom_layers if parts[1] == "bottom" else config.top_layers)[int(parts[2])])
+    return out
+
+
 def _constant_choice(reader: SafetensorsReader, block: int, kind: str, origins: list) -> list[int | None] | None:
     """The live slot each step picks (None: it skips), if the router is constant and strict; else None."""
     from mom_cli.modeling.modeling_mom import Router
@@ -78,7 +90,7 @@ def export(ckpt: Path, out: Path, fmt: str, dtype: torch.dtype | None, shard_byt
     if fmt == "safetensors":
         return _export_flat(config, reader, out, dtype, shard_bytes, force), "safetensors"
     layers = plain_layer_order(config, reader)
-    if layers is not None:
+    if layers is not None and family_named(config.family).plain_stack_ok(config, layer_origins(config, layers)):
         return _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, force), "standard"
     return _export_remote_code(ckpt, config, reader, out, dtype, shard_bytes, force), "remote-code"
 
@@ -91,25 +103,24 @@ def _stream(tensors: list[PlannedTensor], directory: Path, shard_bytes: int, met
 
 def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, force) -> Path:
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     family = family_named(config.family)
     derived: dict[str, Derived] = dict(family.globals_to_source(config))
     for i, (mha, ffn) in enumerate(layers):
         derived.update(family.layer_to_source(i, mha, ffn, config))
-    cfg_dict = family.source_config(config, len(layers))
+    cfg_dict = family.source_config(config, layer_origins(config, layers))
     cfg_dict.pop("model_type", None)
     cfg_dict.pop("quantization_config", None)  # a GGUF source's, made before it was dropped on reading: the weights are float
     src_cfg = AutoConfig.for_model(config.source_model_type, **cfg_dict)
     if dtype is not None:
         src_cfg.dtype = str(dtype).removeprefix("torch.")
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(src_cfg)
-    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    src_cfg.architectures = [type(skeleton).__name__]
+    src_cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.source_model_type]]
+    # Shapes by deriving each tensor from meta tensors: the names are the source's files' (Mixtral's
+    # per-expert w1/w2/w3), which transformers converts on load to its in-memory layout.
+    meta = lambda k: torch.empty(reader.shape(k), dtype=reader.dtype(k), device="meta")  # noqa: E731
     planned = [
-        PlannedTensor(name, shapes[name], dtype or reader.dtype(r.keys[0]), lambda r=r: r.build(reader.get))
+        PlannedTensor(name, tuple(r.build(meta).shape), dtype or reader.dtype(r.keys[0]), lambda r=r: r.build(reader.get))
         for name, r in derived.items()
     ]
     log(f"export {ckpt}: plain stack of {len(layers)} layers -> standard {config.source_model_type} format")

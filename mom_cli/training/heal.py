@@ -283,11 +283,11 @@ def step_context(model: nn.Module, b: int, t: int, x: torch.Tensor) -> Any:
     from mom_cli.modeling.modeling_mom import StepContext
 
     inner = model.model
-    cos = sin = None
+    rope = {}
     if inner.rotary_emb is not None:
         pos = torch.arange(t, device=x.device)[None].expand(b, -1)
-        cos, sin = inner.rotary_emb(x.view(b, t, -1), pos)
-    return StepContext(b, t, 0, None, cos, sin, None, x.device)
+        rope = inner.rope_tables(x.view(b, t, -1), pos)
+    return StepContext(b, t, 0, None, rope, None, x.device)
 
 
 def run_region(model: nn.Module, region: Region, x: torch.Tensor, aux: list) -> torch.Tensor:
@@ -411,6 +411,9 @@ class Heal:
         self.amp = tr.amp_dtype(opts.dtype, device)
         self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
         self.family = family_for(self.config.source_model_type)
+        if self.family.hf_norms is None:
+            raise UsageError(f"heal: {self.config.source_model_type} teachers are not supported yet "
+                             "(no pre-norm marks the residual stream)")
         self.model.train()
         self.model.requires_grad_(False)
         self.regions = find_regions(self.model, self.config, opts.train)
