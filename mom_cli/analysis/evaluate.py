@@ -59,13 +59,16 @@ def perplexity(model, batches: torch.Tensor, batch_size: int, device: str) -> tu
         return heldout_loss(model, batches, batch_size, device, on_batch=lambda n: bar.advance(task, n))
 
 
-def check_eval_options(seq_len: int, batch_size: int) -> None:
+def check_eval_options(seq_len: int, batch_size: int, max_tokens: int | None = None) -> None:
     if seq_len < 2 or batch_size < 1:
         raise UsageError("--seq-len must be >= 2 and --batch-size >= 1")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise UsageError(f"--max-tokens {max_tokens} caps the tokens evaluated below one sequence of --seq-len {seq_len}; "
+                         f"give --max-tokens {seq_len} or more")
 
 
 def evaluate(model, tokenizer, ref: str, data: str, seq_len: int, max_tokens: int | None, batch_size: int, device: str) -> EvalResult:
-    check_eval_options(seq_len, batch_size)
+    check_eval_options(seq_len, batch_size, max_tokens)
     check_seq_len(seq_len, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None))
     stream = token_stream(data, tokenizer, max_tokens)
     batches = blocks(stream, seq_len)

@@ -64,6 +64,9 @@ def shares_from_stats(stats: dict, config: Any) -> tuple[dict[tuple[int, str], n
 def check_trace_options(max_tokens: int, seq_len: int, batch_size: int, sample_tokens: int) -> None:
     if max_tokens < 2 or seq_len < 2 or batch_size < 1 or sample_tokens < 1:
         raise UsageError("--max-tokens and --seq-len must be >= 2, --batch-size and --sample-tokens >= 1")
+    if max_tokens < seq_len:
+        raise UsageError(f"--max-tokens {max_tokens} caps the tokens measured below one sequence of --seq-len {seq_len}; "
+                         f"give --max-tokens {seq_len} or more")
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ to stderr. Errors are one line, exit 2 for usage and 1 for failures; --debug sho
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
 import sys
 import threading
@@ -59,9 +61,31 @@ def checkpoint_arg(value: str) -> str:
     return line
 
 
+def _json(value: object) -> str:
+    """JSON as the standard has it: NaN and infinities (which json.dumps writes bare) become null."""
+    def finite(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), default=str, allow_nan=False)
+
+
+def _piped() -> bool:
+    """stdout is a pipe or file of the shell (not a terminal, not a recipe step's capture)."""
+    try:
+        return not os.isatty(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def emit(path: Path, as_json: bool, **extra: object) -> None:
     if as_json:
-        print(json.dumps({"path": str(path), **extra}, default=str))
+        print(_json({"path": str(path), **extra}))
     else:
         print(path)
 
@@ -101,6 +125,8 @@ def decompose(
     opts = options_from_context(PlanOptions, skip=not no_skip)
     out = output or default_output(source, "-mom")
     path = run(source, out, opts, parse_dtype(dtype), force, allow_pickle, parse_size(shard_size))
+    if _piped():  # piped on: say where the checkpoint stays once the pipe is done with it
+        console.log(f"the checkpoint is at {Path(path).resolve()}; it stays there after the pipe")
     emit(path, as_json)
 
 
@@ -185,7 +211,7 @@ def eval_(
             record_scores(results[0])
         if as_json:
             for r in results:
-                print(json.dumps(r.as_dict()))
+                print(_json(r.as_dict()))
         else:
             render.print_tasks(comparison(results), [r.model for r in results])
         return
@@ -196,12 +222,12 @@ def eval_(
     from mom_cli.analysis.evaluate import check_eval_options, evaluate
     from mom_cli.io.loading import load_model
 
-    check_eval_options(seq_len, batch_size)  # before minutes of loading
+    check_eval_options(seq_len, batch_size, max_tokens)  # before minutes of loading
     dev = pick_device(device)
     m, tok = load_model(refs[0], dev, parse_dtype(dtype), allow_pickle)
     result = evaluate(m, tok, refs[0], data, seq_len, max_tokens, batch_size, dev)
     if as_json:
-        print(json.dumps(result.as_dict()))
+        print(_json(result.as_dict()))
     else:
         console.log(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s)")
         print(f"perplexity {result.perplexity:.4f}")
@@ -223,7 +249,7 @@ def info(
     config, reader = read_mom(Path(checkpoint_arg(checkpoint)))
     s = summary(config, seq_len, reader.get)
     if as_json:
-        print(json.dumps(s, default=str))
+        print(_json(s))
         return
     render.print_info(s)
 
@@ -268,7 +294,7 @@ def prune(
 def _emit_report(report: dict, out: Path, as_json: bool, show: Callable[[dict], None]) -> None:
     """--json: the report on stdout; otherwise its table on stderr (`show`) and the output path on stdout."""
     if as_json:
-        print(json.dumps(report, default=str))
+        print(_json(report))
         return
     show(report)
     print(out)
@@ -374,7 +400,7 @@ def train_routers(
     if not result.main:  # other torchrun ranks: rank 0 prints the result
         return
     if as_json:
-        print(json.dumps(result.as_dict()))
+        print(_json(result.as_dict()))
         return
     if result.loss_first is not None:
         console.log(f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
@@ -460,7 +486,7 @@ def run(
 
     result = run_recipe(recipe, RunOptions(sets, output, work_dir, keep_work, fresh, force), typer.main.get_command(app))
     if as_json:
-        print(json.dumps(result.as_dict(), default=str))
+        print(_json(result.as_dict()))
     else:
         print(result.path)
 
@@ -622,14 +648,21 @@ _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if 
 
 
 def _interrupted() -> int:
-    print("mom: interrupted; no output was written", file=sys.stderr)
+    from mom_cli.io.atomic import COMMITTED
+
+    if COMMITTED:  # the signal came after an output was put in place: say that it is complete
+        print(f"mom: interrupted after {COMMITTED[-1]} was written complete; nothing else was left half-done", file=sys.stderr)
+    else:
+        print("mom: interrupted; no output was written", file=sys.stderr)
     return 128 + (INTERRUPTED or signal.SIGINT)
 
 
 def _fail(message: str, code: int) -> int:
+    from mom_cli.errors import one_line
+
     if DEBUG:
         traceback.print_exc()
-    print(f"mom: error: {message}", file=sys.stderr)
+    print(f"mom: error: {one_line(message, 600)}", file=sys.stderr)
     return code
 
 
@@ -648,9 +681,13 @@ def main(argv: list[str] | None = None) -> int:
         for sig in _SIGNALS:
             if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # not if ignored (nohup)
                 previous[sig] = signal.signal(sig, _on_signal)
+    from mom_cli.io import atomic
+
+    atomic.COMMITTED.clear()
     try:
         return _run(args)
     finally:
+        atomic.release_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

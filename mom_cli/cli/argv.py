@@ -53,8 +53,8 @@ def invoke(command: Any, args: list[str]) -> int:
     except click.exceptions.NoArgsIsHelpError:
         raise
     except click.exceptions.ClickException as e:
-        sub = f" {e.ctx.info_name}" if getattr(e, "ctx", None) and e.ctx.info_name != "mom" else ""
-        raise UsageError(f"{e.format_message()} (see mom{sub} --help)") from e
+        ctx = getattr(e, "ctx", None)  # command_path: `mom plot routing`, not `mom routing`
+        raise UsageError(f"{e.format_message()} (see {ctx.command_path if ctx else 'mom'} --help)") from e
     if code == 130:
         raise KeyboardInterrupt
     return code if isinstance(code, int) else 0

@@ -39,7 +39,8 @@ from typing import Any, Iterator
 import yaml
 
 from mom_cli import console
-from mom_cli.errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError, one_line
+from mom_cli.io.atomic import releases_locks
 
 RECIPE_FILE = "mom_recipe.yaml"
 SUFFIXES = (".yaml", ".yml")
@@ -94,7 +95,7 @@ def description(path: Path) -> str:
     text = path.read_text()
     with contextlib.suppress(yaml.YAMLError):
         data = yaml.safe_load(text)
-        if isinstance(data, dict) and isinstance(data.get("description"), str):
+        if isinstance(data, dict) and isinstance(data.get("description"), str) and data["description"].strip():
             return data["description"].strip().splitlines()[0]
     for line in text.splitlines():
         if line.startswith("#"):
@@ -212,7 +213,25 @@ def _line(node: yaml.Node) -> int:
 
 
 def _value(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as e:  # a tag such as !!python/object: safe_load knows no such thing
+        problem = getattr(e, "problem", None) or str(e)
+        raise UsageError(f"{loader.name}:{_line(node)}: {one_line(problem, 120)}; recipes hold plain values only") from None
+
+
+def _refuse_aliases(text: str, path: Path) -> None:
+    """Anchors and aliases (&a, *a) are refused: nested, they expand without bound, and a recipe
+    has no need of them."""
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, (yaml.AliasToken, yaml.AnchorToken)):
+                raise UsageError(f"{path}:{token.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are "
+                                 "not allowed in recipes; write the value out")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UsageError(f"{where}: not valid YAML: {one_line(getattr(e, 'problem', None) or e, 120)}") from None
 
 
 def _mapping(node: yaml.Node, what: str, path: Path) -> list[tuple[str, yaml.Node, int]]:
@@ -229,14 +248,19 @@ def _mapping(node: yaml.Node, what: str, path: Path) -> list[tuple[str, yaml.Nod
 def load(ref: str) -> Recipe:
     """Parse a recipe, keeping the line of every key for error messages."""
     path = find(ref)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"{path}: cannot read the recipe: {one_line(e, 120)}") from None
+    _refuse_aliases(text, path)
     loader = yaml.SafeLoader(text)
+    loader.name = str(path)
     try:
         root = loader.get_single_node()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UsageError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        raise UsageError(f"{where}: not valid YAML: {one_line(getattr(e, 'problem', None) or e, 120)}") from None
     finally:
         loader.dispose()
     if root is None:
@@ -456,6 +480,7 @@ class RunOptions:
     force: bool = False
 
 
+@releases_locks
 def run(ref: str, opts: RunOptions, group: Any) -> RunResult:
     """Run a recipe; `group` is the CLI's click command group, the steps' commands."""
     from mom_cli.io.atomic import check_output
@@ -465,6 +490,8 @@ def run(ref: str, opts: RunOptions, group: Any) -> RunResult:
     steps = resolve(recipe, sets, command_specs(group))
     values = {**recipe.vars, **{k: v for k, v in sets.items() if "." not in k}}
     out = Path(opts.output or substitute(recipe.output or f"{recipe.name}-out", values, str(recipe.path)))
+    if opts.output is None:
+        check_recipe_output(out, recipe)
     check_output(out, opts.force)  # before minutes of work
     work = opts.work_dir or out.parent / f".{out.name}.mom-work"
     made_work = not work.exists()
@@ -497,6 +524,14 @@ def run(ref: str, opts: RunOptions, group: Any) -> RunResult:
     if not opts.keep_work:  # the default work folder goes whole; a --work-dir keeps what others put there
         _clean(work, made, made_work or opts.work_dir is None)
     return RunResult(final, recipe.name, work if opts.keep_work else None, results)
+
+
+def check_recipe_output(out: Path, recipe: Recipe) -> None:
+    """An output the recipe names (not the command line) stays under the current folder: a recipe
+    from elsewhere must not point --force at a folder of the user's."""
+    if out.is_absolute() or ".." in out.parts or not out.parts:
+        raise UsageError(f"{recipe.where(recipe.lines.get('output'))}: the recipe's output {str(out)[:80]!r} leaves the "
+                         "current folder; name the output on the command line with -o")
 
 
 def step_key(r: Resolved, input_key: str) -> str:
@@ -649,11 +684,12 @@ def finish(recipe: Recipe, steps: list[Resolved], values: dict[str, Any], last: 
     from mom_cli.io.atomic import atomic_dir, atomic_file
 
     text = resolved_yaml(recipe, steps, values)
-    if last.is_file():  # a flat .safetensors export: the recipe goes beside it
+    if last.is_file():  # a flat .safetensors export: the recipe goes beside it (first: refused without --force)
+        with atomic_file(Path(f"{out}.{RECIPE_FILE}"), force) as tmp:
+            tmp.write_text(text)
         with atomic_file(out, force) as tmp:
             tmp.unlink()  # the link takes its place
             _link(last, tmp)
-        Path(f"{out}.{RECIPE_FILE}").write_text(text)
         return out
     with atomic_dir(out, force) as tmp:
         for src in last.rglob("*"):

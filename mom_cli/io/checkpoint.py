@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 
 from mom_cli.modeling.configuration_mom import MomConfig
-from mom_cli.errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError, one_line
 from mom_cli.io.provenance import model_card
-from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_safetensors
+from mom_cli.io.tensorio import FLOAT_DTYPES, PlannedTensor, SafetensorsReader, write_safetensors
 
 DEFAULT_SHARD = 2 * 10**9
 # The runtime's files; modeling_mom.py imports the other two relatively, and nothing from mom_cli.
@@ -62,11 +62,39 @@ def meta_model(config: MomConfig) -> torch.nn.Module:
 
 def param_shapes(config: MomConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint stores (tied head excluded), in module order."""
-    model = meta_model(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: shape for k, (shape, _) in param_specs(config).items()}
+
+
+def param_specs(config: MomConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Every tensor a checkpoint stores: (shape, whether it is floating point), in module order."""
+    try:
+        model = meta_model(config)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise MomError(f"the MoM config describes no valid model: {one_line(e, 160)}") from e
+    specs = {k: (tuple(v.shape), v.dtype.is_floating_point) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
+        specs.pop("lm_head.weight", None)
+    return specs
+
+
+def verify_tensors(path: Path, config: MomConfig, reader: SafetensorsReader) -> None:
+    """Every tensor the config implies is stored, with its shape and a fitting dtype (read from the
+    headers only): a checkpoint with a missing or damaged tensor is refused, never re-initialised."""
+    keys = reader.keys()
+    for name, (shape, floating) in param_specs(config).items():
+        if name not in keys:
+            raise MomError(f"{path} lacks tensor {name}, which its config implies; the checkpoint is incomplete or damaged")
+        try:
+            got, dtype = tuple(reader.shape(name)), reader.dtype_name(name)
+        except MomError:
+            raise
+        except Exception as e:
+            raise MomError(f"cannot read the header of tensor {name} in {path}: {one_line(e, 120)}") from e
+        if got != shape:
+            raise MomError(f"tensor {name} in {path} has shape {list(got)}, but the config implies {list(shape)}")
+        if floating != (dtype in FLOAT_DTYPES):
+            raise MomError(f"tensor {name} in {path} is stored as {dtype}, which is not a "
+                           f"{'floating' if floating else 'integer'} type as the model needs")
 
 
 def write_checkpoint(
@@ -109,7 +137,9 @@ def read_mom(path: Path) -> tuple[MomConfig, SafetensorsReader]:
     config = load_config(Path(path))
     if getattr(config, "model_type", None) != "mom":
         raise UsageError(f"{path} is not a MoM checkpoint (model_type {config.model_type!r}); run `mom decompose` on it first")
-    return config, SafetensorsReader(Path(path))
+    reader = SafetensorsReader(Path(path))
+    verify_tensors(Path(path), config, reader)
+    return config, reader
 
 
 def copy_plan(reader: SafetensorsReader, config: MomConfig, dtype: torch.dtype | None) -> list[PlannedTensor]:

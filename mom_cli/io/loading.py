@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from mom_cli.console import hush, status
-from mom_cli.errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError, one_line
 from mom_cli.io.sources import load_config, resolve_path
 
 # Every --dtype spelling: the full names, and the short ones train-routers' help uses.
@@ -52,8 +52,8 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, 
             model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False,
                                                   **({"gguf_file": path.name} if path.is_file() else {}))
-    except (OSError, ValueError) as e:
-        raise MomError(f"cannot load {ref}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise MomError(f"cannot load {ref}: {one_line(e)}") from e
     if path.is_file():  # dequantised to float: tools that see a quantizer refuse to save or train it
         from mom_cli.io.sources import dequantised_config
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mom_cli.errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError, one_line
 from mom_cli.io.tensorio import DictReader, SafetensorsReader, TensorReader
 
 # Short names for models a pip package ships, so examples run without a hub.
@@ -44,19 +44,27 @@ class Source:
             from transformers import AutoTokenizer
 
             try:
-                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name, trust_remote_code=False)
                 tok.save_pretrained(dst)
             except Exception as e:  # the model is still usable with a tokenizer supplied later
                 print_warning(f"could not convert the GGUF tokenizer ({e}); copy one into {dst} by hand")
             GenerationConfig.from_model_config(self.config).save_pretrained(dst)
             return
         for name in TOKENIZER_FILES:
-            if (self.path / name).exists():
-                shutil.copy2(self.path / name, dst / name)
-        if (self.path / "generation_config.json").exists():
-            shutil.copy2(self.path / "generation_config.json", dst / "generation_config.json")
-        else:
+            copy_plain_file(self.path / name, dst / name)
+        if not copy_plain_file(self.path / "generation_config.json", dst / "generation_config.json"):
             GenerationConfig.from_model_config(self.config).save_pretrained(dst)
+
+
+def copy_plain_file(src: Path, dst: Path) -> bool:
+    """Copy `src` if it exists; a symlink is refused, since it may point anywhere (a key file, /etc)
+    and its target's content would travel inside the output."""
+    if src.is_symlink():
+        raise UsageError(f"{src} is a symbolic link; mom copies only plain files into outputs: replace it by the file itself")
+    if not src.exists():
+        return False
+    shutil.copy2(src, dst)
+    return True
 
 
 def print_warning(msg: str) -> None:
@@ -133,14 +141,77 @@ def load_config(directory: Path) -> Any:
         raise UsageError(f"{directory} has no config.json; pass a transformers model directory, .gguf file or hub id")
     try:
         raw = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise MomError(f"corrupt {cfg_path}: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MomError(f"corrupt {cfg_path}: {one_line(e)}") from e
+    if not isinstance(raw, dict):
+        raise MomError(f"corrupt {cfg_path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") == "mom":
         import mom_cli  # noqa: F401  (registers MomConfig)
+    refuse_remote_code(directory, raw)
     try:
-        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as e:
-        raise MomError(f"cannot read {cfg_path}: {e}") from e
+        raise MomError(f"cannot read {cfg_path}: {one_line(e)}") from e
+    check_config_sizes(config, cfg_path)
+    return config
+
+
+def refuse_remote_code(directory: Path, raw: dict) -> None:
+    """A folder whose config or tokenizer names its own Python code (`auto_map`) is refused: mom
+    never runs code from a model folder, and never lets transformers ask about it on stdin."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if raw.get("auto_map") and not known:
+        raise UsageError(f"{directory} needs its own Python code (auto_map in config.json, model_type "
+                         f"{str(model_type)[:60]!r}); mom never runs code from a model folder and has no opt-in for it")
+    tok_cfg = directory / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            tok = json.loads(tok_cfg.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MomError(f"corrupt {tok_cfg}: {one_line(e)}") from e
+        if isinstance(tok, dict) and tok.get("auto_map"):
+            raise UsageError(f"{directory} has a tokenizer with its own Python code (auto_map in tokenizer_config.json); "
+                             "mom never runs code from a model folder and has no opt-in for it")
+
+
+SIZE_FIELDS = ("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+               "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size", "max_position_embeddings",
+               "n_positions", "head_dim")
+MAX_SIZE = 2**31
+
+
+def check_config_sizes(config: Any, cfg_path: Path) -> None:
+    """Every size is a positive whole number of sane magnitude, before anything is allocated from it."""
+    for field in SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MomError(f"{cfg_path}: {field} must be a whole number, got {str(value)[:40]!r}")
+        if not 0 < value < MAX_SIZE:
+            raise MomError(f"{cfg_path}: {field} must be a positive size, got {value}")
+
+
+def source_config(ref: str) -> Any:
+    """The source's transformers config alone; for GGUF, from the file's metadata, no weights."""
+    path = resolve_path(ref)
+    if not path.is_file():
+        return load_config(path)
+    if path.suffix != ".gguf":
+        raise UsageError(f"{path} is a file but not a .gguf model; pass a model directory or a .gguf file")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    except ImportError as e:
+        raise UsageError(f"reading GGUF needs the gguf package: pip install gguf ({one_line(e)})") from e
+    except Exception as e:
+        raise MomError(f"cannot read GGUF file {path}: {one_line(e)}") from e
+    check_config_sizes(config, path)
+    return config
 
 
 def open_source(ref: str, allow_pickle: bool = False) -> Source:
@@ -166,11 +237,22 @@ def _weights_reader(path: Path, allow_pickle: bool) -> TensorReader:
         )
     tensors: dict[str, torch.Tensor] = {}
     for p in pickles:
-        try:
-            tensors.update(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:
-            raise MomError(f"cannot load {p} with weights_only=True: {e}") from e
+        tensors.update(load_pickle(p))
     return DictReader(tensors)
+
+
+def load_pickle(p: Path) -> dict[str, torch.Tensor]:
+    """A torch pickle with weights_only=True: memory-mapped for the zip format, read whole for the
+    legacy (pre-1.6) format, which cannot be mapped."""
+    import zipfile
+
+    try:
+        loaded = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+    except Exception as e:
+        raise MomError(f"cannot load {p} with weights_only=True: {one_line(e)}") from e
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise MomError(f"{p} does not hold a dict of named tensors")
+    return loaded
 
 
 def _open_gguf(ref: str, path: Path) -> Source:
@@ -181,11 +263,12 @@ def _open_gguf(ref: str, path: Path) -> Source:
 
     try:
         with status(f"dequantising {path.name}"), hush():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
     except ImportError as e:
         raise UsageError(f"reading GGUF needs the gguf package: pip install gguf ({e})") from e
     except Exception as e:
-        raise MomError(f"cannot read GGUF file {path}: {e}") from e
+        raise MomError(f"cannot read GGUF file {path}: {one_line(e)}") from e
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     return Source(ref, path, dequantised_config(model), DictReader(tensors), gguf=True)
 

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import torch
 from safetensors import safe_open
 
-from mom_cli.errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError, one_line
 
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -25,6 +25,7 @@ _ST_DTYPES = {
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # safetensors names
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -46,9 +47,9 @@ class SafetensorsReader:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise MomError(f"corrupt shard index {index}: {e}; re-download or re-export the checkpoint") from e
-            self._where = {k: self.directory / v for k, v in weight_map.items()}
+                self._where = {k: self._shard_path(v) for k, v in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+                raise MomError(f"corrupt shard index {index}: {one_line(e, 120)}; re-download or re-export the checkpoint") from e
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
@@ -56,6 +57,16 @@ class SafetensorsReader:
             for f in files:
                 for k in self._open(f).keys():
                     self._where[k] = f
+
+    def _shard_path(self, name: object) -> Path:
+        """A shard named by the index: a plain file name inside the checkpoint directory, never a
+        path that leads out of it (`../x`, `/etc/x`) or through a link."""
+        if not isinstance(name, str) or name != Path(name).name or name in (".", ".."):
+            raise ValueError(f"shard {str(name)[:80]!r} is not a file name inside the checkpoint folder")
+        path = self.directory / name
+        if path.is_symlink():
+            raise ValueError(f"shard {name!r} is a symbolic link")
+        return path
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -65,7 +76,7 @@ class SafetensorsReader:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types for every kind of damage
                 raise MomError(
-                    f"cannot read {path}: {e} (truncated or corrupt safetensors file; re-download or re-create it)"
+                    f"cannot read {path}: {one_line(e, 120)} (truncated or corrupt safetensors file; re-download or re-create it)"
                 ) from e
         return self._handles[path]
 
@@ -81,7 +92,7 @@ class SafetensorsReader:
         except MomError:
             raise
         except Exception as e:
-            raise MomError(f"cannot read tensor {name!r} from {path}: {e} (corrupt file?)") from e
+            raise MomError(f"cannot read tensor {name!r} from {path}: {one_line(e, 120)} (corrupt file?)") from e
 
     def _read(self, path: Path, name: str) -> torch.Tensor:
         """Read one tensor with plain file reads into a fresh buffer.
@@ -128,6 +139,10 @@ class SafetensorsReader:
     def shape(self, name: str) -> list[int]:
         return list(self._open(self._where[name]).get_slice(name).get_shape())
 
+    def dtype_name(self, name: str) -> str:
+        """The dtype the header records, by its safetensors name (F32, I64, ...)."""
+        return self._open(self._where[name]).get_slice(name).get_dtype()
+
     def dtype(self, name: str) -> torch.dtype:
         stored = self._open(self._where[name]).get_slice(name).get_dtype()
         return {v: k for k, v in _ST_DTYPES.items()}.get(stored, torch.float32)
@@ -150,6 +165,12 @@ class DictReader:
         if name not in self.tensors:
             raise MomError(f"tensor {name!r} is missing from the source")
         return self.tensors[name]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.get(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.get(name).dtype
 
 
 @dataclass
@@ -211,6 +232,9 @@ def write_file(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str
         f.write(raw)
         for t in tensors:
             value = t.produce()
+            if t.dtype.is_floating_point and not (value.dtype.is_floating_point or value.dtype.is_complex):
+                raise MomError(f"tensor {t.name} is a weight but was stored as {str(value.dtype).removeprefix('torch.')}: "
+                               "the source file's header does not tell the truth about its dtype")
             if tuple(value.shape) != t.shape:
                 raise MomError(f"tensor {t.name}: got shape {tuple(value.shape)}, expected {t.shape}; the source does not match its config")
             value = value.detach().to(device="cpu", dtype=t.dtype).contiguous()

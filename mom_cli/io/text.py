@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from mom_cli.errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError, one_line
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -33,21 +33,33 @@ def iter_texts(spec: str) -> Iterator[str]:
 
 def _file_texts(path: Path) -> Iterator[str]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise UsageError(f"{path}:{n}: each line must be a JSON object with a \"text\" field ({e})") from e
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError, IndexError) as e:
+                    raise UsageError(f"{path}:{n}: each line must be a JSON object with a \"text\" field "
+                                     f"({one_line(e, 80)})") from e
+                if not isinstance(text, str):
+                    raise UsageError(f"{path}:{n}: the \"text\" field must be a string, got {type(text).__name__}")
+                yield text
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise UsageError("reading .parquet needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(path, columns=["text"])
-        yield from (t for t in table.column("text").to_pylist() if t)
+        try:
+            table = pq.read_table(path, columns=["text"])
+            texts = table.column("text").to_pylist()
+        except Exception as e:  # pyarrow has its own error types for every kind of damage
+            raise UsageError(f"cannot read {path} as parquet with a \"text\" column: {one_line(e, 120)}") from e
+        for n, t in enumerate(texts):
+            if t is not None and not isinstance(t, str):
+                raise UsageError(f"{path}: row {n} of the \"text\" column is not a string")
+            if t:
+                yield t
     else:  # any other single file is plain text (.txt, .md, .rst, ...)
         yield path.read_text(encoding="utf-8", errors="replace")
 
@@ -97,7 +109,8 @@ def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_blocks, seq_len) non-overlapping windows; the tail shorter than seq_len is dropped."""
     n = stream.numel() // seq_len
     if n == 0:
-        raise UsageError(f"data has {stream.numel()} tokens, fewer than one sequence of --seq-len {seq_len}; give more text or a shorter --seq-len")
+        raise UsageError(f"the text gives {stream.numel()} tokens (after any --max-tokens cap), fewer than one sequence of "
+                         f"--seq-len {seq_len}; give more text, a larger --max-tokens or a shorter --seq-len")
     return stream[: n * seq_len].view(n, seq_len)
 
 

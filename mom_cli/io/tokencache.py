@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mom_cli.io.text import SUFFIXES, iter_texts
-from mom_cli.errors import UsageError
+from mom_cli.errors import MomError, UsageError
 
 DTYPE = np.int32
 DIR_NAME = ".mom-tokens"
@@ -119,8 +119,18 @@ def ensure(spec: str, tokenizer: Any, max_tokens: int | None = None) -> Path:
     return target if target.exists() else build(spec, tokenizer, target, cap)
 
 
-def open_blocks(path: Path, seq_len: int) -> np.ndarray:
-    """(n_blocks, seq_len) read-only memory-mapped view of a cache file; the short tail is dropped."""
+def open_blocks(path: Path, seq_len: int, vocab: int | None = None) -> np.ndarray:
+    """(n_blocks, seq_len) read-only memory-mapped view of a cache file; the short tail is dropped.
+    A damaged cache (a size that is no whole number of ids, ids outside the vocabulary) is refused
+    in one line that names it, so it can be deleted."""
+    hint = f"the token cache {path} is damaged ({{}}); delete it (or the whole {DIR_NAME}/ folder) and run again"
+    size = path.stat().st_size
+    if size == 0 or size % np.dtype(DTYPE).itemsize:
+        raise MomError(hint.format(f"{size} bytes, not a whole number of token ids"))
     stream = np.memmap(path, dtype=DTYPE, mode="r")
+    if vocab is not None:
+        low, high = int(stream.min()), int(stream.max())
+        if low < 0 or high >= vocab:
+            raise MomError(hint.format(f"token id {low if low < 0 else high} is outside the vocabulary of {vocab}"))
     n = stream.shape[0] // seq_len
     return stream[: n * seq_len].reshape(n, seq_len)

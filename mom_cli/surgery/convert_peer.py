@@ -30,6 +30,7 @@ from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
 from mom_cli.io.text import check_seq_len
+from mom_cli.io.atomic import releases_locks
 
 INITS = ("neurons", "random")
 ACTIVE_SHARE = 0.5  # default h*k: half of the FFN's neurons per token
@@ -500,6 +501,7 @@ def _swap_in(model: Any, plans: list[LayerPlan], layers: dict[str, Any], device:
         pool[str(p.slot)] = module.to(device).eval()
 
 
+@releases_locks
 def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = False) -> ConvertReport:
     from mom_cli.io import provenance
     from mom_cli.io.checkpoint import copy_extras, read_mom, write_checkpoint

@@ -10,8 +10,10 @@ function as the source model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +22,7 @@ from mom_cli.errors import UsageError
 from mom_cli.families import Derived, Family, check_supported, family_for
 from mom_cli.io.checkpoint import module_prefix, router_key
 from mom_cli.io.sources import Source
+from mom_cli.io.atomic import releases_locks
 
 ROUTER_PREFERRED_BIAS = 1.0  # logit margin of the module a step starts with; / T gives the softmax margin
 
@@ -37,25 +40,38 @@ class PlanOptions:
     skip: bool = True
 
 
-def make_config(source: Source, family: Family, opts: PlanOptions) -> MomConfig:
-    """Check the plan against the source and describe it as a MomConfig."""
-    cfg = source.config
+def check_plan(cfg: Any, family: Family, opts: PlanOptions) -> tuple[int, int, int]:
+    """Every plan option checked against the source config alone, before any tensor is read.
+    Returns (layers n, pool size M, steps H)."""
     n = family.num_layers(cfg)
     middle = n - opts.bottom - opts.top
     if opts.bottom < 0 or opts.top < 0 or middle < 1:
         raise UsageError(f"impossible plan: --bottom {opts.bottom} + --top {opts.top} leave no layers of {n} for MoM blocks")
+    if opts.pool_size is not None and opts.pool_size < 1:
+        raise UsageError(f"--pool-size must be >= 1, got {opts.pool_size}")
+    if opts.depth is not None and opts.depth < 1:
+        raise UsageError(f"--depth must be >= 1 (routed steps per block), got {opts.depth}")
     m = opts.pool_size or middle
-    if m < 1 or middle % m:
+    if middle % m:
         raise UsageError(f"impossible plan: {middle} middle layers do not split into pools of --pool-size {m}; use a divisor of {middle}")
     h = opts.depth or m
     choices = m + opts.skip
-    if h < 1 or opts.top_k < 1 or opts.top_k > choices:
-        raise UsageError(f"impossible plan: --depth must be >= 1 and --top-k between 1 and {choices} (M modules{' + SKIP' if opts.skip else ''})")
+    if opts.top_k < 1 or opts.top_k > choices:
+        raise UsageError(f"impossible plan: --top-k must be between 1 and {choices} (M modules{' + SKIP' if opts.skip else ''})")
     if opts.router not in ("gru", "mlp"):
         raise UsageError(f"unknown router {opts.router!r}: use gru or mlp")
-    if opts.temperature <= 0:
-        raise UsageError("--temperature must be > 0")
+    if not 1 <= opts.router_hidden <= 2**16:
+        raise UsageError(f"--router-hidden must be between 1 and 65536, got {opts.router_hidden}")
+    if not (math.isfinite(opts.temperature) and opts.temperature > 0):
+        raise UsageError(f"--temperature must be a finite number > 0, got {opts.temperature}")
     check_supported(family, cfg)
+    return n, m, h
+
+
+def make_config(source: Source, family: Family, opts: PlanOptions) -> MomConfig:
+    """Check the plan against the source and describe it as a MomConfig."""
+    cfg = source.config
+    n, m, h = check_plan(cfg, family, opts)
     keys = source.reader.keys()
     kwargs = family.mom_kwargs(cfg, keys)
     blocks = [
@@ -139,6 +155,31 @@ def _resolve(r: Derived | torch.Tensor, keys: set[str], optional_prefix: str) ->
     return Derived(tuple(k if k in keys else k.removeprefix(optional_prefix) for k in r.keys), r.fn)
 
 
+def check_plan_early(source_ref: str, opts: PlanOptions) -> None:
+    """The plan against the source's config alone (a GGUF file's metadata), before any weights load."""
+    from mom_cli.io.sources import source_config
+
+    cfg = source_config(source_ref)
+    check_plan(cfg, family_for(cfg.model_type), opts)
+
+
+def check_source_shapes(source: Source, family: Family, config: MomConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The config's sizes against the stored embedding (read from its header), before any router
+    or tensor is allocated from them: a config that lies about d or the vocabulary fails here.
+    The other tensors are checked as they are written."""
+    from mom_cli.errors import MomError
+
+    keys = source.reader.keys()
+    for name, r in family.globals_from_source(config).items():
+        r = _resolve(r, keys, family.optional_prefix)
+        if "embed" not in name or r.fn is not None or name not in shapes or r.keys[0] not in keys:
+            continue
+        got = tuple(source.reader.shape(r.keys[0]))
+        if got != shapes[name]:
+            raise MomError(f"source tensor {r.keys[0]} has shape {list(got)}, but the source config implies "
+                           f"{list(shapes[name])}: config.json does not match the weights")
+
+
 def default_output(ref: str, suffix: str) -> Path:
     """`gpt2` -> ./gpt2-mom; /models/x -> /models/x-mom; org/name -> ./name-mom; a.gguf -> a-mom."""
     path = Path(ref).expanduser()
@@ -154,6 +195,7 @@ def _site_dirs() -> list[str]:
     return site.getsitepackages()
 
 
+@releases_locks
 def decompose(
     source_ref: str,
     out: Path,
@@ -172,20 +214,26 @@ def decompose(
     from mom_cli.io.tensorio import PlannedTensor
 
     check_output(out, force)  # fail before reading a large source
+    check_plan_early(source_ref, opts)
     source = open_source(source_ref, allow_pickle)
     resolved = Path(out).resolve()
     if resolved == source.path.resolve() or source.path.resolve() in resolved.parents:
         raise UsageError(f"output {out} would overwrite the source {source_ref}; choose another -o")
     family = family_for(source.config.model_type)
     config = make_config(source, family, opts)
+    shapes = param_shapes(config)  # meta tensors: nothing allocated yet
+    check_source_shapes(source, family, config, shapes)
     derived = derived_tensors(source, family, config)
-    shapes = param_shapes(config)
     keys = source.reader.keys()
     absent = sorted({k for r in derived.values() if isinstance(r, Derived) for k in r.keys} - keys)
     if absent:
         raise MomError(f"source {source_ref} lacks tensor {absent[0]} (and {len(absent) - 1} more); the checkpoint is incomplete")
     embed = next(k for r in derived.values() if isinstance(r, Derived) for k in r.keys)
-    out_dtype = dtype or source.reader.get(embed).dtype
+    stored = source.reader.get(embed).dtype
+    if not stored.is_floating_point:
+        raise MomError(f"source tensor {embed} is stored as {str(stored).removeprefix('torch.')}, not a floating type: "
+                       "the file's header does not tell the truth about its dtype")
+    out_dtype = dtype or stored
     config.mom_provenance = [provenance.record("decompose", {**asdict(opts), "dtype": str(out_dtype)}, source_ref)]
     config.dtype = str(out_dtype).removeprefix("torch.")
 

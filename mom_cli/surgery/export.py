@@ -24,6 +24,7 @@ from mom_cli.errors import UsageError
 from mom_cli.families import Derived, family_named
 from mom_cli.io.atomic import atomic_dir, atomic_file
 from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
+from mom_cli.io.atomic import releases_locks
 
 FORMATS = ("hf", "safetensors")
 
@@ -82,6 +83,7 @@ def _constant_choice(reader: SafetensorsReader, block: int, kind: str, origins: 
     return [m if m < len(origins) and origins[m] is not None else None for m in chosen]
 
 
+@releases_locks
 def export(ckpt: Path, out: Path, fmt: str, dtype: torch.dtype | None, shard_bytes: int, force: bool) -> tuple[Path, str]:
     """Returns the output path and what was written ("standard", "remote-code" or "safetensors")."""
     if fmt not in FORMATS:

@@ -28,6 +28,7 @@ from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
 from mom_cli.io.text import check_seq_len
+from mom_cli.io.atomic import releases_locks
 
 METRICS = ("greedy", "loss", "cosine", "block-influence", "usage")
 KINDS = ("mha", "ffn")
@@ -397,6 +398,7 @@ def remove_modules(ckpt: Path, out: Path, removed: Iterable[ModuleRef], record: 
     return new
 
 
+@releases_locks
 def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> PruneReport:
     from mom_cli.io import provenance
     from mom_cli.io.checkpoint import read_mom

@@ -44,7 +44,8 @@ from mom_cli.training import optim
 from mom_cli.io import tokencache
 from mom_cli.io.loading import DTYPES
 from mom_cli.console import log, warn
-from mom_cli.errors import MomError, UsageError
+from mom_cli.errors import MomError, UsageError, one_line
+from mom_cli.io.atomic import releases_locks
 
 TRAIN_MODES = ("routers", "routers+peer", "all")
 SCHEDULES = ("cosine", "constant")
@@ -85,6 +86,12 @@ class TrainOptions:
     strategy: str = "ddp"  # under torchrun: ddp, or fsdp (sharded; see distributed.shard)
     max_grad_norm: float = 1.0
     stop_after: int | None = None  # library only: stop after this step as if killed (nothing saved)
+
+
+# Options that --resume lets change: they decide where, how fast and what is logged or kept, not
+# the weights the run produces. Every other option is in the run's fingerprint.
+RESUME_SAFE = ("device", "compile", "grad_checkpointing", "eval_every", "save_every", "resume", "keep_state",
+               "stop_after", "strategy")
 
 
 @dataclass
@@ -237,7 +244,7 @@ def load_blocks(spec: str, tokenizer: Any, seq_len: int, d: distributed.Dist, ma
     distributed.barrier(d)
     if not d.main:
         path = tokencache.ensure(spec, tokenizer, max_tokens)
-    return tokencache.open_blocks(path, seq_len)
+    return tokencache.open_blocks(path, seq_len, len(tokenizer))
 
 
 def split_data(opts: TrainOptions, tokenizer: Any, d: distributed.Dist) -> tuple[np.ndarray, np.ndarray | None]:
@@ -403,15 +410,22 @@ class Run:
     # ------------------------------------------------------------------- state
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for `resume` to continue the same run."""
+        """What must match for `resume` to continue the same run: every option but RESUME_SAFE, and
+        the values derived from them and from the data (steps, lr, warmup, global batch)."""
         o = self.opts
-        return {"checkpoint": str(self.ckpt.resolve()), "data": tokencache.cache_path(o.data, self.tokenizer).name
-                if not o.data.startswith("hf:") else o.data, "train": o.train, "steps": self.steps,
-                "global_batch": self.batches.global_batch, "seq_len": o.seq_len, "lr": self.lr, "warmup": self.warmup,
-                "schedule": o.schedule, "weight_decay": o.weight_decay, "aux_loss_coef": self.coef,
-                "distill": o.distill, "seed": o.seed, "dtype": str(self.amp), "lora": o.lora}
+        # grad_accum and the number of ranks enter through the global batch: one process with
+        # accumulation 2 and two processes without it run the same micro-batches, the same steps.
+        fp: dict[str, Any] = {k: v for k, v in asdict(o).items() if k not in (*RESUME_SAFE, "grad_accum")}
+        fp.update(checkpoint=str(self.ckpt.resolve()), data=tokencache.cache_path(o.data, self.tokenizer).name
+                  if not o.data.startswith("hf:") else o.data, steps=self.steps, global_batch=self.batches.global_batch,
+                  lr=self.lr, warmup=self.warmup, aux_loss_coef=self.coef, dtype=str(self.amp))
+        return fp
 
     def prepare_state_dir(self, force: bool) -> None:
+        from mom_cli.io.atomic import lock
+
+        if self.dist.main:
+            lock(self.work, "training state")
         state = self.work / STATE_FILE
         if self.opts.resume:
             if not state.exists():
@@ -443,7 +457,15 @@ class Run:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
         except Exception as e:
-            raise MomError(f"cannot read the training state {path}: {e}; start over with --force") from e
+            raise MomError(f"cannot read the training state {path}: {one_line(e, 160)}; start over with --force") from e
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise MomError(f"the training state {path} does not have the structure this run needs "
+                           f"({type(e).__name__}: {one_line(e, 80)}); start over with --force") from e
+        log(f"resuming {self.work} at step {self.done}/{self.steps}")
+
+    def _restore(self, state: dict) -> None:
         saved, now = state["fingerprint"], self.fingerprint()
         diff = [f"{k} ({saved.get(k)} saved, {now[k]} now)" for k in now if saved.get(k) != now[k]]
         if diff:
@@ -459,7 +481,6 @@ class Run:
         self.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         self.done = int(state["step"])
-        log(f"resuming {self.work} at step {self.done}/{self.steps}")
 
     # ------------------------------------------------------------------- steps
 
@@ -537,6 +558,20 @@ def save_state_file(path: Path, state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- metrics
 
 
+def complete_lines(path: Path) -> list[dict[str, Any]]:
+    """The metrics up to the first line a kill cut short (or damaged): a resumed run goes on from there."""
+    out = []
+    for line in path.read_bytes().split(b"\n")[:-1]:  # what follows the last newline is incomplete
+        try:
+            value = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(value, dict) or not isinstance(value.get("step"), int):
+            break
+        out.append(value)
+    return out
+
+
 class Metrics:
     """train_metrics.jsonl in the state dir (rank 0), plus TensorBoard when it is installed."""
 
@@ -547,8 +582,8 @@ class Metrics:
         if not main:
             return
         if self.path.exists():  # drop what was logged after the saved state
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in complete_lines(self.path) if ln["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(ln) + "\n" for ln in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -559,7 +594,7 @@ class Metrics:
     def write(self, line: dict[str, Any]) -> None:
         if not self.main:
             return
-        with self.path.open("a") as f:
+        with self.path.open("a") as f:  # one write per line: a kill leaves at most a partial last line
             f.write(json.dumps(line) + "\n")
         if self.tb is not None:
             for k, v in line.items():
@@ -634,6 +669,7 @@ def reduced_stats(run: Run) -> dict | None:
 # ----------------------------------------------------------------------------- the command
 
 
+@releases_locks
 def train(ckpt: Path, out: Path, opts: TrainOptions, force: bool = False) -> TrainResult:
     """Train `ckpt` per `opts` and write the result to `out` (see the module docstring)."""
     from mom_cli.io.loading import pick_device
