@@ -9,12 +9,16 @@ QUIET = False
 
 
 def log(msg: str) -> None:
+    # soft_wrap: a log line is one line whatever the terminal's width (paths stay greppable);
+    # markup off: a path or value with brackets is text, not rich markup.
     if not QUIET:
-        stderr.print(msg)
+        stderr.print(msg, soft_wrap=True, markup=False)
 
 
 def warn(msg: str) -> None:
-    stderr.print(f"[yellow]warning:[/yellow] {msg}")
+    from rich.markup import escape
+
+    stderr.print(f"[yellow]warning:[/yellow] {escape(msg)}", soft_wrap=True)
 
 
 def progress() -> Progress:
