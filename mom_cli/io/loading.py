@@ -63,6 +63,16 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, 
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved beside a model directory's weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise MomError(f"cannot load the tokenizer of {directory}: {str(e).splitlines()[0]}") from e
+
+
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,68 @@
+"""Weights on demand: a model skeleton on the meta device, filled one submodule at a time from a
+lazy tensor reader and emptied again after use (as llm-compressor's sequential pipeline does).
+
+A pass that fills each layer just before it runs and empties it after holds about one layer's
+weights, whatever the size of the model.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+Getter = Callable[[str], torch.Tensor]
+
+
+def _meta_buffers(module: nn.Module) -> list[nn.Module]:
+    """Submodules with a buffer still on the meta device (non-persistent ones: rotary tables, ...)."""
+    return [m for m in module.modules() if any(b is not None and b.is_meta for b in m._buffers.values())]
+
+
+def fill(module: nn.Module, prefix: str, get: Getter, has: Callable[[str], bool], init: Callable[[nn.Module], None],
+         dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+    """Give `module` real weights: tensor `prefix + name` for each parameter and stored buffer.
+
+    Buffers a checkpoint does not store are computed by `init` (a PreTrainedModel's `_init_weights`).
+    `dtype` casts floating-point tensors; None keeps the stored dtype.
+    """
+    for sub in _meta_buffers(module):
+        sub.to_empty(device=device, recurse=False)
+        init(sub)
+    for name, p in list(module.named_parameters()):
+        _set(module, name, nn.Parameter(_cast(get(prefix + name), dtype, device), requires_grad=False))
+    for name, b in list(module.named_buffers()):
+        if has(prefix + name):
+            _set(module, name, _cast(get(prefix + name), dtype, device), buffer=True)
+
+
+def empty(module: nn.Module) -> None:
+    """Drop `module`'s weights (back to shapes only)."""
+    module.to("meta")
+
+
+def is_empty(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def fill_buffers(module: nn.Module, init: Callable[[nn.Module], None], device: str | torch.device = "cpu") -> None:
+    """Compute the buffers of a meta skeleton's parameter-free submodules (rotary embeddings)."""
+    for sub in _meta_buffers(module):
+        if not any(True for _ in sub.parameters(recurse=False)):
+            sub.to_empty(device=device, recurse=False)
+            init(sub)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor, buffer: bool = False) -> None:
+    path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    if buffer:
+        owner._buffers[leaf] = value
+    else:
+        owner._parameters[leaf] = value
