@@ -24,13 +24,17 @@ def fill(module: nn.Module, prefix: str, get: Getter, has: Callable[[str], bool]
     """Give `module` real weights: tensor `prefix + name` for each parameter and stored buffer.
 
     Buffers a checkpoint does not store are computed by `init` (a PreTrainedModel's `_init_weights`).
-    `dtype` casts floating-point tensors; None keeps the stored dtype.
+    `dtype` casts floating-point tensors; None keeps the stored dtype. A tensor of another shape
+    than its parameter raises ValueError.
     """
     for sub in _meta_buffers(module):
         sub.to_empty(device=device, recurse=False)
         init(sub)
     for name, p in list(module.named_parameters()):
-        _set(module, name, nn.Parameter(_cast(get(prefix + name), dtype, device), requires_grad=False))
+        t = get(prefix + name)
+        if t.shape != p.shape:
+            raise ValueError(f"{prefix + name} is stored as {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        _set(module, name, nn.Parameter(_cast(t, dtype, device), requires_grad=False))
     for name, b in list(module.named_buffers()):
         if has(prefix + name):
             _set(module, name, _cast(get(prefix + name), dtype, device), buffer=True)

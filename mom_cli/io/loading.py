@@ -24,14 +24,14 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for any supported reference."""
+    """(model in eval mode, tokenizer) for any supported reference; `dtype` None keeps the stored dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mom_cli  # noqa: F401  (registers the mom model type)
 
     path = resolve_path(ref)
     # mom loads MoM checkpoints with its own classes: never the code a folder carries
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", "trust_remote_code": False}
     if path.is_file():
         if path.suffix != ".gguf":
             raise UsageError(f"{path} is a file but not a .gguf model")
