@@ -8,7 +8,8 @@ Run from the repository root with the project's venv:
 
 1. A Llama with random bf16 weights is written shard by shard (one tensor in memory at a time)
    under a temporary directory, with a small BPE tokenizer trained on the calibration text.
-2. Each step runs as its own process; its wall time and peak RSS (the process's own maximum
+2. Each step runs as its own process; its wall time, CPU time (a shared machine's wall time is
+   noisy; CPU seconds / threads is what an idle machine would take) and peak RSS (its own maximum
    resident set, from getrusage of a wrapper's only child) are printed as a ratio to the
    checkpoint's size on disk:
        reference   transformers from_pretrained + save_pretrained (the usual way to copy a model)
@@ -49,7 +50,8 @@ TOKENIZER_VOCAB = 4096
 # Runs one command and prints its peak RSS: getrusage(RUSAGE_CHILDREN) of a process with one child.
 _WRAP = (
     "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print('PEAK_RSS_KB', u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr); sys.exit(rc)"
 )
 
 
@@ -114,10 +116,11 @@ def timed(name: str, cmd: list[str], threads: int) -> dict:
     start = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", _WRAP, *cmd], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    peak = next((int(line.split()[1]) * 1024 for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)
+    usage = next((line.split()[1:] for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), ["0", "0"])
     if p.returncode:
-        log(f"{name} failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-2:]}")
-    return {"step": name, "seconds": seconds, "peak_rss": peak, "ok": p.returncode == 0}
+        log(f"{name} failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-3:]}")
+    return {"step": name, "seconds": seconds, "cpu_seconds": float(usage[1]), "peak_rss": int(usage[0]) * 1024,
+            "ok": p.returncode == 0}
 
 
 def mom(*args: str) -> list[str]:
@@ -161,10 +164,10 @@ def smollm2_prune(work: Path, cache: Path, calib: Path, threads: int) -> dict:
 
 def print_table(rows: list[dict], size: int) -> None:
     print(f"checkpoint: {size / 1e9:.2f} GB of safetensors (bf16)")
-    print(f"{'step':<26}{'wall s':>9}{'peak RSS GB':>13}{'RSS/ckpt':>10}{'goal':>8}  ok")
+    print(f"{'step':<26}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'RSS/ckpt':>10}{'goal':>8}  ok")
     for r in rows:
         goal = GOALS.get(r["step"])
-        print(f"{r['step']:<26}{r['seconds']:>9.1f}{r['peak_rss'] / 1e9:>13.2f}{r['peak_rss'] / size:>9.3f}x"
+        print(f"{r['step']:<26}{r['seconds']:>9.1f}{r['cpu_seconds']:>9.1f}{r['peak_rss'] / 1e9:>13.2f}{r['peak_rss'] / size:>9.3f}x"
               f"{'<= ' + str(goal) if goal else '':>8}  {'yes' if r['ok'] else 'FAILED'}")
 
 
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_smollm2:
             row = smollm2_prune(work, args.cache, calib, args.threads)
             print(f"SmolLM2-135M: mom prune --keep-mha 22 --keep-ffn (defaults: greedy) took {row['seconds'] / 60:.1f} min "
-                  f"on {args.threads} threads (goal <= 10 min){'' if row['ok'] else ' FAILED'}")
+                  f"wall, {row['cpu_seconds'] / 60:.1f} min of CPU, on {args.threads} threads (goal <= 10 min)"
+                  f"{'' if row['ok'] else ' FAILED'}; the load average was {os.getloadavg()[0]:.1f}")
             results["smollm2_prune"] = row
         print(json.dumps(results))
     finally:

@@ -168,32 +168,41 @@ class StreamedMeasurer:
 
     @torch.inference_mode()
     def _run(self, jobs: list[_Job]) -> list[float]:
+        from mom_cli.console import progress
         from mom_cli.surgery.prune import switch_off
 
-        for u in range(min(j.start for j in jobs), len(self.units)):
-            unit = self.units[u]
-            if unit.plain is not None:
-                self._fill(unit.plain, self._plain_prefix[id(unit.plain)])
-            for j in jobs:
-                if j.start > u:
-                    continue
-                if j.start == u:
-                    j.states = list(self.states[u])
-                if j.save:
-                    self.states[u] = j.states
-                if isinstance(j.recorder, _FirstUse):
-                    j.recorder.unit = u
-                switch_off(self.model, j.off)
-                j.states = [self._run_unit(unit, s, c, j.recorder) for s, c in zip(j.states, self.ctx)]
-            if unit.plain is not None:
-                empty(unit.plain)
-            self._drop_resident()
+        first = min(j.start for j in jobs)
+        with progress() as bar:
+            task = bar.add_task(f"{len(jobs)} pass{'es' * (len(jobs) > 1)}, layer by layer", total=len(self.units) - first)
+            for u in range(first, len(self.units)):
+                self._run_layer(u, jobs, switch_off)
+                bar.advance(task)
         switch_off(self.model, ())
         for j in jobs:
             if j.save:
                 self.states[len(self.units)] = j.states
         self.passes += len(jobs)
         return self._head([j.states for j in jobs])
+
+    def _run_layer(self, u: int, jobs: list[_Job], switch_off: Any) -> None:
+        """Unit u for every job that has started, its weights read once for all of them."""
+        unit = self.units[u]
+        if unit.plain is not None:
+            self._fill(unit.plain, self._plain_prefix[id(unit.plain)])
+        for j in jobs:
+            if j.start > u:
+                continue
+            if j.start == u:
+                j.states = list(self.states[u])
+            if j.save:
+                self.states[u] = j.states
+            if isinstance(j.recorder, _FirstUse):
+                j.recorder.unit = u
+            switch_off(self.model, j.off)
+            j.states = [self._run_unit(unit, s, c, j.recorder) for s, c in zip(j.states, self.ctx)]
+        if unit.plain is not None:
+            empty(unit.plain)
+        self._drop_resident()
 
     def _head(self, runs: list[list]) -> list[float]:
         model = self.model
