@@ -43,6 +43,8 @@ SHAPES = {  # Llama-2-7B and TinyLlama-1.1B
                num_key_value_heads=32, vocab_size=32000),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000),  # a smoke test of the script itself
 }
 GOALS = {"decompose": 0.1, "export": 0.1, "eval": 1.1, "prune": 0.35}
 TOKENIZER_VOCAB = 4096
@@ -143,11 +145,10 @@ def scale_steps(work: Path, src: Path, text: Path, threads: int) -> list[dict]:
     ]
     rows = []
     for name, cmd in steps:
+        out.mkdir(exist_ok=True)
         rows.append(timed(name, cmd, threads))
-        if name == "reference":
-            shutil.rmtree(work / "hf-copy", ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(out)
+        shutil.rmtree(work / "hf-copy", ignore_errors=True)
+        shutil.rmtree(out)
     return rows
 
 
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="a 1.1B shape instead of 7B")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="any shape (overrides --small)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench/fetch.py's cache (GGUF, text)")
     p.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
@@ -188,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     try:
         if not args.only_smollm2:
-            shape = SHAPES["1b" if args.small else "7b"]
-            log(f"writing a {'1.1B' if args.small else '7B'}-shaped bf16 Llama under {work}")
+            name = args.shape or ("1b" if args.small else "7b")
+            shape = SHAPES[name]
+            log(f"writing a {name}-shaped bf16 Llama under {work}")
             start = time.perf_counter()
             size = write_llama(work / "src", shape, calib)
             log(f"written: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f}s")

@@ -344,7 +344,7 @@ class PruneOptions:
     dtype: torch.dtype | None = None  # None: as stored
 
 
-CALIB_FLOPS = 6e11  # default calibration: about this many FLOPs per pass (2,048 tokens on a 135M model)
+CALIB_FLOPS = 1e12  # default calibration: about this many FLOPs per pass (2,048 tokens on a 135M model)
 
 
 def default_calib_tokens(flops_per_token: float, seq_len: int) -> int:
