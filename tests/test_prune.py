@@ -266,3 +266,12 @@ def decompose_bf16(src: Path, out: Path) -> Path:
     from mom_cli.surgery.decompose import PlanOptions, decompose
 
     return decompose(str(src), out, PlanOptions(), dtype=torch.bfloat16)
+
+
+def test_default_calibration_is_sized_to_the_model():
+    from mom_cli.surgery.prune import default_calib_tokens
+
+    assert default_calib_tokens(4.2e8, 512) == 2048  # SmolLM2-135M's FLOPs per token
+    assert default_calib_tokens(1.4e10, 128) == 256  # 7B: the floor
+    assert default_calib_tokens(1.4e10, 512) == 512  # at least one sequence
+    assert default_calib_tokens(1e6, 512) == 8192  # a tiny model: the ceiling
