@@ -227,10 +227,10 @@ def _compare(trace: _Trace, ckpt: Path, config: Any, ids: torch.Tensor, worst: _
 
     reader = SafetensorsReader(ckpt)
     keys = reader.keys()
-    tied = lambda n: reader.get("model.embed_tokens.weight" if n == "lm_head.weight" and n not in keys else n)  # noqa: E731
+    tied = lambda n: reader.get("model.embed_tokens.weight" if n == "lm_head.weight" and n not in keys else n)
     model = meta_model(config).eval()
     inner, init = model.model, model._init_weights
-    load = lambda m, p: fill(m, p, tied, keys.__contains__, init, torch.float32)  # noqa: E731
+    load = lambda m, p: fill(m, p, tied, keys.__contains__, init, torch.float32)
     fill_buffers(model, init)
     pos = torch.arange(ids.shape[1])[None]
     load(inner.embed_tokens, "model.embed_tokens.")
