@@ -6,7 +6,7 @@ weights, whatever the size of the model.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,8 +41,31 @@ def fill(module: nn.Module, prefix: str, get: Getter, has: Callable[[str], bool]
 
 
 def empty(module: nn.Module) -> None:
-    """Drop `module`'s weights (back to shapes only)."""
+    """Drop `module`'s weights (back to shapes only), and give their memory back to the system."""
     module.to("meta")
+    _trim()
+
+
+def _trim() -> None:
+    # glibc serves allocations under its (dynamic, up to 32 MB) mmap threshold from the heap and
+    # keeps what is freed there: a layer's tensors read one after another would pile up as
+    # fragments (1.1 GB on a 1.1B model). malloc_trim returns the free pages.
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 
 
 def is_empty(module: nn.Module) -> bool:
