@@ -9,7 +9,7 @@ import torch
 
 from mom_cli.cli.app import main
 from mom_cli.errors import MomError
-from mom_cli.families import Recipe, family_for
+from mom_cli.families import Derived, family_for
 from mom_cli.surgery.decompose import PlanOptions, decompose
 
 
@@ -35,7 +35,7 @@ def swapped(family, method: str, a: str, b: str, layer: int):
     """The family's mapping with tensors `a` and `b` of one layer's module exchanged."""
     original = getattr(family, method)
 
-    def mapping(i: int, keys: set[str]) -> dict[str, Recipe]:
+    def mapping(i: int, keys: set[str]) -> dict[str, Derived]:
         out = dict(original(i, keys))
         if i == layer:
             out[a], out[b] = out[b], out[a]
@@ -74,9 +74,9 @@ def test_mis_mapped_head_fails(llama_dir, tmp_path, monkeypatch):
     family = family_for("llama")
     original = family.globals_from_source
 
-    def mapping(keys: set[str], tied: bool) -> dict[str, Recipe]:
+    def mapping(keys: set[str], tied: bool) -> dict[str, Derived]:
         out = dict(original(keys, tied))
-        out["lm_head.weight"] = Recipe(("lm_head.weight",), lambda ts: ts[0].flip(0))
+        out["lm_head.weight"] = Derived(("lm_head.weight",), lambda ts: ts[0].flip(0))
         return out
 
     monkeypatch.setattr(family, "globals_from_source", mapping)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mom_cli.io.lazy import empty, fill, fill_buffers, is_empty
@@ -54,6 +54,17 @@ class _FirstUse:
         for slot in torch.unique(r.idx).tolist():
             if slot != r.skip_id:
                 self.first.setdefault((kind, block, slot), self.unit)
+
+
+class _FromStates:
+    """The model as `heldout_loss` calls it, batch by batch: the logits of kept final states."""
+
+    def __init__(self, model: nn.Module, states: list) -> None:
+        self.model, self.states = model, iter(states)
+
+    def __call__(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        h, _ = next(self.states)
+        return SimpleNamespace(logits=self.model.lm_head(self.model.model.norm(h).view(*input_ids.shape, -1)))
 
 
 class _LazyPool(nn.ModuleDict):
@@ -205,18 +216,12 @@ class StreamedMeasurer:
         self._drop_resident()
 
     def _head(self, runs: list[list]) -> list[float]:
-        model = self.model
-        self._fill(model.lm_head, "lm_head.")
-        out = []
-        for states in runs:
-            total, count = 0.0, 0
-            for (h, _), x in zip(states, self.batches.split(self.batch_size)):
-                x = x.to(self.device)
-                logits = model.lm_head(model.model.norm(h).view(*x.shape, -1))
-                total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
-                count += x[:, 1:].numel()
-            out.append(total / count)
-        empty(model.lm_head)
+        from mom_cli.analysis.evaluate import heldout_loss
+
+        self._fill(self.model.lm_head, "lm_head.")
+        out = [heldout_loss(_FromStates(self.model, states), self.batches, self.batch_size, self.device)[0]
+               for states in runs]
+        empty(self.model.lm_head)
         return out
 
     # ------------------------------------------------------------------ measuring
