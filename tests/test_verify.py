@@ -3,13 +3,14 @@ success, and a mis-mapped tensor fails it."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from mom_cli.cli.app import main
 from mom_cli.errors import MomError
-from mom_cli.families import Derived, family_for
+from mom_cli.families import family_for
 from mom_cli.surgery.decompose import PlanOptions, decompose
 
 
@@ -31,26 +32,24 @@ def test_a_cast_is_verified_with_the_cast_tolerance(llama_dir, tmp_path):
     assert 0 < v["max_rel_diff"] <= v["tolerance"]  # bf16 weights do differ, within rounding
 
 
-def swapped(family, method: str, a: str, b: str, layer: int):
-    """The family's mapping with tensors `a` and `b` of one layer's module exchanged."""
-    original = getattr(family, method)
+def swapped(family, a: str, b: str, layer: int):
+    """The family's layer table with MoM tensors `a` and `b` of one layer exchanged."""
+    original = family.layer
 
-    def mapping(i: int, keys: set[str]) -> dict[str, Derived]:
-        out = dict(original(i, keys))
-        if i == layer:
-            out[a], out[b] = out[b], out[a]
-        return out
+    def mapping(i: int, mom_cfg):
+        entries = original(i, mom_cfg)
+        if i != layer:
+            return entries
+        other = {a: b, b: a}
+        return [replace(e, mom=tuple(other.get(m, m) for m in e.mom)) for e in entries]
 
     return mapping
 
 
-@pytest.mark.parametrize("method,a,b", [
-    ("mha_from_source", "k_proj.weight", "v_proj.weight"),
-    ("ffn_from_source", "gate_proj.weight", "up_proj.weight"),
-])
-def test_a_mis_mapped_tensor_fails_and_writes_nothing(llama_dir, tmp_path, monkeypatch, capsys, method, a, b):
+@pytest.mark.parametrize("a,b", [("mha.k_proj.weight", "mha.v_proj.weight"), ("ffn.gate_proj.weight", "ffn.up_proj.weight")])
+def test_a_mis_mapped_tensor_fails_and_writes_nothing(llama_dir, tmp_path, monkeypatch, capsys, a, b):
     family = family_for("llama")
-    monkeypatch.setattr(family, method, swapped(family, method, a, b, layer=2))
+    monkeypatch.setattr(family, "layer", swapped(family, a, b, layer=2))
     with pytest.raises(MomError, match=r"verification failed at layer 2 \(modules model\.blocks\.0\."):
         decompose(str(llama_dir), tmp_path / "mom", PlanOptions())
     assert not (tmp_path / "mom").exists()
@@ -65,21 +64,20 @@ def test_a_mis_mapped_tensor_fails_and_writes_nothing(llama_dir, tmp_path, monke
 
 def test_gpt2_mis_mapped_norm_fails(gpt2_dir, tmp_path, monkeypatch):
     family = family_for("gpt2")
-    monkeypatch.setattr(family, "ffn_from_source", swapped(family, "ffn_from_source", "norm.weight", "fc_out.bias", 0))
+    monkeypatch.setattr(family, "layer", swapped(family, "ffn.norm.weight", "ffn.fc_out.bias", 0))
     with pytest.raises(MomError, match=r"verification failed at layer 0"):
         decompose(str(gpt2_dir), tmp_path / "mom", PlanOptions())
 
 
 def test_mis_mapped_head_fails(llama_dir, tmp_path, monkeypatch):
     family = family_for("llama")
-    original = family.globals_from_source
+    original = family.globals
 
-    def mapping(keys: set[str], tied: bool) -> dict[str, Derived]:
-        out = dict(original(keys, tied))
-        out["lm_head.weight"] = Derived(("lm_head.weight",), lambda ts: ts[0].flip(0))
-        return out
+    def mapping(mom_cfg):
+        flip = lambda ts: [ts[0].flip(0)]
+        return [replace(e, to_mom=flip, to_source=flip) if e.mom == ("lm_head.weight",) else e for e in original(mom_cfg)]
 
-    monkeypatch.setattr(family, "globals_from_source", mapping)
+    monkeypatch.setattr(family, "globals", mapping)
     with pytest.raises(MomError, match="verification failed at the final norm and head"):
         decompose(str(llama_dir), tmp_path / "mom", PlanOptions())
 
@@ -102,7 +100,7 @@ def test_a_source_that_cannot_run_layer_by_layer_is_checked_whole(llama_dir, tmp
     v = verdict(decompose(str(llama_dir), tmp_path / "mom", PlanOptions()))
     assert v["method"] == "full-model" and v["max_abs_diff"] <= 1e-4 and "renamed" in v["note"]
     family = family_for("llama")
-    monkeypatch.setattr(family, "mha_from_source", swapped(family, "mha_from_source", "k_proj.weight", "v_proj.weight", 1))
+    monkeypatch.setattr(family, "layer", swapped(family, "mha.k_proj.weight", "mha.v_proj.weight", 1))
     with pytest.raises(MomError, match="verification failed at the logits"):
         decompose(str(llama_dir), tmp_path / "bad", PlanOptions())
     # A plan that is not the source's function cannot be checked whole: said, not failed.

@@ -64,7 +64,7 @@ class _FromStates:
 
     def __call__(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
         h, _ = next(self.states)
-        return SimpleNamespace(logits=self.model.lm_head(self.model.model.norm(h).view(*input_ids.shape, -1)))
+        return SimpleNamespace(logits=self.model.head(self.model.model.norm(h).view(*input_ids.shape, -1)))
 
 
 class _LazyPool(nn.ModuleDict):
