@@ -17,7 +17,7 @@ from mom_cli.analysis import routing_stats
 from mom_cli.cli.argv import optional_values
 from mom_cli.errors import UsageError
 from mom_cli.surgery.export import export
-from mom_cli.io.loading import load_model
+from mom_cli.io.loading import load_model, load_tokenizer
 from mom_cli.surgery.prune import (
     Measurer, ModuleRef, PruneOptions, keep_counts, lowest, prune, remove_modules,
 )
@@ -195,3 +195,83 @@ def test_cli_pipe_with_flag_form(gpt2_dir, tmp_path, text_file):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "more MHA modules than the 4" in bad.stderr
     assert not (tmp_path / "never").exists()
+
+
+def _learned_routers(ckpt: Path) -> None:
+    model = mom_cli.load(ckpt).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # routers that send tokens to different modules at different steps
+        for b in model.model.blocks:
+            for r in (b.mha_router, b.ffn_router):
+                r.head.weight.normal_(0, 0.5)
+    model.save_pretrained(ckpt)
+
+
+@torch.no_grad()
+def test_streamed_measurements_equal_the_model_in_memory(llama_dir, tmp_path, text_file):
+    from transformers import AutoTokenizer
+
+    from mom_cli.io.text import blocks, token_stream
+    from mom_cli.surgery.prune import make_plan, pooled_modules
+    from mom_cli.surgery.sequential import StreamedMeasurer
+
+    ckpt = decomposed(llama_dir, tmp_path / "mom", bottom=1, top=1, pool_size=2, depth=3, top_k=2)
+    _learned_routers(ckpt)
+    calib = blocks(token_stream(str(text_file), AutoTokenizer.from_pretrained(ckpt), 384), 64)
+    model, _ = load_model(str(ckpt))
+    memory, streamed = Measurer(model, calib, 4, "cpu"), StreamedMeasurer(ckpt, calib, 4, "cpu")
+    refs = pooled_modules(model.config)
+    sets = [(), *[(r,) for r in refs], tuple(refs[:2]), (refs[1], refs[-1])]
+    assert streamed.losses(sets) == pytest.approx(memory.losses(sets), abs=1e-6)
+    streamed.rebase([refs[0]])  # later measurements resume from the states with refs[0] removed
+    assert streamed.losses([(refs[0], r) for r in refs[1:]]) == pytest.approx(
+        memory.losses([(refs[0], r) for r in refs[1:]]), abs=1e-6)
+    for metric in ("greedy", "loss", "cosine", "block-influence"):
+        a = make_plan(metric, Measurer(model, calib, 4, "cpu"), refs, {"mha": 2, "ffn": 1}, None, 2, True)
+        b = make_plan(metric, StreamedMeasurer(ckpt, calib, 4, "cpu"), refs, {"mha": 2, "ffn": 1}, None, 2, True)
+        assert b.removed == a.removed, metric
+        assert [b.scores[r] for r in refs] == pytest.approx([a.scores[r] for r in refs], abs=1e-6)
+        assert b.trace == pytest.approx(a.trace, abs=1e-6)
+
+
+@torch.no_grad()
+def test_a_bfloat16_checkpoint_stays_bfloat16(llama_dir, tmp_path, text_file, capsys):
+    from mom_cli.surgery.sequential import StreamedMeasurer
+
+    ckpt = decomposed(llama_dir, tmp_path / "mom")
+    bf16 = decompose_bf16(llama_dir, tmp_path / "bf16")
+    report = prune(bf16, tmp_path / "out", opts(text_file, metric="loss", keep_mha="3"))
+    from mom_cli.io.checkpoint import read_mom
+
+    _, reader = read_mom(tmp_path / "out")
+    assert {reader.dtype(k) for k in reader.keys()} == {torch.bfloat16}
+    calib = report.plan.trace[0]
+    model, _ = load_model(str(bf16))  # the stored dtype, as every command loads it by default
+    assert model.dtype == torch.bfloat16
+    from mom_cli.io.text import calibration_split
+
+    blocks_, _ = calibration_split(load_tokenizer(bf16), str(text_file), 512, 64)
+    assert calib == pytest.approx(Measurer(model, blocks_, 4, "cpu").loss(), abs=1e-6)
+    f32 = StreamedMeasurer(bf16, blocks_, 4, "cpu", torch.float32).loss()
+    assert abs(f32 - calib) > 1e-6  # computed in bf16, not silently upcast
+    assert StreamedMeasurer(ckpt, blocks_, 4, "cpu").model.model.norm.weight.dtype == torch.float32
+    from mom_cli.cli.app import main
+
+    capsys.readouterr()
+    assert main(["eval", str(bf16), "--data", str(text_file), "--seq-len", "64", "--max-tokens", "512", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(calib, abs=1e-6)  # the same bf16 numbers
+
+
+def decompose_bf16(src: Path, out: Path) -> Path:
+    from mom_cli.surgery.decompose import PlanOptions, decompose
+
+    return decompose(str(src), out, PlanOptions(), dtype=torch.bfloat16)
+
+
+def test_default_calibration_is_sized_to_the_model():
+    from mom_cli.surgery.prune import default_calib_tokens
+
+    assert default_calib_tokens(4.2e8, 512) == 2048  # SmolLM2-135M's FLOPs per token
+    assert default_calib_tokens(1.4e10, 128) == 256  # 7B: the floor
+    assert default_calib_tokens(1.4e10, 512) == 512  # at least one sequence
+    assert default_calib_tokens(1e6, 512) == 8192  # a tiny model: the ceiling

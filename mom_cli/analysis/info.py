@@ -149,5 +149,6 @@ def summary(config: MomConfig, seq_len: int = 1024, get: TensorGetter | None = N
         "flops_seq_len": seq_len,
         "peer": config.peer,
         "peer_modules": peer_modules,
+        "verification": next((r.get("verify") for r in config.mom_provenance if r.get("command") == "decompose"), None),
         "provenance": config.mom_provenance,
     }

@@ -106,6 +106,7 @@ def decompose(
     dtype: str = typer.Option("auto", "--dtype", help="auto (as the source), float32, float16 or bfloat16."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest weights file before sharding."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickled .bin weights (weights_only) if no safetensors."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking each layer against the source's own transformers layer."),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -124,7 +125,7 @@ def decompose(
     source = checkpoint_arg(source)
     opts = options_from_context(PlanOptions, skip=not no_skip)
     out = output or default_output(source, "-mom")
-    path = run(source, out, opts, parse_dtype(dtype), force, allow_pickle, parse_size(shard_size))
+    path = run(source, out, opts, parse_dtype(dtype), force, allow_pickle, parse_size(shard_size), verify=not no_verify)
     if _piped():  # piped on: say where the checkpoint stays once the pipe is done with it
         console.log(f"the checkpoint is at {Path(path).resolve()}; it stays there after the pipe")
     emit(path, as_json)
@@ -180,7 +181,7 @@ def eval_(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens (--data)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickled .bin weights (weights_only)."),
     as_json: bool = Json,
 ) -> None:
@@ -265,13 +266,15 @@ def prune(
     metric: Optional[str] = typer.Option(None, "--metric", help="greedy, loss, cosine, block-influence or usage "
                                          "(default: greedy when affordable, else loss)."),
     data: str = typer.Option(..., "--data", help="Calibration text: .txt/.jsonl/.parquet, a folder, or hf:NAME."),
-    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens the scores are measured on."),
+    calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="Calibration tokens the scores are measured on "
+                                               "(default: sized to the model, 256 to 8192)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."),
     greedy_width: int = typer.Option(8, "--greedy-width", help="Candidates greedy re-measures per round after the first."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw scores and perplexity against modules removed (.png)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -281,13 +284,14 @@ def prune(
     """
     from mom_cli.surgery.decompose import default_output
     from mom_cli.io.loading import pick_device
+    from mom_cli.io.loading import parse_dtype
     from mom_cli.surgery.prune import PruneOptions
     from mom_cli.surgery.prune import prune as run
 
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
     out = output or default_output(str(ckpt), "-pruned")
-    opts = options_from_context(PruneOptions, device=pick_device(device))
+    opts = options_from_context(PruneOptions, device=pick_device(device), dtype=parse_dtype(dtype))
     _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, render.print_prune)
 
 
@@ -325,6 +329,7 @@ def convert_peer(
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -335,13 +340,14 @@ def convert_peer(
     from mom_cli.surgery.convert_peer import ConvertOptions
     from mom_cli.surgery.convert_peer import convert_peer as run
     from mom_cli.surgery.decompose import default_output
+    from mom_cli.io.loading import parse_dtype
     from mom_cli.io.loading import pick_device
 
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
     out = output or default_output(str(ckpt), "-peer")
     opts = options_from_context(ConvertOptions, query_bn=not no_query_bn, shared_keys=not per_head_keys,
-                                device=pick_device(device))
+                                device=pick_device(device), dtype=parse_dtype(dtype))
     _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, render.print_convert_peer)
 
 
@@ -545,6 +551,7 @@ def plot_routing(
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     sample_tokens: int = typer.Option(24, "--sample-tokens", help="Tokens of DATA whose paths are drawn."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
     force: bool = Force,
 ) -> None:
     """Heatmaps of the module each routed step selects (share of tokens, SKIP included) and token paths.
@@ -557,12 +564,13 @@ def plot_routing(
     from mom_cli.analysis.plots import check_target
     from mom_cli.analysis.plots import plot_routing as draw
     from mom_cli.analysis.routing_trace import check_trace_options, trace
+    from mom_cli.io.loading import parse_dtype
 
     _quiet_third_party()
     check_target(output, force)
     check_trace_options(max_tokens, seq_len, batch_size, sample_tokens)
     dev = pick_device(device)
-    model, tok = load_model(checkpoint_arg(checkpoint), dev)
+    model, tok = load_model(checkpoint_arg(checkpoint), dev, parse_dtype(dtype))
     print(draw(trace(model, tok, data, max_tokens, seq_len, batch_size, sample_tokens, dev), output, force))
 
 

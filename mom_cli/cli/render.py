@@ -21,6 +21,10 @@ def print_info(s: dict) -> None:
     out.print(table)
     out.print(f"parameters: {s['params_total']:,} total, at most {s['params_active_per_token']:,} active per token")
     out.print(f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context)")
+    v = s.get("verification")
+    if v:
+        out.print(f"verified against the source ({v['method']}): max |Δ| {v['max_abs_diff']:.2g}, at {v['worst']}"
+                  if v.get("max_abs_diff") is not None else f"verification: {v['method']} ({v.get('note', '')})")
     if s.get("peer_modules"):
         peer = Table("PEER module", "origin", "N", "h×k", "d_key", "gate", "active params", "total params", "FLOPs/call")
         for p in s["peer_modules"]:

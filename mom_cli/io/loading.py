@@ -24,14 +24,14 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for any supported reference."""
+    """(model in eval mode, tokenizer) for any supported reference; `dtype` None keeps the stored dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mom_cli  # noqa: F401  (registers the mom model type)
 
     path = resolve_path(ref)
     # mom loads MoM checkpoints with its own classes: never the code a folder carries
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", "trust_remote_code": False}
     if path.is_file():
         if path.suffix != ".gguf":
             raise UsageError(f"{path} is a file but not a .gguf model")
@@ -61,6 +61,16 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, 
             model.hf_quantizer.remove_quantization_config(model)
         dequantised_config(model)
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved beside a model directory's weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise MomError(f"cannot load the tokenizer of {directory}: {str(e).splitlines()[0]}") from e
 
 
 def pick_device(name: str) -> str:

@@ -653,6 +653,14 @@ class MomBlock(nn.Module):
             recorder.record(block_id, "ffn", h, r, y, x)
         return x, state
 
+    def step(self, x: torch.Tensor, ctx: StepContext, first_layer: int, h: int, states: tuple, aux: list,
+             recorder, block_id: int) -> tuple[torch.Tensor, tuple]:
+        """Step h alone; `states` are the routers' states before it (a caller may resume here)."""
+        s_mha, s_ffn = states
+        x, s_mha = self.mha_step(x, s_mha, h, ctx, first_layer + h, aux, recorder, block_id)
+        x, s_ffn = self.ffn_step(x, s_ffn, h, aux, recorder, block_id)
+        return x, (s_mha, s_ffn)
+
     def _attend(self, x: torch.Tensor, r: Routing, ctx: StepContext, layer_idx: int) -> torch.Tensor:
         mods = self.mha
         track = self.skip or bool(self.removed["mha"])
@@ -762,8 +770,6 @@ class MomModel(MomPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.config.embed_scale is not None:
-            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         b, t, _ = x.shape
         cache = cache if cache is not None else past_key_values  # the name before transformers 5.24
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -774,13 +780,11 @@ class MomModel(MomPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
-        if self.embed_positions is not None:
-            x = x + self.embed_positions(position_ids)
-        rope = self.rope_tables(x, position_ids) if self.rotary_emb is not None else {}
+        x = self.add_positions(x, position_ids)
         pad = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             pad = attention_mask[:, -(past + t) :].bool()
-        ctx = StepContext(b, t, past, cache if use_cache else None, rope, pad, x.device)
+        ctx = self.context(x, position_ids, past, cache if use_cache else None, pad)
 
         h = x.reshape(b * t, -1)
         aux: list[torch.Tensor] = []
@@ -807,6 +811,18 @@ class MomModel(MomPreTrainedModel):
             return {"default": self.rotary_emb(x, position_ids)}
         types = set(self.config.attention_types or ["full_attention"])
         return {kind: self.rotary_emb(x, position_ids, layer_type=kind) for kind in sorted(types)}
+
+    def add_positions(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens (B, T, d) as the first layer sees them: scaled, plus learned positions."""
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x if self.embed_positions is None else x + self.embed_positions(position_ids)
+
+    def context(self, x: torch.Tensor, position_ids: torch.Tensor, past: int = 0, cache: Cache | None = None,
+                pad: torch.Tensor | None = None) -> StepContext:
+        """What every layer of a pass over x (B, T, d) shares: positions, cache, padding."""
+        rope = self.rope_tables(x, position_ids) if self.rotary_emb is not None else {}
+        return StepContext(x.shape[0], x.shape[1], past, cache, rope, pad, x.device)
 
     def _checkpointed_block(self, block: MomBlock, h: torch.Tensor, ctx: StepContext, layer: int, aux: list, i: int) -> torch.Tensor:
         """A block whose activations are recomputed in backward. The recomputation must not count
@@ -850,6 +866,15 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final (normed) hidden states."""
+        logits = self.lm_head(h)
+        if self.config.logits_divisor != 1.0:  # Granite
+            logits = logits / self.config.logits_divisor
+        if self.config.final_softcap is not None:  # Gemma 2
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -872,11 +897,7 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep, :])
-        if self.config.logits_divisor != 1.0:  # Granite
-            logits = logits / self.config.logits_divisor
-        if self.config.final_softcap is not None:  # Gemma 2
-            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        logits = self.head(h[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -57,6 +57,7 @@ class ConvertOptions:
     eval_data: str | None = None  # default: DATA after the calibration tokens
     eval_tokens: int | None = None  # default: as many as calibration (8192 without --calibrate)
     device: str = "cpu"
+    dtype: torch.dtype | None = None  # None: as stored
     seed: int = 0
 
 
@@ -472,7 +473,7 @@ def _load_data(ckpt: Path, opts: ConvertOptions) -> tuple[Any, torch.Tensor | No
     from mom_cli.io.text import calibration_split
     from mom_cli.io.loading import load_model
 
-    model, tokenizer = load_model(str(ckpt), opts.device)
+    model, tokenizer = load_model(str(ckpt), opts.device, opts.dtype)
     return (model, *calibration_split(tokenizer, opts.calibrate, opts.calib_tokens, opts.seq_len,
                                       opts.eval_data, opts.eval_tokens))
 

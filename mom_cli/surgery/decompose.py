@@ -204,6 +204,7 @@ def decompose(
     force: bool = False,
     allow_pickle: bool = False,
     shard_bytes: int | None = None,
+    verify: bool = True,
 ) -> Path:
     from mom_cli.io import provenance
     from mom_cli.io.checkpoint import DEFAULT_SHARD, param_shapes, write_checkpoint
@@ -234,6 +235,7 @@ def decompose(
         raise MomError(f"source tensor {embed} is stored as {str(stored).removeprefix('torch.')}, not a floating type: "
                        "the file's header does not tell the truth about its dtype")
     out_dtype = dtype or stored
+    stored_dtype = stored
     config.mom_provenance = [provenance.record("decompose", {**asdict(opts), "dtype": str(out_dtype)}, source_ref)]
     config.dtype = str(out_dtype).removeprefix("torch.")
 
@@ -248,4 +250,21 @@ def decompose(
         task = bar.add_task("writing tensors", total=len(planned))
         write_checkpoint(tmp, config, planned, source.copy_extras, shard_bytes or DEFAULT_SHARD,
                          on_tensor=lambda t: bar.advance(task))
+        record_verdict(tmp, config, verify_written(source, tmp, config, out_dtype == stored_dtype, out_dtype)
+                       if verify else {"method": "skipped", "note": "--no-verify"})
     return out
+
+
+def verify_written(source: Source, ckpt: Path, config: MomConfig, exact_copy: bool, dtype: torch.dtype) -> dict[str, Any]:
+    from mom_cli.surgery.verify import tolerance_for, verify
+
+    return verify(source, ckpt, config, tolerance_for(exact_copy, dtype)).as_dict()
+
+
+def record_verdict(ckpt: Path, config: MomConfig, verdict: dict[str, Any]) -> None:
+    """The verification's result joins the decompose record (config and model card)."""
+    from mom_cli.io.provenance import model_card
+
+    config.mom_provenance[-1]["verify"] = verdict
+    config.save_pretrained(ckpt)
+    (ckpt / "README.md").write_text(model_card(config))

@@ -103,7 +103,11 @@ def switch_off(model: Any, off: Iterable[ModuleRef]) -> None:
 
 @dataclass
 class Measurer:
-    """Mean next-token loss of the model on fixed token blocks, with some modules switched off."""
+    """Mean next-token loss of a model held in memory on fixed token blocks, with modules switched off.
+
+    `prune` itself streams the checkpoint (`sequential.StreamedMeasurer`, the same interface and
+    numbers); this one measures a model already loaded.
+    """
 
     model: Any
     batches: torch.Tensor  # (n, seq_len)
@@ -117,6 +121,21 @@ class Measurer:
         if key not in self._seen:
             self._seen[key] = self._measure(key)
         return self._seen[key]
+
+    def losses(self, offs: list[Iterable[ModuleRef]]) -> list[float]:
+        return [self.loss(off) for off in offs]
+
+    def rebase(self, off: Iterable[ModuleRef]) -> None:
+        """Nothing to keep: every measurement reruns the whole model."""
+
+    def probe(self, recorder: Any) -> None:
+        """One full pass with `recorder` seeing every routed step."""
+        inner = self.model.model
+        inner.recorder = recorder
+        try:
+            self._measure(frozenset())  # a real pass, even when the loss itself is known
+        finally:
+            inner.recorder = None
 
     @torch.inference_mode()
     def _measure(self, off: frozenset) -> float:
@@ -176,13 +195,8 @@ class _CosineProbe:
 @torch.inference_mode()
 def probe_scores(measurer: Measurer, refs: list[ModuleRef], whole_step: bool) -> dict[ModuleRef, float]:
     """One pass over the calibration text with the cosine probe attached."""
-    inner = measurer.model.model
     probe = _CosineProbe(whole_step)
-    inner.recorder = probe
-    try:
-        measurer._measure(frozenset())  # a real pass, even when the loss itself is known
-    finally:
-        inner.recorder = None
+    measurer.probe(probe)
     return probe.scores(refs)
 
 
@@ -196,16 +210,12 @@ def usage_scores(stats: dict, refs: list[ModuleRef]) -> dict[ModuleRef, float]:
     return out
 
 
-def loss_scores(measurer: Measurer, refs: list[ModuleRef], base: float, off: tuple[ModuleRef, ...] = (),
+def loss_scores(measurer: Any, refs: list[ModuleRef], base: float, off: tuple[ModuleRef, ...] = (),
                 label: str = "removing one module at a time") -> dict[ModuleRef, float]:
-    """Calibration loss increase when each module is removed (on top of `off`)."""
-    out = {}
-    with progress() as bar:
-        task = bar.add_task(label, total=len(refs))
-        for ref in refs:
-            out[ref] = measurer.loss((*off, ref)) - base
-            bar.advance(task)
-    return out
+    """Calibration loss increase when each module is removed (on top of `off`), measured together."""
+    log(f"{label}: {len(refs)} candidates")
+    losses = measurer.losses([(*off, ref) for ref in refs])
+    return {ref: loss - base for ref, loss in zip(refs, losses)}
 
 
 # ----------------------------------------------------------------------------- plans
@@ -236,7 +246,7 @@ def greedy_passes(n: dict[str, int], n_remove: dict[str, int], width: int) -> in
     return 1 + total + max(rounds - 1, 0) * width + 1  # + base and the one-shot check
 
 
-def greedy_plan(measurer: Measurer, refs: list[ModuleRef], n_remove: dict[str, int], base: float, width: int,
+def greedy_plan(measurer: Any, refs: list[ModuleRef], n_remove: dict[str, int], base: float, width: int,
                 first: dict[ModuleRef, float] | None = None) -> PrunePlan:
     """Remove the least harmful module, re-measure the best-ranked candidates, repeat.
 
@@ -256,16 +266,18 @@ def greedy_plan(measurer: Measurer, refs: list[ModuleRef], n_remove: dict[str, i
             open_ = [r for r in refs if r not in removed and need.get(r.kind, 0) > 0]
             fresh = set(open_) if not removed else set()
 
-            def measure(ref: ModuleRef) -> None:
-                scores[ref] = measurer.loss((*removed, ref)) - trace[-1]
-                fresh.add(ref)
+            def measure(batch: list[ModuleRef]) -> None:
+                for ref, loss in zip(batch, measurer.losses([(*removed, ref) for ref in batch])):
+                    scores[ref] = loss - trace[-1]
+                    fresh.add(ref)
 
-            for ref in sorted(open_, key=lambda r: scores[r])[: width if removed else 0]:
-                measure(ref)
+            measure(sorted(open_, key=lambda r: scores[r])[: width if removed else 0])
             # Lazy greedy: a stale score that looks best is re-measured before it is trusted.
             while (best := min(open_, key=lambda r: (scores[r], r.block, r.slot))) not in fresh:
-                measure(best)
+                measure([best])
             removed.append(best)
+            if sum(need.values()) > 1:  # the next round starts from this one's states
+                measurer.rebase(removed)
             need[best.kind] -= 1
             trace.append(trace[-1] + scores[best])
             bar.advance(task)
@@ -277,18 +289,12 @@ def greedy_plan(measurer: Measurer, refs: list[ModuleRef], n_remove: dict[str, i
     return PrunePlan("greedy", scores, removed, trace)
 
 
-def trace_of(measurer: Measurer, order: list[ModuleRef], base: float) -> list[float]:
+def trace_of(measurer: Any, order: list[ModuleRef], base: float) -> list[float]:
     """Calibration loss after removing the first 0, 1, ..., n modules of `order`."""
-    trace = [base]
-    with progress() as bar:
-        task = bar.add_task("loss along the removal order", total=len(order))
-        for i in range(1, len(order) + 1):
-            trace.append(measurer.loss(order[:i]))
-            bar.advance(task)
-    return trace
+    return [base, *measurer.losses([order[:i] for i in range(1, len(order) + 1)])]
 
 
-def make_plan(metric: str, measurer: Measurer, refs: list[ModuleRef], n_remove: dict[str, int],
+def make_plan(metric: str, measurer: Any, refs: list[ModuleRef], n_remove: dict[str, int],
               stats: dict | None, width: int, want_trace: bool) -> PrunePlan:
     candidates = [r for r in refs if n_remove.get(r.kind, 0) > 0]
     base = measurer.loss()
@@ -327,7 +333,7 @@ class PruneOptions:
     keep_mha: str | None = None
     keep_ffn: str | None = None
     metric: str | None = None
-    calib_tokens: int = 8192
+    calib_tokens: int | None = None  # default: sized to the model (`default_calib_tokens`)
     seq_len: int = 512
     batch_size: int = 4
     eval_data: str | None = None
@@ -335,6 +341,16 @@ class PruneOptions:
     device: str = "cpu"
     greedy_width: int = 8
     plot: Path | None = None
+    dtype: torch.dtype | None = None  # None: as stored
+
+
+CALIB_FLOPS = 1e12  # default calibration: about this many FLOPs per pass (2,048 tokens on a 135M model)
+
+
+def default_calib_tokens(flops_per_token: float, seq_len: int) -> int:
+    """A power of two between 256 and 8,192 tokens that keeps one pass near CALIB_FLOPS, and at least one sequence."""
+    tokens = 2 ** max(0, math.floor(math.log2(max(CALIB_FLOPS / max(flops_per_token, 1.0), 1.0))))
+    return max(min(max(tokens, 256), 8192), seq_len)
 
 
 @dataclass
@@ -404,8 +420,9 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
     from mom_cli.io.checkpoint import read_mom
     from mom_cli.io.text import calibration_split
     from mom_cli.analysis.info import summary
-    from mom_cli.io.loading import load_model
+    from mom_cli.io.loading import load_tokenizer
     from mom_cli.io.atomic import check_output
+    from mom_cli.surgery.sequential import StreamedMeasurer
     from mom_cli.analysis.routing_stats import load as load_stats
 
     check_output(out, force)  # fail before measuring for minutes
@@ -413,9 +430,11 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
         from mom_cli.analysis.plots import check_target
 
         check_target(opts.plot)
-    if opts.seq_len < 2 or opts.batch_size < 1 or opts.calib_tokens < 2 or opts.greedy_width < 1:
+    if opts.seq_len < 2 or opts.batch_size < 1 or (opts.calib_tokens or 2) < 2 or opts.greedy_width < 1:
         raise UsageError("--seq-len and --calib-tokens must be >= 2, --batch-size and --greedy-width >= 1")
     config, reader = read_mom(ckpt)
+    before = summary(config, get=reader.get)
+    calib_tokens = opts.calib_tokens or default_calib_tokens(before["flops_per_token"], opts.seq_len)
     refs = pooled_modules(config)
     n = {kind: sum(r.kind == kind for r in refs) for kind in KINDS}
     keep_mha, keep_ffn = keep_counts(opts.keep_mha, opts.keep_ffn, n["mha"], n["ffn"])
@@ -424,17 +443,18 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
     metric = pick_metric(opts.metric, stats[0] if stats else None, n, n_remove, opts.greedy_width)
     check_seq_len(opts.seq_len, config.max_position_embeddings)
 
-    model, tokenizer = load_model(str(ckpt), opts.device)
-    calib, heldout = calibration_split(tokenizer, opts.data, opts.calib_tokens, opts.seq_len, opts.eval_data,
+    tokenizer = load_tokenizer(ckpt)
+    calib, heldout = calibration_split(tokenizer, opts.data, calib_tokens, opts.seq_len, opts.eval_data,
                                        opts.eval_tokens)
     log(f"prune {ckpt}: {n['mha']} MHA + {n['ffn']} FFN modules, removing {n_remove['mha']} MHA and "
         f"{n_remove['ffn']} FFN by {metric}, on {calib.numel()} calibration tokens")
-    measurer = Measurer(model, calib, opts.batch_size, opts.device)
+    measurer = StreamedMeasurer(ckpt, calib, opts.batch_size, opts.device, opts.dtype)
     plan = make_plan(metric, measurer, refs, n_remove, stats[0] if stats else None, opts.greedy_width, opts.plot is not None)
     calib_after = measurer.loss(plan.removed)
     held = None
     if heldout is not None:
-        check = Measurer(model, heldout, opts.batch_size, opts.device)
+        del measurer.states  # the calibration states are no longer needed
+        check = StreamedMeasurer(ckpt, heldout, opts.batch_size, opts.device, opts.dtype)
         held = (math.exp(check.loss()), math.exp(check.loss(plan.removed)))
 
     record = provenance.record("prune", {
@@ -443,7 +463,7 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
         "scores": {r.name: s for r, s in sorted(plan.scores.items())},
     }, str(ckpt))
     new = remove_modules(ckpt, out, plan.removed, record, force)
-    before, after = summary(config, get=reader.get), summary(new, get=reader.get)
+    after = summary(new, get=reader.get)
     report = PruneReport(
         out, plan, (math.exp(plan.trace[0]), math.exp(calib_after)), held,
         (before["params_total"], after["params_total"]),
