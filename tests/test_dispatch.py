@@ -73,6 +73,9 @@ def test_grouped_dispatch_equals_per_module_reference(routed, name):
     _spread_routers(model)
     x = ids(2, 16)
     assert _skip_share(model, x) > 0  # SKIP is among the choices
+    block = model.model.blocks[0]
+    with torch.no_grad():  # both pools are stacked: the grouped path is the one compared
+        assert all(len(block._stacked(kind, {}).slots) == len(pool) for kind, pool in (("mha", block.mha), ("ffn", block.ffn)))
     _assert_same(model, x)
 
 
