@@ -252,7 +252,7 @@ def test_tokens_of_one_step_attend_with_their_own_modules_kind():
     attn = Attention(cfg)
     b, t = 2, 12
     q, k, v = torch.randn(b * t, 16), torch.randn(b * t, 8), torch.randn(b * t, 8)
-    ctx = StepContext(b, t, 0, None, {}, None, torch.device("cpu"))
+    ctx = StepContext(batch=b, seq=t, past=0, cache=None, rope={}, pad_mask=None, device=torch.device("cpu"))
     kinds = [(3, None, 0.5), (None, None, 0.2)]
     which = torch.randint(0, 2, (b * t,), generator=torch.Generator().manual_seed(0))
     mixed = attn(q, k, v, ctx, 0, None, False, kind=MixedKinds(kinds, which))

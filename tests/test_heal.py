@@ -76,7 +76,7 @@ def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(work, models_dir
     for a, b in ((0, 3), (3, 4), (4, 8)):
         units = [u for u in H._units(0, 4) if a <= 2 * u[1] + (u[0] == "ffn") < b]
         r = H.Region("r", "test", 0, a, b, units, [])
-        y = H.run_region(student, r, cache.read(a, rows, "cpu"), [])
+        y, _ = H.run_region(student, r, cache.read(a, rows, "cpu"))
         # inputs and outputs are stored in bf16: the difference is their rounding, not the model's
         ref = cache.read(b, rows, "cpu")
         assert (y - ref).abs().max() <= 0.02 * ref.abs().max(), (a, b)

@@ -115,6 +115,7 @@ def summary(config: MomConfig, seq_len: int = 1024, get: TensorGetter | None = N
     active = plain + head_params + _count(m.norm)  # distinct parameters one token can touch
     matmul = plain + head_params  # multiply-adds per token, counting reuse across steps
     attn_calls = len(config.bottom_layers) + len(config.top_layers)
+    router_macs = 0  # both routers run at every step (a GRU cell and head, or the MLP): ~1 multiply-add per weight
     blocks, peer_modules = [], []
     for i, (spec, block) in enumerate(zip(config.blocks, m.blocks)):
         routers = _count(block.mha_router) + _count(block.ffn_router)
@@ -125,6 +126,7 @@ def summary(config: MomConfig, seq_len: int = 1024, get: TensorGetter | None = N
         ffn_active, ffn_macs, _ = _pool_cost(spec, "ffn", k, _constant_picks(get, i, "ffn", k), ffn_cost)
         active += mha_active + ffn_active + routers
         matmul += mha_macs + ffn_macs + h * routers
+        router_macs += h * routers
         attn_calls += mha_steps
         peer_modules += _peer_rows(i, spec, block, ffn_cost)
         blocks.append({
@@ -145,7 +147,8 @@ def summary(config: MomConfig, seq_len: int = 1024, get: TensorGetter | None = N
         "attention_calls_per_token": attn_calls,
         "params_total": total,
         "params_active_per_token": active,
-        "flops_per_token": int(2 * matmul + attn_flops),
+        "flops_per_token": int(2 * matmul + attn_flops),  # routers included
+        "router_flops_per_token": int(2 * router_macs),
         "flops_seq_len": seq_len,
         "peer": config.peer,
         "peer_modules": peer_modules,

@@ -20,7 +20,7 @@ def print_info(s: dict) -> None:
                       str(b["steps"]), str(b["top_k"]), b["router"])
     out.print(table)
     out.print(f"parameters: {s['params_total']:,} total, at most {s['params_active_per_token']:,} active per token")
-    out.print(f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context)")
+    out.print(f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context; routers: {s['router_flops_per_token']:,})")
     v = s.get("verification")
     if v:
         out.print(f"verified against the source ({v['method']}): max |Δ| {v['max_abs_diff']:.2g}, at {v['worst']}"

@@ -14,7 +14,8 @@ temperature T. Per step, for every token:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -24,11 +25,15 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    MoeCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_mom import MomConfig
 from .peer import PeerLayer
-
 
 # ----------------------------------------------------------------------------- norms
 
@@ -235,6 +240,7 @@ class Router(nn.Module):
             self.head = nn.Linear(r, n_choices, bias=False)
         self.step_bias = nn.Parameter(torch.zeros(steps, n_choices))
         self._constant_cache: tuple[int, int, bool] | None = None
+        self._picks_cache: tuple[tuple[int, int, int], list[list[int]]] | None = None
 
     def is_constant(self) -> bool:
         """True when the head is exactly zero, so the logits are the step bias whatever the input.
@@ -243,8 +249,8 @@ class Router(nn.Module):
         in-place update of the head (tensor version counter), so it costs one sync per change.
         """
         w = self.head.weight
-        if torch.is_grad_enabled() and w.requires_grad:
-            return False
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            return False  # compiled code routes through the router (same choice, no host read)
         key = (w.data_ptr(), w._version)
         if self._constant_cache is None or self._constant_cache[:2] != key:
             self._constant_cache = (*key, bool(torch.count_nonzero(w).item() == 0))
@@ -257,6 +263,17 @@ class Router(nn.Module):
         if torch.count_nonzero(head):
             return None
         return step_bias.float().topk(min(k, step_bias.shape[-1]), dim=-1).indices.tolist()
+
+    def host_picks(self, k: int) -> list[list[int]] | None:
+        """This router's `constant_picks` when it is constant, on the host; cached per in-place
+        update of the step bias, so dispatching them needs no device sync."""
+        if not self.is_constant():
+            return None
+        b = self.step_bias
+        key = (b.data_ptr(), b._version, k)
+        if self._picks_cache is None or self._picks_cache[0] != key:
+            self._picks_cache = (key, Router.constant_picks(self.head.weight.detach(), b.detach(), k))
+        return self._picks_cache[1]
 
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None, step: int
@@ -274,18 +291,48 @@ class Router(nn.Module):
         return self.head(F.gelu(self.hidden(u))) + bias, state
 
 
+# ----------------------------------------------------------------------------- routing
+
+
 @dataclass
 class Routing:
-    """Top-K choice for N tokens: module ids (N, K) with weights (N, K), and where each module's tokens are."""
+    """Top-K choice for N tokens: slots (N, K), pruned ones already sent to SKIP, and weights (N, K).
+
+    `picks`: for a constant router, the K slots every token chose, known on the host. Otherwise
+    everything stays on the device; only the per-module path (`groups`) syncs with the host.
+    """
 
     idx: torch.Tensor
     weight: torch.Tensor
     n_modules: int
     skip_id: int
-    # Per module m: (token positions, their weights); empty modules are absent.
-    groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # Tokens that chose nothing but SKIP (None when there are none).
-    all_skip: torch.Tensor | None = None
+    picks: list[int] | None = None
+
+    @functools.cached_property
+    def groups(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per chosen slot (SKIP included): its token positions and their weights. One host sync."""
+        flat, k = self.idx.reshape(-1), self.idx.shape[1]
+        order = torch.argsort(flat, stable=True)
+        tokens, w = order // k, self.weight.reshape(-1)[order]
+        groups, start = {}, 0
+        for m, c in enumerate(torch.bincount(flat, minlength=self.n_modules).tolist()):
+            if c:
+                groups[m] = (tokens[start : start + c], w[start : start + c])
+            start += c
+        return groups
+
+    def key_valid(self) -> torch.Tensor | None:
+        """Tokens that chose more than SKIP (their keys may be attended to); None when all did."""
+        if self.picks is not None:
+            return None if any(m != self.skip_id for m in self.picks) else self.idx.new_zeros(self.idx.shape[0], dtype=torch.bool)
+        valid = (self.idx != self.skip_id).any(-1)
+        return None if _all_on_host(valid) else valid
+
+
+def _all_on_host(t: torch.Tensor) -> bool:
+    """`t.all()` where asking is free (a CPU tensor in eager mode); False where it would cost a
+    device sync or a graph break, and the caller then keeps the general (masked) form."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and bool(t.all())
 
 
 def route(logits: torch.Tensor, k: int, temperature: float, skip_id: int, remap: torch.Tensor | None = None) -> Routing:
@@ -298,36 +345,33 @@ def route(logits: torch.Tensor, k: int, temperature: float, skip_id: int, remap:
     weight = torch.softmax(top.float() / temperature, dim=-1).to(logits.dtype)
     if remap is not None:
         idx = remap[idx]
-    n = skip_id + 1
-    r = Routing(idx=idx, weight=weight, n_modules=n, skip_id=skip_id)
-    flat = idx.reshape(-1)
-    counts = torch.bincount(flat, minlength=n).tolist()  # one host sync per routing decision
-    if counts[skip_id] > 0:
-        r.all_skip = (idx == skip_id).all(-1)
-        if not bool(r.all_skip.any()):
-            r.all_skip = None
-    n_tok = idx.shape[0]
-    if k == 1 and max(counts) == n_tok:
-        # Everyone chose the same module (identity routing): no gather, no scatter.
-        m = counts.index(n_tok)
-        r.groups[m] = (None, weight.reshape(-1))
-        return r
-    order = torch.argsort(flat, stable=True)
-    tokens, w = order // k, weight.reshape(-1)[order]
-    start = 0
-    for m, c in enumerate(counts):
-        if c:
-            r.groups[m] = (tokens[start : start + c], w[start : start + c])
-        start += c
-    return r
+    return Routing(idx=idx, weight=weight, n_modules=skip_id + 1, skip_id=skip_id)
+
+
+def route_constant(bias: torch.Tensor, picks: list[int], n: int, temperature: float, skip_id: int,
+                   remap: list[int] | None) -> Routing:
+    """`route` for a constant router (logits = `bias` for all n tokens), built from its host-side picks."""
+    top = bias[picks]
+    weight = torch.softmax(top.float() / temperature, dim=-1).to(bias.dtype).expand(n, -1)
+    slots = [remap[m] for m in picks] if remap is not None else list(picks)
+    idx = _host_constant(tuple(slots), bias.device).expand(n, -1)
+    return Routing(idx=idx, weight=weight, n_modules=skip_id + 1, skip_id=skip_id, picks=slots)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_constant(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A small constant index tensor, copied to the device once, not at every step."""
+    return torch.tensor(values, device=device)
 
 
 def aux_load_balancing(logits: torch.Tensor, r: Routing, temperature: float) -> torch.Tensor:
     """Switch-style load balancing over the M+1 choices: n * sum_i f_i * P_i."""
     n = logits.shape[-1]
     probs = torch.softmax(logits.float() / temperature, dim=-1).mean(0)
-    frac = torch.bincount(r.idx.reshape(-1), minlength=r.n_modules).float()[:n] / r.idx.numel()
-    return n * (frac * probs).sum()
+    flat = r.idx.reshape(-1)
+    # Counted by index_add, not bincount, which would ask the host for the output size.
+    counts = torch.zeros(r.n_modules, device=flat.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+    return n * (counts[:n] / flat.numel() * probs).sum()
 
 
 class RoutingRecorder:
@@ -353,31 +397,365 @@ class RoutingRecorder:
         self.stats[key] = (count, mass.cpu())
 
 
+# ----------------------------------------------------------------------------- dispatch, one module at a time
+
+
 def scatter_modules(
-    x: torch.Tensor, r: Routing, fn, out_dims: tuple[int, ...], weighted: bool
+    x: torch.Tensor, r: Routing, fn, out_dims: tuple[int, ...], weighted: bool, only: set[int] | None = None
 ) -> tuple[torch.Tensor, ...]:
     """For each output: sum over the chosen modules m of (w *) fn(m, x[tokens of m]).
 
-    Each module runs on its own tokens only (grouped gather / scatter-add), never on every token.
+    The reference dispatch, and the one for modules the grouped dispatch cannot stack (PEER; `only`
+    names them): each module runs on its own tokens (gather, run, scatter-add), one after another.
     `fn` returns one tensor per entry of `out_dims`.
     """
-    outs: list[torch.Tensor] | None = None
+    outs = [x.new_zeros(x.shape[0], dim) for dim in out_dims]
     for m, (tok, w) in r.groups.items():
-        if m == r.skip_id:
+        if m == r.skip_id or (only is not None and m not in only):
             continue
-        ys = fn(m, x if tok is None else x.index_select(0, tok))
+        ys = fn(m, x.index_select(0, tok))
         ys = ys if isinstance(ys, tuple) else (ys,)
         if weighted:
             ys = tuple(y * w[:, None] for y in ys)
-        if tok is None:  # every token, in order (identity routing): no scatter
-            outs = list(ys) if outs is None else [o + y for o, y in zip(outs, ys)]
-            continue
-        if outs is None:
-            outs = [x.new_zeros(x.shape[0], dim) for dim in out_dims]
         outs = [o.index_add(0, tok, y) for o, y in zip(outs, ys)]
-    if outs is None:  # every token skipped
-        outs = [x.new_zeros(x.shape[0], dim) for dim in out_dims]
     return tuple(outs)
+
+
+def constant_modules(x: torch.Tensor, r: Routing, fn, weighted: bool) -> tuple[torch.Tensor, ...] | None:
+    """Dispatch for a constant router: every token goes to the same K modules, so each chosen
+    module runs on all tokens in order (no gather, no scatter). None when all K choices are SKIP."""
+    outs = None
+    for j, m in enumerate(r.picks):
+        if m == r.skip_id:
+            continue
+        ys = fn(m, x)
+        ys = ys if isinstance(ys, tuple) else (ys,)
+        if weighted:
+            ys = tuple(y * r.weight[:, j : j + 1] for y in ys)
+        outs = list(ys) if outs is None else [o + y for o, y in zip(outs, ys)]
+    return None if outs is None else tuple(outs)
+
+
+# ----------------------------------------------------------------------------- grouped dispatch
+#
+# One matmul per projection over all routed rows of a step: the N*K (token, choice) rows are sorted
+# by module, each module's weights are stacked into (G, out, in), and a segment matmul multiplies
+# each run of rows by its module's matrix (torch._grouped_mm where the device and dtype allow,
+# else one mm per segment). Norm statistics are computed once per token; only the per-module norm
+# scale is gathered per row. Rows are put back in token order by a gather, never a scatter.
+
+
+def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm takes bf16 on CUDA and any float on CPU, with 16-byte aligned row strides;
+    under torch.compile its fake kernel takes bf16 only."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    align = 16 // a.element_size()
+    if a.shape[-1] % align or w.shape[-2] % align:
+        return False
+    if a.is_cuda or torch.compiler.is_compiling():
+        return a.dtype == torch.bfloat16
+    return a.device.type == "cpu"
+
+
+def _zero_tail(y: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows past the last group are not written by torch._grouped_mm: make them zero."""
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+        y[int(offs[-1]) :].zero_()  # on the CPU, reading the bound is free and touches only the tail
+        return y
+    keep = torch.arange(y.shape[0], device=y.device) < offs[-1]
+    return y.masked_fill_(~keep[:, None], 0)
+
+
+def _segment_forward(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if _grouped_mm_ok(a, w):
+        return _zero_tail(torch._grouped_mm(a, w.transpose(1, 2), offs=offs), offs)
+    return _segment_loop(a, w, offs)
+
+
+def _segment_loop(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """segment_mm as one mm per group; it reads the group sizes on the host."""
+    pieces, start = [], 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            pieces.append(a[start:end] @ w[g].t())
+        start = end
+    if start < a.shape[0]:
+        pieces.append(a.new_zeros(a.shape[0] - start, w.shape[1]))
+    return torch.cat(pieces)
+
+
+def _segment_wgrad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per group: the sum over its rows of g_row^T a_row, (G, out, in)."""
+    if _grouped_mm_ok(a, g[None]):
+        return torch._grouped_mm(g.t(), a, offs=offs)
+    out, start = g.new_zeros(n_groups, g.shape[1], a.shape[1]), 0
+    for i, end in enumerate(offs.tolist()):
+        if end > start:
+            out[i] = g[start:end].t() @ a[start:end]
+        start = end
+    return out
+
+
+def _merged_wgrad(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_groups: int) -> torch.Tensor:
+    """The weight gradient of all the steps that used one stacked pool, in one segment matmul:
+    each step's rows are a few per module, so per-step weight gradients would each stream every
+    module's full gradient through memory; merged, each module's rows of all steps form one group."""
+    gids, a_all, g_all = [], [], []
+    for a, g, offs in rows:
+        r = torch.arange(a.shape[0], device=a.device, dtype=offs.dtype)
+        gids.append(torch.bucketize(r, offs, right=True))
+        a_all.append(a)
+        g_all.append(g)
+    gid = torch.cat(gids)
+    order = torch.argsort(gid, stable=True)
+    bounds = torch.arange(1, n_groups + 1, device=gid.device, dtype=gid.dtype)
+    offs = torch.searchsorted(gid[order], bounds, out_int32=True)
+    a, g = torch.cat(a_all).index_select(0, order), torch.cat(g_all).index_select(0, order)
+    return _segment_wgrad(g.contiguous(), a.contiguous(), offs, n_groups)
+
+
+class _SegmentMM(torch.autograd.Function):
+    """segment_mm with its backward. With `pending`, the weight gradient is left there for
+    `_DeferredWeightGrad` to compute once for all steps of a forward."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None) -> torch.Tensor:
+        ctx.save_for_backward(a, w, offs)
+        ctx.pending = pending
+        return _segment_forward(a, w, offs)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, w, offs = ctx.saved_tensors
+        g = g.contiguous()
+        ga = _segment_forward(g, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            if ctx.pending is None:
+                gw = _segment_wgrad(g, a, offs, w.shape[0])
+            else:
+                ctx.pending.append((a, g, offs))
+        return ga, gw, None, None
+
+
+class _DeferredWeightGrad(torch.autograd.Function):
+    """Identity on a pool's stacked weights, used by every step of a forward. Its backward runs
+    after all the steps' backwards, and computes their weight gradients from `pending` at once."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, pending: list) -> torch.Tensor:
+        ctx.pending = pending
+        ctx.set_materialize_grads(False)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        rows, ctx.pending[:] = list(ctx.pending), []
+        gw = _merged_wgrad(rows, grad.shape[0] if grad is not None else rows[0][2].shape[0]) if rows else None
+        if grad is not None:
+            gw = grad if gw is None else gw + grad
+        return gw, None
+
+
+def segment_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None = None) -> torch.Tensor:
+    """Rows [offs[g-1], offs[g]) of `a` (R, in) times w[g].T, with w (G, out, in); rows past offs[-1]
+    give zero. `offs` (G,) int32 stays on the device on the grouped_mm path. `pending`: see
+    `_DeferredWeightGrad`."""
+    if torch.compiler.is_compiling():
+        if _grouped_mm_ok(a, w):
+            return _SegmentMM.apply(a, w, offs, None)
+        return torch.ops.mom.segment_mm(a, w, offs)  # opaque to the compiler: no graph break
+    return _SegmentMM.apply(a, w, offs, pending)
+
+
+def _register_segment_ops() -> None:
+    """`mom::segment_mm` for torch.compile, where the fallback's host reads would break the graph.
+    Registered once per process (an exported copy of this file finds it already there)."""
+    if not hasattr(torch, "library") or not hasattr(torch.library, "custom_op") or hasattr(torch.ops.mom, "segment_mm"):
+        return
+
+    @torch.library.custom_op("mom::segment_mm", mutates_args=())
+    def _op(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return _segment_forward(a, w, offs)  # run eagerly, where the CPU kernel takes any float dtype
+
+    @torch.library.custom_op("mom::segment_mm_wgrad", mutates_args=())
+    def _wgrad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return _segment_wgrad(g, a, offs, offs.shape[0])
+
+    _op.register_fake(lambda a, w, offs: a.new_empty(a.shape[0], w.shape[1]))
+    _wgrad.register_fake(lambda g, a, offs: g.new_empty(offs.shape[0], g.shape[1], a.shape[1]))
+
+    def setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        a, w, offs = ctx.saved_tensors
+        ga = torch.ops.mom.segment_mm(grad.contiguous(), w.transpose(1, 2).contiguous(), offs)
+        return ga, torch.ops.mom.segment_mm_wgrad(grad.contiguous(), a, offs), None
+
+    _op.register_autograd(backward, setup_context=setup)
+
+
+_register_segment_ops()
+
+
+@dataclass
+class Dispatch:
+    """A step's rows sorted by group: row i is (token tok[i], its weight w[i], group gid[i]);
+    group g holds rows [offs[g-1], offs[g]); rows of SKIP and of modules run one by one come last."""
+
+    tok: torch.Tensor
+    gid: torch.Tensor
+    w: torch.Tensor
+    offs: torch.Tensor
+    inv: torch.Tensor  # row of each (token, choice) pair, in token order
+    k: int
+
+    @classmethod
+    def plan(cls, r: Routing, group_of: torch.Tensor, n_groups: int) -> Dispatch:
+        flat = group_of[r.idx].reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        gid = flat[order]
+        bounds = torch.arange(1, n_groups + 1, device=gid.device, dtype=gid.dtype)
+        offs = torch.searchsorted(gid, bounds, out_int32=True)
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        k = r.idx.shape[1]
+        return cls(order // k, gid, r.weight.reshape(-1)[order], offs, inv, k)
+
+    def unsort(self, y: torch.Tensor) -> torch.Tensor:
+        """Sorted rows (R, D) -> per token the sum over its K rows (N, D)."""
+        y = y.index_select(0, self.inv)
+        return y if self.k == 1 else y.view(-1, self.k, y.shape[-1]).sum(1)
+
+
+def _norm_parts(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None, float] | None:
+    """(kind, scale, shift, eps) of a norm the grouped path knows exactly; None for any other."""
+    if type(norm) is RMSNorm and norm.style == "llama":
+        return "rms", norm.weight, None, norm.eps
+    if type(norm) is nn.LayerNorm and norm.elementwise_affine and len(norm.normalized_shape) == 1:
+        return "layer", norm.weight, norm.bias, norm.eps
+    return None
+
+
+_MHA_PARTS = {"norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_norm"}
+_FFN_PARTS = {True: {"norm", "gate_proj", "up_proj", "down_proj", "post_norm"},
+              False: {"norm", "fc_in", "fc_out", "post_norm"}}
+
+
+def groupable(module: nn.Module) -> bool:
+    """Whether the grouped dispatch computes exactly what this module's own forward does: a
+    pre-norm it knows, the projections, and no q/k norm, post-norm or residual multiplier (those
+    modules run one by one)."""
+    parts = {name for name, _ in module.named_children()}
+    if type(module) is MhaModule:
+        known = parts == _MHA_PARTS and not module.qk_norm
+    elif type(module) is FfnModule:
+        known = parts == _FFN_PARTS[module.gated] | ({"act"} & parts)
+    else:
+        return False
+    plain = type(getattr(module, "post_norm", None)) is nn.Identity and getattr(module, "multiplier", 1.0) == 1.0
+    return known and plain and _norm_parts(module.norm) is not None
+
+
+def _pad_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-group table with a zero row appended: the row of SKIP and of modules run one by one."""
+    return None if t is None else torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+
+
+@dataclass
+class StackedPool:
+    """The groupable modules of a pool, stacked: group g is slot `slots[g]`; `group_of` maps every
+    choice (slot, SKIP last) to its group, or to G for SKIP and modules run one by one."""
+
+    slots: list[int]
+    group_of: torch.Tensor
+    norm: str
+    eps: float
+    scale: torch.Tensor  # (G+1, d)
+    shift: torch.Tensor | None
+    w_in: torch.Tensor  # (G, out, in): [q; k; v], [gate; up] or fc_in
+    b_in: torch.Tensor | None  # (G+1, out)
+    w_out: torch.Tensor  # (G, d, in): o_proj, down_proj or fc_out
+    b_out: torch.Tensor | None
+    act: Callable | None = None
+    gated: bool = False
+    # Under autograd: the steps' rows whose weight gradients are computed at once (_DeferredWeightGrad).
+    pending_in: list | None = None
+    pending_out: list | None = None
+
+    @classmethod
+    def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int]) -> StackedPool | None:
+        slots = [m for m in range(n_slots) if m not in removed and str(m) in pool and groupable(pool[str(m)])]
+        if not slots:
+            return None
+        mods = [pool[str(m)] for m in slots]
+        table = [len(slots)] * (n_slots + 1)
+        for g, m in enumerate(slots):
+            table[m] = g
+        kind, _, _, eps = _norm_parts(mods[0].norm)
+        scale = _pad_rows(torch.stack([_norm_parts(m.norm)[1] for m in mods]))
+        shift = _pad_rows(torch.stack([_norm_parts(m.norm)[2] for m in mods])) if kind == "layer" else None
+        first = mods[0]
+        if isinstance(first, MhaModule):
+            ins = [[m.q_proj, m.k_proj, m.v_proj] for m in mods]
+            outs = [m.o_proj for m in mods]
+        elif first.gated:
+            ins = [[m.gate_proj, m.up_proj] for m in mods]
+            outs = [m.down_proj for m in mods]
+        else:
+            ins = [[m.fc_in] for m in mods]
+            outs = [m.fc_out for m in mods]
+        w_in = torch.stack([torch.cat([p.weight for p in ps]) for ps in ins])
+        b_in = _pad_rows(torch.stack([torch.cat([p.bias for p in ps]) for ps in ins])) if ins[0][0].bias is not None else None
+        w_out = torch.stack([p.weight for p in outs])
+        b_out = _pad_rows(torch.stack([p.bias for p in outs])) if outs[0].bias is not None else None
+        group_of = torch.tensor(table, device=w_in.device)
+        ffn = isinstance(first, FfnModule)
+        pending_in = pending_out = None
+        if w_in.requires_grad and not torch.compiler.is_compiling():
+            pending_in, pending_out = [], []
+            w_in, w_out = _DeferredWeightGrad.apply(w_in, pending_in), _DeferredWeightGrad.apply(w_out, pending_out)
+        return cls(slots, group_of, kind, eps, scale, shift, w_in, b_in, w_out, b_out,
+                   first.act if ffn else None, ffn and first.gated, pending_in, pending_out)
+
+    def normed_rows(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """Each row's token through its own module's pre-norm: statistics once per token."""
+        if self.norm == "rms":  # as RMSNorm: statistics in float32, scale in the input dtype
+            xf = x.float()
+            base = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+            return self.scale[d.gid] * base.index_select(0, d.tok)
+        base = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+        return torch.addcmul(self.shift[d.gid], base.index_select(0, d.tok), self.scale[d.gid])
+
+    def project_in(self, rows: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        y = segment_mm(rows, self.w_in, d.offs, self.pending_in)
+        return y if self.b_in is None else y + self.b_in[d.gid]
+
+    def project_out(self, rows: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """The output projection, weighted by each row's routing weight, summed back per token."""
+        y = segment_mm(rows, self.w_out, d.offs, self.pending_out)
+        if self.b_out is not None:
+            y = y + self.b_out[d.gid]
+        return d.unsort(y * d.w[:, None])
+
+    def ffn(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        h = self.project_in(self.normed_rows(x, d), d)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.project_out(h, d)
+
+
+def _param_key(pool: nn.Module) -> tuple | None:
+    """Changes whenever a parameter of the pool is replaced or updated in place; None for inference
+    tensors (a model streamed layer by layer), which carry no version counter: never cached."""
+    params = list(pool.parameters())
+    if any(p.is_inference() for p in params):
+        return None
+    return tuple((p.data_ptr(), p._version) for p in params)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -418,11 +796,16 @@ class Attention(nn.Module):
     beam reordering, cropping and batch selection in `generate()` keep it in step for free.
     """
 
+    is_causal = True  # read by transformers' attention kernels
+
     def __init__(self, config: MomConfig) -> None:
         super().__init__()
+        self.config = config  # its `_attn_implementation` picks the kernel at each call
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.num_key_value_groups = self.n_heads // self.n_kv
+        self.scaling = self.head_dim**-0.5
         self.softcap = config.attn_softcap
         self.default_kind = config.attention_kind(None)
 
@@ -474,17 +857,31 @@ class Attention(nn.Module):
             if track_valid:
                 valid = v[:, 0, :, -1] > 0.5
                 v = v[..., :-1]
-                if bool(valid.all()):
+                if _all_on_host(valid):
                     valid = None
         if self.softcap is not None:
-            out = self._softcapped(q, k, v, ctx.mask(valid, k.shape[-2], window, always=True), scale)
+            out = self._softcapped(q, k, v, ctx.mask(valid, k.shape[-2], window, always=True), scale).transpose(1, 2)
         else:
-            mask = ctx.mask(valid, k.shape[-2], window)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale,
-                enable_gqa=self.n_kv != self.n_heads,
-            )
-        return out.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim)
+            out = self._kernel(q, k, v, ctx.mask(valid, k.shape[-2], window), scale)
+        return out.reshape(b * t, self.n_heads * self.head_dim)
+
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float | None) -> torch.Tensor:
+        """(B, H, T, D) queries over (B, KV, S, D) keys -> (B, T, H, D). `eager` is the reference;
+        any other `attn_implementation` (sdpa by default) is transformers' registered kernel, which
+        takes the same boolean mask (True = may attend) and, without one, causal attention."""
+        impl = self.config._attn_implementation or "sdpa"
+        if impl != "eager":
+            out, _ = ALL_ATTENTION_FUNCTIONS[impl](self, q, k, v, mask, dropout=0.0, scaling=scale)
+            return out
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+        scores = (q @ k.transpose(-1, -2)) * (self.scaling if scale is None else scale)
+        t, s = q.shape[-2], k.shape[-2]
+        if mask is None:  # causal, the last t of s keys being the queries' own
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return (probs @ v).transpose(1, 2)
 
     def _softcapped(self, q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
         """Gemma 2's attention: scores capped by cap * tanh(scores / cap) before the softmax
@@ -507,7 +904,7 @@ class Attention(nn.Module):
         ctx.cache.update(k, v, layer_idx)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepContext:
     """What every attention call of one forward pass shares."""
 
@@ -518,6 +915,7 @@ class StepContext:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # RoPE table -> (cos, sin), each (B, T, rot)
     pad_mask: torch.Tensor | None  # (B, past+T) bool, True = real token
     device: torch.device
+    dispatch: str = "grouped"  # or "modules" (MomModel.dispatch)
 
     def mask(
         self, key_valid: torch.Tensor | None, n_keys: int, window: int | torch.Tensor | None = None,
@@ -572,6 +970,35 @@ def make_pool(origins: list[int | None], make: Callable[[int], nn.Module]) -> nn
     return nn.ModuleDict({str(m): make(m) for m, origin in enumerate(origins) if origin is not None})
 
 
+@dataclass
+class StepRecord:
+    """What a routing recorder sees of one routed step."""
+
+    kind: str
+    step: int
+    routing: Routing
+    x_in: torch.Tensor
+    x_out: torch.Tensor
+
+
+@dataclass
+class StepOutput:
+    """One half-step of a block: the residual stream after it, the router state, the load-balancing
+    term (training only) and, when asked for, what a recorder sees."""
+
+    hidden: torch.Tensor
+    state: Any
+    aux: torch.Tensor | None
+    record: StepRecord | None
+
+
+@dataclass
+class BlockOutput:
+    hidden: torch.Tensor
+    aux: list[torch.Tensor]  # load-balancing terms, one per routing decision (training only)
+    records: list[StepRecord]  # filled only when asked for
+
+
 class MomBlock(nn.Module):
     """An MHA pool, an FFN pool, SKIP, two routers, and H steps over them.
 
@@ -596,90 +1023,160 @@ class MomBlock(nn.Module):
         self.kv_dim = config.num_key_value_heads * config.head_dim
         self.parallel = config.parallel_residual
         self.removed: dict[str, set[int]] = {}
+        self._stack_cache: dict[str, tuple[tuple, StackedPool | None]] = {}
         self.set_removed(set(), set())
 
     def set_removed(self, mha: set[int], ffn: set[int]) -> None:
         """Switch slots off (on top of those pruned from the checkpoint): their tokens SKIP."""
         self._remaps: dict[tuple[str, torch.device], torch.Tensor] = {}  # made on first use, per device
+        self._stack_cache = {}
         for kind, extra, pool in (("mha", mha, self.mha), ("ffn", ffn, self.ffn)):
             self.removed[kind] = {m for m in range(self.slots[kind]) if str(m) not in pool} | set(extra)
 
-    def _remap(self, kind: str, device: torch.device) -> torch.Tensor | None:
+    def _remap_table(self, kind: str) -> list[int] | None:
         """Slot -> slot, or SKIP (= M) for removed slots; None when nothing is removed."""
         if not self.removed[kind]:
             return None
+        n = self.slots[kind]
+        return [n if m in self.removed[kind] else m for m in range(n)] + [n]
+
+    def _remap(self, kind: str, device: torch.device) -> torch.Tensor | None:
         key = (kind, device)
         if key not in self._remaps:
-            n = self.slots[kind]
-            table = [n if m in self.removed[kind] else m for m in range(n)] + [n]
-            self._remaps[key] = torch.tensor(table, device=device)
+            table = self._remap_table(kind)
+            self._remaps[key] = None if table is None else torch.tensor(table, device=device)
         return self._remaps[key]
 
-    def _route(self, kind: str, x: torch.Tensor, state, step: int, aux: list) -> tuple:
-        router = self.mha_router if kind == "mha" else self.ffn_router
-        logits, state = router(x, state, step)
-        remap = self._remap(kind, x.device)
-        r = route(logits, min(self.k, logits.shape[-1]), self.temperature, self.slots[kind], remap)
-        if self.training and torch.is_grad_enabled():
-            aux.append(aux_load_balancing(logits, r, self.temperature))
-        return r, state
+    def _stacked(self, kind: str, fresh: dict[str, StackedPool | None]) -> StackedPool | None:
+        """The pool's stacked weights, looked up once per forward (`fresh`). With autograd on, stacked
+        anew so that gradients reach the modules' own parameters; without, cached until a parameter
+        changes."""
+        if kind in fresh:
+            return fresh[kind]
+        pool = self.mha if kind == "mha" else self.ffn
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling():
+                self._stack_cache.pop(kind, None)  # an evaluation's copy must not outlive it in training
+            if kind not in fresh:
+                fresh[kind] = StackedPool.build(pool, self.slots[kind], self.removed[kind])
+            return fresh[kind]
+        key = _param_key(pool)
+        if key is None:
+            fresh[kind] = StackedPool.build(pool, self.slots[kind], self.removed[kind])
+            return fresh[kind]
+        hit = self._stack_cache.get(kind)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, StackedPool.build(pool, self.slots[kind], self.removed[kind]))
+            self._stack_cache[kind] = hit
+        fresh[kind] = hit[1]
+        return hit[1]
 
-    def forward(
-        self, x: torch.Tensor, ctx: StepContext, first_layer: int, aux: list, recorder, block_id: int
-    ) -> torch.Tensor:
+    def _route(self, kind: str, x: torch.Tensor, state, step: int) -> tuple[Routing, Any, torch.Tensor | None]:
+        router = self.mha_router if kind == "mha" else self.ffn_router
+        k = min(self.k, self.slots[kind] + self.skip)
+        picks = router.host_picks(k)
+        if picks is not None:
+            bias = router.step_bias[step].to(x.dtype)
+            r = route_constant(bias, picks[step], x.shape[0], self.temperature, self.slots[kind], self._remap_table(kind))
+            return r, state, None
+        logits, state = router(x, state, step)
+        r = route(logits, k, self.temperature, self.slots[kind], self._remap(kind, x.device))
+        aux = aux_load_balancing(logits, r, self.temperature) if self.training and torch.is_grad_enabled() else None
+        return r, state, aux
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, first_layer: int, record: bool = False) -> BlockOutput:
+        out = BlockOutput(x, [], [])
+        fresh: dict[str, StackedPool | None] = {}
         s_mha = s_ffn = None
         for h in range(self.steps):
-            y, s_mha = self.mha_step(x, s_mha, h, ctx, first_layer + h, aux, recorder, block_id)
-            x, s_ffn = self.ffn_step(y, s_ffn, h, aux, recorder, block_id, step_input=x)
-        return x
+            a = self.mha_step(x, s_mha, h, ctx, first_layer + h, record, fresh)
+            f = self.ffn_step(a.hidden, s_ffn, h, ctx, record, fresh, step_input=x)
+            for part in (a, f):
+                out.aux += [] if part.aux is None else [part.aux]
+                out.records += [] if part.record is None else [part.record]
+            x, s_mha, s_ffn = f.hidden, a.state, f.state
+        out.hidden = x
+        return out
 
-    def mha_step(self, x: torch.Tensor, state, h: int, ctx: StepContext, layer_idx: int, aux: list,
-                 recorder=None, block_id: int = 0) -> tuple[torch.Tensor, Any]:
+    def mha_step(self, x: torch.Tensor, state: Any, h: int, ctx: StepContext, layer_idx: int,
+                 record: bool = False, fresh: dict | None = None) -> StepOutput:
         """Step h's attention half: route, attend, add to the residual stream."""
-        r, state = self._route("mha", x, state, h, aux)
-        y = x + self._attend(x, r, ctx, layer_idx)
-        if recorder is not None:
-            recorder.record(block_id, "mha", h, r, x, y)
-        return y, state
+        r, state, aux = self._route("mha", x, state, h)
+        y = x + self._attend(x, r, ctx, layer_idx, {} if fresh is None else fresh)
+        return StepOutput(y, state, aux, StepRecord("mha", h, r, x, y) if record else None)
 
-    def ffn_step(self, y: torch.Tensor, state, h: int, aux: list, recorder=None, block_id: int = 0,
-                 step_input: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def ffn_step(self, y: torch.Tensor, state: Any, h: int, ctx: StepContext, record: bool = False,
+                 fresh: dict | None = None, step_input: torch.Tensor | None = None) -> StepOutput:
         """Step h's feed-forward half: route, run the chosen FFN modules, add to the residual stream.
         With GPT-NeoX's parallel residual, the FFN reads the step's input (before attention)."""
         f = step_input if self.parallel and step_input is not None else y
-        r, state = self._route("ffn", f, state, h, aux)
-        x = y + scatter_modules(f, r, lambda m, xs: self.ffn[str(m)](xs), (self.d,), weighted=True)[0]
+        r, state, aux = self._route("ffn", f, state, h)
+        x = y + self._feed_forward(f, r, ctx, {} if fresh is None else fresh)
+        return StepOutput(x, state, aux, StepRecord("ffn", h, r, y, x) if record else None)
+
+    def step(self, x: torch.Tensor, ctx: StepContext, first_layer: int, h: int, states: tuple,
+             recorder: Any = None, block_id: int = 0) -> tuple[torch.Tensor, tuple]:
+        """Step h alone; `states` are the routers' states before it (a caller may resume here), and
+        `recorder` sees its routing."""
+        a = self.mha_step(x, states[0], h, ctx, first_layer + h, recorder is not None)
+        f = self.ffn_step(a.hidden, states[1], h, ctx, recorder is not None, step_input=x)
         if recorder is not None:
-            recorder.record(block_id, "ffn", h, r, y, x)
-        return x, state
+            for rec in (a.record, f.record):
+                recorder.record(block_id, rec.kind, rec.step, rec.routing, rec.x_in, rec.x_out)
+        return f.hidden, (a.state, f.state)
 
-    def step(self, x: torch.Tensor, ctx: StepContext, first_layer: int, h: int, states: tuple, aux: list,
-             recorder, block_id: int) -> tuple[torch.Tensor, tuple]:
-        """Step h alone; `states` are the routers' states before it (a caller may resume here)."""
-        s_mha, s_ffn = states
-        x, s_mha = self.mha_step(x, s_mha, h, ctx, first_layer + h, aux, recorder, block_id)
-        x, s_ffn = self.ffn_step(x, s_ffn, h, aux, recorder, block_id)
-        return x, (s_mha, s_ffn)
+    def _feed_forward(self, x: torch.Tensor, r: Routing, ctx: StepContext, fresh: dict) -> torch.Tensor:
+        run = lambda m, xs: self.ffn[str(m)](xs)
+        if r.picks is not None:
+            y = constant_modules(x, r, run, weighted=True)
+            return x.new_zeros(x.shape) if y is None else y[0]
+        stack = self._stacked("ffn", fresh) if ctx.dispatch == "grouped" else None
+        if stack is None:
+            return scatter_modules(x, r, run, (self.d,), weighted=True)[0]
+        d = Dispatch.plan(r, stack.group_of, len(stack.slots))
+        y = stack.ffn(x, d)
+        others = {int(m) for m in self.ffn} - set(stack.slots) - self.removed["ffn"]
+        if others:  # modules the grouped path cannot stack (PEER) run one by one
+            y = y + scatter_modules(x, r, run, (self.d,), weighted=True, only=others)[0]
+        return y
 
-    def _attend(self, x: torch.Tensor, r: Routing, ctx: StepContext, layer_idx: int) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, r: Routing, ctx: StepContext, layer_idx: int, fresh: dict) -> torch.Tensor:
         mods = self.mha
         track = self.skip or bool(self.removed["mha"])
-        if list(r.groups) == [r.skip_id]:  # every token skips: only keep the cache in step
-            self.attn.skip_all(x, ctx, layer_idx, track)
-            return x.new_zeros(x.shape)
         # Q, K and V are the plain sums of the chosen modules' projections (the paper's assembly);
         # only the output projections are weighted.
-        q, k, v = scatter_modules(x, r, lambda m, xs: mods[str(m)].qkv(xs), (self.attn_dim, self.kv_dim, self.kv_dim), False)
-        key_valid = None if r.all_skip is None else ~r.all_skip
-        a = self.attn(q, k, v, ctx, layer_idx, key_valid, track_valid=track, kind=self._kind(r))
-        return scatter_modules(a, r, lambda m, xs: mods[str(m)].out(xs), (self.d,), weighted=True)[0]
+        qkv = lambda m, xs: mods[str(m)].qkv(xs)
+        out = lambda m, xs: mods[str(m)].out(xs)
+        valid = r.key_valid() if track else None
+        if r.picks is not None:
+            q_k_v = constant_modules(x, r, qkv, weighted=False)
+            if q_k_v is None:  # every token skips: only keep the cache in step
+                self.attn.skip_all(x, ctx, layer_idx, track)
+                return x.new_zeros(x.shape)
+            a = self.attn(*q_k_v, ctx, layer_idx, valid, track_valid=track, kind=self._kind(r))
+            return constant_modules(a, r, out, weighted=True)[0]
+        stack = self._stacked("mha", fresh) if ctx.dispatch == "grouped" else None
+        live = {int(m) for m in self.mha} - self.removed["mha"]
+        kinds = {self.mha[str(m)].kind for m in live}
+        if stack is None or set(stack.slots) != live or len(kinds) > 1:
+            q_k_v = scatter_modules(x, r, qkv, (self.attn_dim, self.kv_dim, self.kv_dim), False)
+            a = self.attn(*q_k_v, ctx, layer_idx, valid, track_valid=track, kind=self._kind(r))
+            return scatter_modules(a, r, out, (self.d,), weighted=True)[0]
+        # One attention kind in the pool (the common case): nothing about it depends on the routing.
+        d = Dispatch.plan(r, stack.group_of, len(stack.slots))
+        q_k_v = d.unsort(stack.project_in(stack.normed_rows(x, d), d))
+        q, k, v = q_k_v.split([self.attn_dim, self.kv_dim, self.kv_dim], dim=-1)
+        a = self.attn(q, k, v, ctx, layer_idx, valid, track_valid=track, kind=next(iter(kinds), None))
+        return stack.project_out(a.index_select(0, d.tok), d)
 
     def _kind(self, r: Routing) -> Kind | MixedKinds:
         """The attention kind of the chosen modules; per token (its first choice) when they differ."""
-        kinds = {m: self.mha[str(m)].kind for m in r.groups if m != r.skip_id}
+        chosen = r.picks if r.picks is not None else r.groups
+        kinds = {m: self.mha[str(m)].kind for m in chosen if m != r.skip_id}
         distinct = sorted(set(kinds.values()), key=str)
-        if len(distinct) == 1:
-            return distinct[0]
+        if len(distinct) <= 1:
+            return distinct[0] if distinct else self.attn.default_kind
         table = torch.zeros(r.n_modules, dtype=torch.long, device=r.idx.device)
         for m, kind in kinds.items():
             table[m] = distinct.index(kind)
@@ -691,6 +1188,13 @@ class MomBlock(nn.Module):
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`;
 # the model takes either name and returns the one this transformers knows.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class MomModelOutput(BaseModelOutputWithPast):
+    """The final hidden states, the cache, and the routers' mean load-balancing term (training)."""
+
+    aux_loss: torch.FloatTensor | None = None
 
 
 class MomPreTrainedModel(PreTrainedModel):
@@ -734,6 +1238,8 @@ class MomModel(MomPreTrainedModel):
         self.norm = make_norm(config)
         self.rotary_emb = self._make_rotary(config) if config.position_type == "rope" else None
         self.recorder: RoutingRecorder | None = None
+        # "grouped": one segment matmul per projection per step; "modules": the reference, one module at a time.
+        self.dispatch = "grouped"
         self.gradient_checkpointing = False  # set by transformers' activation_checkpointing_enable()
         self.post_init()
 
@@ -766,7 +1272,7 @@ class MomModel(MomPreTrainedModel):
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
+    ) -> MomModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -782,7 +1288,7 @@ class MomModel(MomPreTrainedModel):
             position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
         x = self.add_positions(x, position_ids)
         pad = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        if attention_mask is not None and attention_mask.dim() == 2 and not _all_on_host(attention_mask.bool()):
             pad = attention_mask[:, -(past + t) :].bool()
         ctx = self.context(x, position_ids, past, cache if use_cache else None, pad)
 
@@ -793,17 +1299,17 @@ class MomModel(MomPreTrainedModel):
             h = self._gradient_checkpointing_func(plain, h, ctx, layer) if checkpointed else plain(h, ctx, layer)
             layer += 1
         for i, block in enumerate(self.blocks):
-            if checkpointed:
-                h = self._checkpointed_block(block, h, ctx, layer, aux, i)
-            else:
-                h = block(h, ctx, layer, aux, self.recorder, i)
+            out = self._checkpointed_block(block, h, ctx, layer) if checkpointed else block(h, ctx, layer, self.recorder is not None)
+            h = out.hidden
+            aux += out.aux
+            self._record(i, out.records)
             layer += block.steps
         for plain in self.top:
             h = self._gradient_checkpointing_func(plain, h, ctx, layer) if checkpointed else plain(h, ctx, layer)
             layer += 1
         h = self.norm(h).view(b, t, -1)
         aux_loss = torch.stack(aux).mean() if aux else None
-        return h, cache, aux_loss
+        return MomModelOutput(last_hidden_state=h, aux_loss=aux_loss, **{_CACHE_FIELD: cache})
 
     def rope_tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) per RoPE table: one, or one per attention type (Gemma 3's local and global bases)."""
@@ -822,36 +1328,30 @@ class MomModel(MomPreTrainedModel):
                 pad: torch.Tensor | None = None) -> StepContext:
         """What every layer of a pass over x (B, T, d) shares: positions, cache, padding."""
         rope = self.rope_tables(x, position_ids) if self.rotary_emb is not None else {}
-        return StepContext(x.shape[0], x.shape[1], past, cache, rope, pad, x.device)
+        return StepContext(batch=x.shape[0], seq=x.shape[1], past=past, cache=cache, rope=rope, pad_mask=pad,
+                           device=x.device, dispatch=self.dispatch)
 
-    def _checkpointed_block(self, block: MomBlock, h: torch.Tensor, ctx: StepContext, layer: int, aux: list, i: int) -> torch.Tensor:
-        """A block whose activations are recomputed in backward. The recomputation must not count
-        twice: the block's aux terms come back as an output (not appended again), and the recorder
-        sees only the first run (outside autograd, so both runs save the same tensors)."""
-        first = [True]
-        recorder = None if self.recorder is None else _FirstRunRecorder(self.recorder, first)
+    def _record(self, block_id: int, records: list[StepRecord]) -> None:
+        if self.recorder is None:
+            return
+        with torch.no_grad():
+            for rec in records:
+                self.recorder.record(block_id, rec.kind, rec.step, rec.routing, rec.x_in, rec.x_out)
+
+    def _checkpointed_block(self, block: MomBlock, h: torch.Tensor, ctx: StepContext, layer: int) -> BlockOutput:
+        """A block whose activations are recomputed in backward. Its aux terms leave as a tensor
+        output (so gradients reach them), and only the first run's routing is kept for the recorder."""
+        first = BlockOutput(h, [], [])
+        record = self.recorder is not None
 
         def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            terms: list[torch.Tensor] = []
-            out = block(x, ctx, layer, terms, recorder, i)
-            first[0] = False
-            return out, torch.stack(terms) if terms else x.new_zeros(0)
+            out = block(x, ctx, layer, record and not first.records)
+            first.records = first.records or out.records
+            return out.hidden, torch.stack(out.aux) if out.aux else x.new_zeros(0)
 
-        h, terms = self._gradient_checkpointing_func(run, h)
-        aux.extend(terms.unbind(0))
-        return h
-
-
-class _FirstRunRecorder:
-    """Passes a checkpointed block's routing to the real recorder on its first run only."""
-
-    def __init__(self, recorder: Any, first: list[bool]) -> None:
-        self.recorder, self.first = recorder, first
-
-    def record(self, *args: Any) -> None:
-        if self.first[0]:
-            with torch.no_grad():
-                self.recorder.record(*args)
+        first.hidden, terms = self._gradient_checkpointing_func(run, h)
+        first.aux = list(terms.unbind(0))
+        return first
 
 
 class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
@@ -888,7 +1388,7 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
-        h, cache, aux_loss = self.model(
+        out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -896,6 +1396,7 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
+        h, cache, aux_loss = out.last_hidden_state, getattr(out, _CACHE_FIELD), out.aux_loss
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.head(h[:, keep, :])
         loss = None

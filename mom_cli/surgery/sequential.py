@@ -175,7 +175,7 @@ class StreamedMeasurer:
             return unit.plain(h, ctx, unit.layer), (None, None)
         block = self.model.model.blocks[unit.block]
         rs = (None, None) if unit.step == 0 else rs
-        return block.step(h, ctx, unit.layer - unit.step, unit.step, rs, [], recorder, unit.block)
+        return block.step(h, ctx, unit.layer - unit.step, unit.step, rs, recorder, unit.block)
 
     @torch.inference_mode()
     def _run(self, jobs: list[_Job]) -> list[float]:

@@ -280,30 +280,25 @@ def _merge(spans: list) -> list[tuple[int, int, str, list[tuple[str, int]]]]:
 
 def step_context(model: nn.Module, b: int, t: int, x: torch.Tensor) -> Any:
     """What the attention of a region needs for b sequences of t tokens at positions 0..t-1."""
-    from mom_cli.modeling.modeling_mom import StepContext
-
-    inner = model.model
-    rope = {}
-    if inner.rotary_emb is not None:
-        pos = torch.arange(t, device=x.device)[None].expand(b, -1)
-        rope = inner.rope_tables(x.view(b, t, -1), pos)
-    return StepContext(b, t, 0, None, rope, None, x.device)
+    pos = torch.arange(t, device=x.device)[None].expand(b, -1)
+    return model.model.context(x.view(b, t, -1), pos)
 
 
-def run_region(model: nn.Module, region: Region, x: torch.Tensor, aux: list) -> torch.Tensor:
-    """The student from the region's input to its output: x (B, T, d) -> (B, T, d)."""
+def run_region(model: nn.Module, region: Region, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The student from the region's input to its output: x (B, T, d) -> (B, T, d), with the
+    routers' load-balancing terms (training only)."""
     b, t, d = x.shape
     ctx = step_context(model, b, t, x)
     block = model.model.blocks[region.block]
-    h = x.reshape(b * t, d)
+    h, aux = x.reshape(b * t, d), []
     for kind, step in region.units:
         if kind == "block":
-            h = block(h, ctx, 0, aux, None, region.block)
-        elif kind == "mha":
-            h, _ = block.mha_step(h, None, step, ctx, 0, aux)
-        else:
-            h, _ = block.ffn_step(h, None, step, aux)
-    return h.view(b, t, d)
+            out = block(h, ctx, 0)
+            h, aux = out.hidden, aux + out.aux
+            continue
+        half = block.mha_step(h, None, step, ctx, 0) if kind == "mha" else block.ffn_step(h, None, step, ctx)
+        h, aux = half.hidden, aux + ([] if half.aux is None else [half.aux])
+    return h.view(b, t, d), aux
 
 
 def region_loss(model: nn.Module, region: Region, top: int, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -647,9 +642,8 @@ def _train_region(run: Heal, region: Region, cache: TeacherCache, order: tr.Batc
         t0 = time.perf_counter()
         rows = next(order.micro_batches(c["step"])).reshape(-1)
         x, target = cache.read(region.start, rows, run.device), cache.read(region.end, rows, run.device)
-        aux: list[torch.Tensor] = []
         with run.autocast():
-            y = run_region(run.model, region, x.to(torch.float32), aux)
+            y, aux = run_region(run.model, region, x.to(torch.float32))
             loss = region_loss(run.model, region, run.top, y, target)
             if aux and run.coef:
                 loss = loss + run.coef * torch.stack(aux).mean()
@@ -684,7 +678,7 @@ def _region_error(run: Heal, region: Region, cache: TeacherCache) -> float:
     try:
         x, t = cache.read(region.start, rows, run.device), cache.read(region.end, rows, run.device)
         with run.autocast():
-            y = run_region(run.model, region, x, [])
+            y, _ = run_region(run.model, region, x)
         return relative_error(y, x, t)
     finally:
         run.model.train(was)

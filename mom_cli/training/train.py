@@ -393,12 +393,12 @@ class Run:
         return max(1, n_blocks // self.batches.global_batch)  # one pass over the data
 
     def _compile(self) -> None:
-        """Compile the dense modules (FFNs, plain layers): routing itself has data-dependent shapes and
-        host syncs that would break the graph at every step."""
-        from mom_cli.modeling.modeling_mom import FfnModule, PlainLayer
+        """Compile each routed block and plain layer: a block's H steps (routing, grouped dispatch,
+        attention) trace as one graph, with no host reads."""
+        from mom_cli.modeling.modeling_mom import MomBlock, PlainLayer
 
         for module in self.model.modules():
-            if isinstance(module, (FfnModule, PlainLayer)):
+            if isinstance(module, (MomBlock, PlainLayer)):
                 module.compile()
 
     def _teacher(self) -> nn.Module:

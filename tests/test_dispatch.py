@@ -1,0 +1,171 @@
+"""The grouped dispatch (one segment matmul per projection per step) against the reference that
+runs each module on its own tokens, one after another: logits and gradients, in float32."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mom_cli
+from mom_cli.modeling.modeling_mom import MomForCausalLM, segment_mm
+from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
+from tests.helpers import decomposed, ids, max_diff
+
+
+def _spread_routers(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random router heads: tokens spread over the modules and SKIP, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.model.blocks:
+            for router in (block.mha_router, block.ffn_router):
+                router.head.weight.copy_(torch.randn(router.head.weight.shape, generator=g))
+
+
+def _run(model: torch.nn.Module, dispatch: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eval logits, then one training step's gradients (loss with the aux term), under `dispatch`."""
+    model.model.dispatch = dispatch
+    model.eval()
+    with torch.no_grad():
+        logits = model(x, use_cache=False).logits
+    model.train()
+    model.zero_grad()
+    model(x, labels=x, use_cache=False).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits, grads
+
+
+def _assert_same(model: torch.nn.Module, x: torch.Tensor) -> None:
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # a training step moves BatchNorm statistics
+    ref_logits, ref_grads = _run(model, "modules", x)
+    model.load_state_dict(state)
+    logits, grads = _run(model, "grouped", x)
+    assert max_diff(ref_logits, logits) <= 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    worst = max(max_diff(ref_grads[n], grads[n]) / max(ref_grads[n].abs().max().item(), 1.0) for n in grads)
+    assert worst <= 1e-5
+
+
+def _skip_share(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """The share of routing choices that went to SKIP, so a test knows SKIP was exercised."""
+    model.eval()
+    model.model.recorder = rec = mom_cli.RoutingRecorder()
+    with torch.no_grad():
+        model(x, use_cache=False)
+    model.model.recorder = None
+    counts = [c for c, _ in rec.stats.values()]
+    return sum(c[-1].item() for c in counts) / sum(c.sum().item() for c in counts)
+
+
+@pytest.fixture(scope="module")
+def routed(models_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dispatch")
+    return {
+        "llama-top1": decomposed(models_dir / "llama", root / "l1", depth=3, top_k=1),
+        "llama-top2": decomposed(models_dir / "llama", root / "l2", depth=2, top_k=2),
+        "gpt2-top2": decomposed(models_dir / "gpt2", root / "g2", depth=3, top_k=2, router="mlp"),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama-top1", "llama-top2", "gpt2-top2"])
+def test_grouped_dispatch_equals_per_module_reference(routed, name):
+    model = mom_cli.load(routed[name])
+    _spread_routers(model)
+    x = ids(2, 16)
+    assert _skip_share(model, x) > 0  # SKIP is among the choices
+    block = model.model.blocks[0]
+    with torch.no_grad():  # both pools are stacked: the grouped path is the one compared
+        assert all(len(block._stacked(kind, {}).slots) == len(pool) for kind, pool in (("mha", block.mha), ("ffn", block.ffn)))
+    _assert_same(model, x)
+
+
+def test_pruned_and_switched_off_slots(routed):
+    """Slots pruned from the checkpoint (origin None) and slots switched off for a measurement both
+    send their tokens to SKIP, in either dispatch."""
+    base = mom_cli.load(routed["llama-top2"])
+    config = base.config
+    config.blocks[0]["mha"][1] = None
+    config.blocks[0]["ffn"][2] = None
+    model = MomForCausalLM(config)
+    missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert not missing
+    _spread_routers(model, seed=1)
+    model.model.blocks[0].set_removed({3}, {0})
+    _assert_same(model, ids(2, 16))
+
+
+def test_peer_modules_in_the_pool_run_one_by_one(routed, tmp_path):
+    out = convert_peer(routed["llama-top2"], tmp_path / "peer", ConvertOptions(layers="0,2", heads=4, topk=8))
+    model = mom_cli.load(out.path)
+    assert {type(m).__name__ for m in model.model.blocks[0].ffn.values()} == {"FfnModule", "PeerFfnModule"}
+    _spread_routers(model, seed=2)
+    _assert_same(model, ids(2, 16))
+
+
+def test_cached_generation_equals_uncached_for_a_routed_model(routed):
+    model = mom_cli.load(routed["llama-top2"]).eval()
+    _spread_routers(model, seed=4)
+    prompt = ids(1, 6)
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kw)
+        assert torch.equal(cached, model.generate(prompt, use_cache=False, **kw))
+        model.model.dispatch = "modules"
+        assert torch.equal(cached, model.generate(prompt, use_cache=True, **kw))
+
+
+@pytest.mark.parametrize("width", [6, 64])  # 6: rows not 16-byte aligned, the per-segment fallback
+def test_segment_mm_forward_and_backward(width):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(11, width, generator=g, requires_grad=True)
+    w = torch.randn(4, 8, width, generator=g, requires_grad=True)
+    offs = torch.tensor([3, 3, 7, 9], dtype=torch.int32)  # an empty group, and two rows past the end
+    y = segment_mm(a, w, offs)
+    bounds = [0, 3, 3, 7, 9]
+    ref = torch.cat([a[bounds[i] : bounds[i + 1]] @ w[i].T for i in range(4)] + [a.new_zeros(2, 8)])
+    assert max_diff(y, ref) <= 1e-6
+    grad = torch.randn(11, 8, generator=g)
+    ga, gw = torch.autograd.grad(y, (a, w), grad)
+    ra, rw = torch.autograd.grad(ref, (a, w), grad)
+    assert max_diff(ga, ra) <= 1e-5 and max_diff(gw, rw) <= 1e-5
+    assert ga[9:].abs().max() == 0  # rows past the last group get no gradient
+
+
+def test_info_counts_the_routers_flops(routed):
+    """`mom info`'s FLOPs per token include both routers at every step (about 2 per weight)."""
+    from mom_cli.analysis.info import summary
+
+    model = mom_cli.load(routed["llama-top2"])
+    s = summary(model.config)
+    per_step = sum(p.numel() for n, p in model.named_parameters() if "_router." in n)
+    assert s["router_flops_per_token"] == 2 * model.config.blocks[0]["steps"] * per_step > 0
+    assert s["flops_per_token"] > s["router_flops_per_token"]
+
+
+def test_routed_forward_and_training_step_trace_without_graph_breaks(routed):
+    """torch.compile sees one graph: no host reads in routing or dispatch (the segment matmul is
+    an opaque custom op where torch._grouped_mm's compiled form does not apply)."""
+    model = mom_cli.load(routed["llama-top2"])
+    _spread_routers(model)
+    x = ids(2, 16)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.eval())(x, use_cache=False)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    explained = torch._dynamo.explain(model.train())(x, labels=x, use_cache=False)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_attn_implementation_eager_and_sdpa_agree_with_padding_and_skip(routed):
+    """`attn_implementation` picks the kernel: transformers' sdpa (the default) or the eager
+    reference, with the same masks (left padding, keys of SKIP-only tokens)."""
+    model = mom_cli.load(routed["llama-top2"]).eval()
+    _spread_routers(model, seed=5)
+    assert model.config._attn_implementation == "sdpa"
+    x = ids(2, 12)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        sdpa = model(x, attention_mask=mask, use_cache=False).logits
+        model.config._attn_implementation = "eager"
+        eager = model(x, attention_mask=mask, use_cache=False).logits
+    assert max_diff(sdpa[0, 3:], eager[0, 3:]) <= 1e-5 and max_diff(sdpa[1], eager[1]) <= 1e-5
