@@ -646,8 +646,13 @@ _FFN_PARTS = {True: {"norm", "gate_proj", "up_proj", "down_proj", "post_norm"},
 def groupable(module: nn.Module) -> bool:
     """Whether the grouped dispatch computes exactly what this module's own forward does: a
     pre-norm it knows, the projections, and no q/k norm, post-norm or residual multiplier (those
-    modules run one by one)."""
+    modules run one by one). A projection that is not a plain `nn.Linear` (a peft LoRA layer, a
+    quantized linear) runs through its own forward, one module at a time, since stacking reads
+    `.weight` alone."""
     parts = {name for name, _ in module.named_children()}
+    projections = [c for name, c in module.named_children() if name not in ("norm", "post_norm", "act")]
+    if any(type(c) is not nn.Linear for c in projections):
+        return False
     if type(module) is MhaModule:
         known = parts == _MHA_PARTS and not module.qk_norm
     elif type(module) is FfnModule:
