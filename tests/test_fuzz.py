@@ -1,6 +1,7 @@
 """Property-based fuzzing of what mom reads from users: safetensors headers, model configs, recipes
 and text data. Every failure must be a MomError/UsageError with a one-line message (the CLI prints
 it as `mom: error: ...`, exit 1 or 2), never another exception."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,12 @@ from mom_cli.errors import MomError
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64), st.floats(allow_nan=True),
-                         st.text(max_size=20))
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                           max_leaves=12)
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64), st.floats(allow_nan=True), st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+)
 
 
 def only_mom_errors(fn) -> None:
@@ -46,11 +49,13 @@ def fresh(folder: Path, name: str) -> Path:
 # ----------------------------------------------------------------------------- safetensors headers
 
 dtypes = st.sampled_from(["F32", "F16", "BF16", "I32", "I64", "U8", "BOOL", "F8_E4M3", "XX", ""])
-entries = st.fixed_dictionaries({
-    "dtype": dtypes | json_scalars,
-    "shape": st.lists(st.integers(-3, 2**40), max_size=3) | json_scalars,
-    "data_offsets": st.lists(st.integers(-8, 2**40), min_size=0, max_size=3) | json_scalars,
-})
+entries = st.fixed_dictionaries(
+    {
+        "dtype": dtypes | json_scalars,
+        "shape": st.lists(st.integers(-3, 2**40), max_size=3) | json_scalars,
+        "data_offsets": st.lists(st.integers(-8, 2**40), min_size=0, max_size=3) | json_scalars,
+    }
+)
 headers = st.dictionaries(st.text(min_size=1, max_size=6), entries | json_values, max_size=4)
 
 
@@ -74,9 +79,25 @@ def test_safetensors_header_reader(folder, header, data, length_delta):
 
 # ----------------------------------------------------------------------------- configs
 
-CONFIG_KEYS = ["model_type", "n_embd", "n_layer", "n_head", "vocab_size", "n_positions", "hidden_size",
-               "num_hidden_layers", "num_attention_heads", "intermediate_size", "auto_map", "architectures",
-               "tie_word_embeddings", "rope_parameters", "blocks", "family", "bottom_layers"]
+CONFIG_KEYS = [
+    "model_type",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "vocab_size",
+    "n_positions",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "auto_map",
+    "architectures",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "blocks",
+    "family",
+    "bottom_layers",
+]
 configs = st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values | st.integers(-5, 10**10), max_size=6) | json_values
 model_types = st.sampled_from(["gpt2", "llama", "mom", "evil", None])
 
@@ -95,18 +116,49 @@ def test_config_loader(folder, config, model_type, raw):
 
 # ----------------------------------------------------------------------------- recipes
 
-yaml_bits = st.sampled_from([
-    "steps:", "  - command: decompose", "  - command: prune", "    keep-mha: 50%", "vars:", "  x: 1", "output: o",
-    "  - command: plot routing", "    output: ../x.png", "&a [1]", "*a", "!!python/object:os.system", "${x}",
-    "  - command: export", "    format: safetensors", "name: n", "description:", "- - -", "{", "'", "\t", "",
-    "  source: ${nope}", "    data: ${x}", "    top-k: -1", "    steps: '2'", "  - 3", "  - command: 7",
-])
+yaml_bits = st.sampled_from(
+    [
+        "steps:",
+        "  - command: decompose",
+        "  - command: prune",
+        "    keep-mha: 50%",
+        "vars:",
+        "  x: 1",
+        "output: o",
+        "  - command: plot routing",
+        "    output: ../x.png",
+        "&a [1]",
+        "*a",
+        "!!python/object:os.system",
+        "${x}",
+        "  - command: export",
+        "    format: safetensors",
+        "name: n",
+        "description:",
+        "- - -",
+        "{",
+        "'",
+        "\t",
+        "",
+        "  source: ${nope}",
+        "    data: ${x}",
+        "    top-k: -1",
+        "    steps: '2'",
+        "  - 3",
+        "  - command: 7",
+    ]
+)
 
 
 @FAST
 @given(lines=st.lists(yaml_bits | st.text(max_size=12), max_size=10), sets=st.lists(st.text(max_size=10), max_size=2))
 def test_recipe_loader(folder, lines, sets):
+    import typer
+
     from mom_cli.cli import recipes
+    from mom_cli.cli.app import app
+
+    specs = recipes.command_specs(typer.main.get_command(app))
 
     d = fresh(folder, "recipe")
     path = d / "r.yaml"
@@ -114,7 +166,7 @@ def test_recipe_loader(folder, lines, sets):
 
     def load():
         recipe = recipes.load(str(path))
-        recipes.resolve(recipe, recipes.parse_sets(sets))
+        recipes.resolve(recipe, recipes.parse_sets(sets), specs)
 
     only_mom_errors(load)
 
@@ -130,8 +182,11 @@ def tokenizer(models_dir):
 
 
 @FAST
-@given(body=st.binary(max_size=300), suffix=st.sampled_from([".txt", ".jsonl", ".parquet", ".json"]),
-       cap=st.none() | st.integers(-1, 64))
+@given(
+    body=st.binary(max_size=300),
+    suffix=st.sampled_from([".txt", ".jsonl", ".parquet", ".json"]),
+    cap=st.none() | st.integers(-1, 64),
+)
 def test_data_loader(folder, tokenizer, body, suffix, cap):
     from mom_cli.io.text import token_stream
 
