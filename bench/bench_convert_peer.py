@@ -44,6 +44,7 @@ The layers' inputs are the dense model's (collected once per run, cached under /
 converted layers then run together in one model for the perplexity. Every figure is measured in
 this run; nothing is hard-coded and nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,7 +95,12 @@ def parse_args() -> argparse.Namespace:
     p = bench_parser(__doc__, "fewer tokens and steps")
     p.add_argument("--calib-tokens", type=int, default=None, help="default 16384 (quick: 2048)")
     p.add_argument("--eval-tokens", type=int, default=None, help="default 8192 (quick: 1024)")
-    p.add_argument("--steps", type=int, default=None, help="calibration steps per layer (default 30, quick: 20; 0: neuron init alone)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="calibration steps per layer (default 30, quick: 20; 0: neuron init alone)",
+    )
     p.add_argument("--experts", type=int, default=1600, help="N, a square >= d_ff (default 40^2 = 1600)")
     p.add_argument("--layers", default="10-19", help="FFN layers to convert, a range a-b (default 10-19)")
     return p.parse_args()
@@ -112,14 +118,18 @@ def load_model(device: str):
 
 
 @torch.no_grad()
-def collect(model, ids: torch.Tensor, layers: list[int], batch: int = 4) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def collect(
+    model, ids: torch.Tensor, layers: list[int], batch: int = 4
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's MLP input (after its pre-norm) and output on the dense model, (tokens, d) each."""
     store: dict[int, tuple[list, list]] = {i: ([], []) for i in layers}
     hooks = []
     for i in layers:
+
         def hook(mod, inp, out, i=i):
             store[i][0].append(inp[0].reshape(-1, inp[0].shape[-1]).cpu())
             store[i][1].append(out.reshape(-1, out.shape[-1]).cpu())
+
         hooks.append(model.model.layers[i].mlp.register_forward_hook(hook))
     try:
         for s in range(0, ids.shape[0], batch):
@@ -130,7 +140,9 @@ def collect(model, ids: torch.Tensor, layers: list[int], batch: int = 4) -> dict
     return {i: (torch.cat(xs), torch.cat(ys)) for i, (xs, ys) in store.items()}
 
 
-def cached_activations(model, ids: torch.Tensor, layers: list[int], tag: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def cached_activations(
+    model, ids: torch.Tensor, layers: list[int], tag: str
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """`collect`, remembered in /tmp keyed by the token ids (a rerun skips the forward passes)."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     key = f"{tag}-{ids.numel()}-{int(ids.sum())}-{'_'.join(map(str, layers))}.pt"
@@ -188,8 +200,13 @@ class LinearPickMLP(nn.Module):
 
 def dense_rows(mlp: nn.Module) -> dict[str, torch.Tensor]:
     """Llama MLP -> per-neuron rows, as peer_from_dense takes them."""
-    return dict(w_in=mlp.up_proj.weight.detach(), b_in=None, w_gate=mlp.gate_proj.weight.detach(),
-                w_out=mlp.down_proj.weight.detach().t(), out_bias=None)
+    return dict(
+        w_in=mlp.up_proj.weight.detach(),
+        b_in=None,
+        w_gate=mlp.gate_proj.weight.detach(),
+        w_out=mlp.down_proj.weight.detach().t(),
+        out_bias=None,
+    )
 
 
 def perplexity(model, batches: torch.Tensor, batch: int = 4) -> float:
@@ -242,8 +259,13 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
     xt = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1)
     m2 = xt.t() @ xt / x.shape[0]
     m2 += 1e-4 * m2.diagonal().mean() * torch.eye(m2.shape[0], device=x.device)
-    rhs = sum(xt[s : s + 4096].t() @ (layer_activations(layer, x[s : s + 4096]).abs() * norms)
-              for s in range(0, x.shape[0], 4096)) / x.shape[0]
+    rhs = (
+        sum(
+            xt[s : s + 4096].t() @ (layer_activations(layer, x[s : s + 4096]).abs() * norms)
+            for s in range(0, x.shape[0], 4096)
+        )
+        / x.shape[0]
+    )
     return torch.linalg.solve(m2, rhs)
 
 
@@ -290,29 +312,52 @@ def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m:
 
 def convert_layers(model, acts_cal, acts_held, m: int, sizes: Sizes, n_experts: int, device: str):
     """PEER layers for every converted layer at budget m = h*k, calibrated; with per-layer figures."""
-    from mom_cli.surgery.peer_init import oracle_mass_fraction, peer_from_dense
     from mom_cli.surgery.peer_calibrate import calibrate, oracle_ffn, relative_error, token_errors
+    from mom_cli.surgery.peer_init import oracle_mass_fraction, peer_from_dense
 
     peers, scores, reports = {}, {}, []
     for i, (x, y) in acts_cal.items():
         t0 = time.perf_counter()
         xh, yh = (t.to(device) for t in acts_held[i])
-        layer = peer_from_dense(**dense_rows(model.model.layers[i].mlp), n_experts=n_experts, heads=HEADS,
-                                topk=m // HEADS, key_dim=KEY_DIM, calib_x=x.to(device)).to(device).eval()
+        layer = (
+            peer_from_dense(
+                **dense_rows(model.model.layers[i].mlp),
+                n_experts=n_experts,
+                heads=HEADS,
+                topk=m // HEADS,
+                key_dim=KEY_DIM,
+                calib_x=x.to(device),
+            )
+            .to(device)
+            .eval()
+        )
         mass0, err0 = oracle_mass_fraction(layer, xh), relative_error(layer, xh, yh)
         err_oracle = token_errors(oracle_ffn(layer, xh, m), yh).mean().item()
         z = ridge_scores(layer, x.to(device))
         lin_mass, lin_err = pick_figures(layer, xh, yh, linear_pick(layer, z, xh, m), m)
         rr_mass, _ = pick_figures(layer, xh, yh, linear_pick(layer, z, xh, m, RERANK), m)
         res = calibrate(layer, x.to(device), y.to(device), steps=sizes.steps, batch_tokens=sizes.batch_tokens, seed=i)
-        rep = LayerReport(i, mass0, err0, oracle_mass_fraction(layer.eval(), xh), relative_error(layer, xh, yh),
-                          err_oracle, lin_mass, lin_err, rr_mass, (res.loss_before, res.loss_after), time.perf_counter() - t0)
-        log(f"  layer {i}: mass found {rep.mass_init:.3f} -> {rep.mass_after:.3f}, relative output error "
+        rep = LayerReport(
+            i,
+            mass0,
+            err0,
+            oracle_mass_fraction(layer.eval(), xh),
+            relative_error(layer, xh, yh),
+            err_oracle,
+            lin_mass,
+            lin_err,
+            rr_mass,
+            (res.loss_before, res.loss_after),
+            time.perf_counter() - t0,
+        )
+        log(
+            f"  layer {i}: mass found {rep.mass_init:.3f} -> {rep.mass_after:.3f}, relative output error "
             f"{rep.err_init:.4f} -> {rep.err_after:.4f} (oracle {rep.err_oracle:.4f}; best linear score: mass "
             f"{rep.mass_linear:.3f}, error {rep.err_linear:.4f}; {RERANK}x candidates reranked: mass "
             f"{rep.mass_rerank:.3f}; calibration set "
             f"{res.loss_before:.4f} -> {res.loss_after:.4f}), {res.steps} steps x {sizes.batch_tokens} tokens, "
-            f"{rep.seconds:.0f} s")
+            f"{rep.seconds:.0f} s"
+        )
         peers[i], scores[i] = layer, z
         reports.append(rep)
     return peers, scores, reports
@@ -329,11 +374,13 @@ def main() -> None:
     lo, hi = (int(v) for v in args.layers.split("-"))
     layers = list(range(lo, hi + 1))
     start = time.perf_counter()
-    log(f"bench_convert_peer: device {args.device} ({platform.processor() or platform.machine()}), torch "
+    log(
+        f"bench_convert_peer: device {args.device} ({platform.processor() or platform.machine()}), torch "
         f"{torch.__version__}, {torch.get_num_threads()} CPU threads; layers {lo}-{hi}, N = {args.experts}, "
         f"h = {HEADS}, d_key = {KEY_DIM}, gate none; calibration {sizes.calib_tokens} tokens, "
         f"{sizes.steps} steps x {sizes.batch_tokens} tokens per layer; held-out {sizes.eval_tokens} tokens, "
-        f"seq_len {sizes.seq_len}")
+        f"seq_len {sizes.seq_len}"
+    )
     log(f"start: {load_note()}")
     model, tok = load_model(args.device)
     calib_file, heldout_file = pydocs_text()
@@ -341,9 +388,13 @@ def main() -> None:
     held_ids = token_blocks(heldout_file, tok, sizes.eval_tokens, sizes.seq_len)
     t0 = time.perf_counter()
     acts_cal = cached_activations(model, cal_ids, layers, "calib")
-    acts_held = {i: (x[:2048], y[:2048]) for i, (x, y) in cached_activations(model, held_ids, layers, "heldout").items()}
-    log(f"activations: {cal_ids.numel()} calibration and {held_ids.numel()} held-out tokens per layer "
-        f"({time.perf_counter() - t0:.0f} s; cached in {CACHE_DIR})")
+    acts_held = {
+        i: (x[:2048], y[:2048]) for i, (x, y) in cached_activations(model, held_ids, layers, "heldout").items()
+    }
+    log(
+        f"activations: {cal_ids.numel()} calibration and {held_ids.numel()} held-out tokens per layer "
+        f"({time.perf_counter() - t0:.0f} s; cached in {CACHE_DIR})"
+    )
     d_ff = model.config.intermediate_size
 
     dense = perplexity(model, held_ids)
@@ -363,28 +414,54 @@ def main() -> None:
             rerank = perplexity(model, held_ids)
         with swapped(model, {i: PeerMLP(p) for i, p in peers.items()}):
             converted = perplexity(model, held_ids)
-        log(f"  perplexity: dense {dense:.3f}, oracle {oracle:.3f}, best linear score {linear:.3f}, "
+        log(
+            f"  perplexity: dense {dense:.3f}, oracle {oracle:.3f}, best linear score {linear:.3f}, "
             f"{RERANK}x candidates reranked {rerank:.3f}, converted {converted:.3f}; conversion and "
-            f"calibration of {len(peers)} layers {calib_s:.0f} s")
-        results[f"{share}%"] = {"m": m, "oracle": oracle, "linear": linear, "rerank": rerank, "converted": converted,
-                                "layers": [r.__dict__ for r in reports]}
+            f"calibration of {len(peers)} layers {calib_s:.0f} s"
+        )
+        results[f"{share}%"] = {
+            "m": m,
+            "oracle": oracle,
+            "linear": linear,
+            "rerank": rerank,
+            "converted": converted,
+            "layers": [r.__dict__ for r in reports],
+        }
         ratio_dense = converted / dense
         excess = (converted - dense) / (oracle - dense) if oracle > dense else float("inf")
-        figures.append(Figure(f"{share}%: converted ppl / dense", ratio_dense, "<= 1.02" if share == 50 else "-",
-                              ratio_dense <= 1.02 if share == 50 else None))
+        figures.append(
+            Figure(
+                f"{share}%: converted ppl / dense",
+                ratio_dense,
+                "<= 1.02" if share == 50 else "-",
+                ratio_dense <= 1.02 if share == 50 else None,
+            )
+        )
         figures.append(Figure(f"{share}%: oracle ppl / dense", oracle / dense, "-", None))
         figures.append(Figure(f"{share}%: best linear score ppl / dense", linear / dense, "-", None))
         figures.append(Figure(f"{share}%: {RERANK}x reranked ppl / dense", rerank / dense, "-", None))
-        figures.append(Figure(f"{share}%: converted increase / oracle increase", excess,
-                              "<= 1.25" if share == 25 else "-", excess <= 1.25 if share == 25 else None))
+        figures.append(
+            Figure(
+                f"{share}%: converted increase / oracle increase",
+                excess,
+                "<= 1.25" if share == 25 else "-",
+                excess <= 1.25 if share == 25 else None,
+            )
+        )
         mean = lambda f: sum(f(r) for r in reports) / len(reports)  # noqa: E731
         figures.append(Figure(f"{share}%: mean mass found after calibration", mean(lambda r: r.mass_after), "-", None))
-        figures.append(Figure(f"{share}%: mean mass found, best linear score", mean(lambda r: r.mass_linear), "-", None))
-        figures.append(Figure(f"{share}%: mean mass found, {RERANK}x reranked", mean(lambda r: r.mass_rerank), "-", None))
-        log(f"  mean over layers: mass found {mean(lambda r: r.mass_init):.3f} -> {mean(lambda r: r.mass_after):.3f}, "
+        figures.append(
+            Figure(f"{share}%: mean mass found, best linear score", mean(lambda r: r.mass_linear), "-", None)
+        )
+        figures.append(
+            Figure(f"{share}%: mean mass found, {RERANK}x reranked", mean(lambda r: r.mass_rerank), "-", None)
+        )
+        log(
+            f"  mean over layers: mass found {mean(lambda r: r.mass_init):.3f} -> {mean(lambda r: r.mass_after):.3f}, "
             f"relative output error {mean(lambda r: r.err_init):.4f} -> {mean(lambda r: r.err_after):.4f} "
             f"(oracle {mean(lambda r: r.err_oracle):.4f}; best linear score: mass {mean(lambda r: r.mass_linear):.3f}, "
-            f"error {mean(lambda r: r.err_linear):.4f})")
+            f"error {mean(lambda r: r.err_linear):.4f})"
+        )
 
     print_table(figures)
     log("\n" + json.dumps(results))

@@ -19,6 +19,7 @@ nothing is asserted. Printed: each figure, its goal and whether it was met, then
     4. memory    (peak RSS of `mom decompose` / `mom export` - idle torch+transformers RSS)
                  / checkpoint size on disk                                goal <= 0.5 each
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    HF_DIR, MOM_DIR, Figure, bench_parser, generate_once, load_note, log, paired_times, prepare_hf, prepare_mom,
+    HF_DIR,
+    MOM_DIR,
+    Figure,
+    bench_parser,
+    generate_once,
+    load_note,
+    log,
+    paired_times,
+    prepare_hf,
+    prepare_mom,
     print_table,
 )
 from bench.fetch import pydocs_text  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Peak RSS (KiB) of the command in argv[1:]: the wrapper's RUSAGE_CHILDREN sees only that child.
@@ -77,8 +88,9 @@ def pick_sizes(quick: bool, device: str) -> Sizes:
 
 
 def load_models(device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
-    import mom_cli
     from transformers import AutoModelForCausalLM
+
+    import mom_cli
 
     hf = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=dtype).to(device).eval()
     mom = mom_cli.load(MOM_DIR, dtype=dtype).to(device).eval()
@@ -118,12 +130,22 @@ def bench_forward(hf, mom, ids: torch.Tensor, sizes: Sizes, device: str, fp32: b
         worst = max(worst, diff)
         t_hf, t_mom = paired_times(run_hf, run_mom, sizes.forward_reps, device)
         ratio = statistics.median(t_mom) / statistics.median(t_hf)
-        log(f"forward  batch {b} x {sizes.seq_len}: transformers {spread(t_hf)}, MoM {spread(t_mom)}, "
-            f"ratio of medians {ratio:.3f}; max |logit diff| {diff:.2e}")
-        figures.append(Figure(f"forward time MoM/transformers, batch {b}x{sizes.seq_len}", ratio, "<= 1.15", ratio <= 1.15))
+        log(
+            f"forward  batch {b} x {sizes.seq_len}: transformers {spread(t_hf)}, MoM {spread(t_mom)}, "
+            f"ratio of medians {ratio:.3f}; max |logit diff| {diff:.2e}"
+        )
+        figures.append(
+            Figure(f"forward time MoM/transformers, batch {b}x{sizes.seq_len}", ratio, "<= 1.15", ratio <= 1.15)
+        )
     tol = 1e-4 if fp32 else None
-    figures.append(Figure("forward max |logit diff|", worst, "<= 1e-4" if fp32 else "info (bf16)",
-                          worst <= tol if tol is not None else None))
+    figures.append(
+        Figure(
+            "forward max |logit diff|",
+            worst,
+            "<= 1e-4" if fp32 else "info (bf16)",
+            worst <= tol if tol is not None else None,
+        )
+    )
     return figures
 
 
@@ -145,10 +167,12 @@ def bench_generate(hf, mom, ids: torch.Tensor, sizes: Sizes, device: str) -> lis
     r_hf, r_mom = statistics.median(rates["hf"]), statistics.median(rates["mom"])
     same = outs["hf"].shape == outs["mom"].shape and bool((outs["hf"] == outs["mom"]).all())
     ratio = r_mom / r_hf
-    log(f"generate {sizes.prompt_len}-token prompt, {outs['hf'].numel()}/{outs['mom'].numel()} new tokens: "
+    log(
+        f"generate {sizes.prompt_len}-token prompt, {outs['hf'].numel()}/{outs['mom'].numel()} new tokens: "
         f"transformers {r_hf:.1f} tok/s [{min(rates['hf']):.1f}-{max(rates['hf']):.1f}], "
         f"MoM {r_mom:.1f} tok/s [{min(rates['mom']):.1f}-{max(rates['mom']):.1f}], "
-        f"ratio of medians {ratio:.3f}; identical tokens: {same}")
+        f"ratio of medians {ratio:.3f}; identical tokens: {same}"
+    )
     if not same:
         log(f"  transformers: {outs['hf'].tolist()}\n  MoM:          {outs['mom'].tolist()}")
     return [
@@ -190,8 +214,10 @@ def bench_memory(src: Path) -> list[Figure]:
     py = sys.executable
     idle, _ = peak_rss_mib([py, "-c", "import torch, transformers"])
     cli, _ = peak_rss_mib([py, "-m", "mom_cli", "--help"])
-    log(f"memory   checkpoint on disk {size_mib:.1f} MiB; idle peak RSS: `import torch, transformers` {idle:.1f} MiB "
-        f"(the baseline), `mom --help` {cli:.1f} MiB")
+    log(
+        f"memory   checkpoint on disk {size_mib:.1f} MiB; idle peak RSS: `import torch, transformers` {idle:.1f} MiB "
+        f"(the baseline), `mom --help` {cli:.1f} MiB"
+    )
     figures = []
     with tempfile.TemporaryDirectory(prefix="mom-bench-") as tmp:
         mom_out, plain_out = Path(tmp) / "tmp1", Path(tmp) / "tmp2"
@@ -202,8 +228,10 @@ def bench_memory(src: Path) -> list[Figure]:
         for name, cmd in steps.items():
             peak, secs = peak_rss_mib(cmd)
             ratio = (peak - idle) / size_mib
-            log(f"memory   {name}: peak RSS {peak:.1f} MiB, extra {peak - idle:.1f} MiB, "
-                f"ratio {ratio:.3f} of checkpoint size, {secs:.1f} s")
+            log(
+                f"memory   {name}: peak RSS {peak:.1f} MiB, extra {peak - idle:.1f} MiB, "
+                f"ratio {ratio:.3f} of checkpoint size, {secs:.1f} s"
+            )
             figures.append(Figure(f"{name} extra peak RSS / checkpoint size", ratio, "<= 0.5", ratio <= 0.5))
         same = same_tensors(src, plain_out)
         log(f"memory   export round trip gives the source's tensors bit for bit: {same}")
@@ -230,8 +258,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    log(f"bench_foundation: device {args.device}, dtype {args.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads, sizes {json.dumps(sizes.__dict__)}")
+    log(
+        f"bench_foundation: device {args.device}, dtype {args.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads, sizes {json.dumps(sizes.__dict__)}"
+    )
     log(f"start: {load_note()}")
     src = prepare_hf()
     prepare_mom(src)

@@ -20,6 +20,7 @@ held-out tokens, measured in the same run. The oracle of the peer25 goal is benc
 (not measured here): this script prints the ratio to dense. With `--device cuda` nothing is scaled:
 the same wall times simply buy more tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,16 +64,32 @@ def surgery(row: str, mom_dir: Path, hf_dir: Path, calib: Path, heldout: Path, o
         from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 
         k = {"peer25": 48, "peer50": 96}[row]  # h = 8 heads: h*k = 384 or 768 of d_ff = 1536
-        opts = ConvertOptions(layers="10-19", heads=8, topk=k, calibrate=str(calib), calib_tokens=args.calib_tokens,
-                              seq_len=args.seq_len, eval_data=str(heldout), eval_tokens=2048, device=dev)
+        opts = ConvertOptions(
+            layers="10-19",
+            heads=8,
+            topk=k,
+            calibrate=str(calib),
+            calib_tokens=args.calib_tokens,
+            seq_len=args.seq_len,
+            eval_data=str(heldout),
+            eval_tokens=2048,
+            device=dev,
+        )
         return convert_peer(mom_dir, out, opts).path
     if row.startswith("prune"):
         from mom_cli.surgery.prune import PruneOptions, prune
 
         keep = {"prune8": "22", "prune15": "15"}[row]
-        opts = PruneOptions(data=str(calib), keep_mha=keep, metric="greedy" if row == "prune8" else None,
-                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, eval_data=str(heldout),
-                            eval_tokens=2048, device=dev)
+        opts = PruneOptions(
+            data=str(calib),
+            keep_mha=keep,
+            metric="greedy" if row == "prune8" else None,
+            calib_tokens=args.calib_tokens,
+            seq_len=args.seq_len,
+            eval_data=str(heldout),
+            eval_tokens=2048,
+            device=dev,
+        )
         prune(mom_dir, out, opts)
         return out
     from mom_cli.surgery.decompose import PlanOptions, decompose
@@ -95,8 +112,10 @@ def main() -> None:
     if unknown:
         sys.exit(f"bench_heal: unknown rows {unknown}; use {', '.join(ROWS)}")
     start = time.perf_counter()
-    log(f"bench_heal: device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, rows "
-        f"{rows}, budget scale {args.budget_scale}; start: {load_note()}")
+    log(
+        f"bench_heal: device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, rows "
+        f"{rows}, budget scale {args.budget_scale}; start: {load_note()}"
+    )
     hf_dir = prepare_hf()
     mom_dir = prepare_mom(hf_dir)
     calib, heldout = pydocs_text()
@@ -108,22 +127,46 @@ def main() -> None:
             t0 = time.perf_counter()
             ckpt = surgery(row, mom_dir, hf_dir, calib, heldout, Path(tmp) / row, args)
             log(f"{row}: surgery {time.perf_counter() - t0:.0f} s; healing for {budget}")
-            r = heal(ckpt, Path(tmp) / f"{row}-healed", HealOptions(
-                data=str(calib), teacher=str(hf_dir), budget=budget, seq_len=args.seq_len, batch_size=args.batch_size,
-                eval_data=str(heldout), eval_tokens=args.eval_tokens, device=args.device))
+            r = heal(
+                ckpt,
+                Path(tmp) / f"{row}-healed",
+                HealOptions(
+                    data=str(calib),
+                    teacher=str(hf_dir),
+                    budget=budget,
+                    seq_len=args.seq_len,
+                    batch_size=args.batch_size,
+                    eval_data=str(heldout),
+                    eval_tokens=args.eval_tokens,
+                    device=args.device,
+                ),
+            )
             dense, before, after = r.eval_ppl_teacher, r.eval_ppl_before, r.eval_ppl_after
             results[row] = r.as_dict()
-            log(f"{row}: held-out perplexity dense {dense:.3f}, after surgery {before:.3f} ({before / dense:.3f}x), "
+            log(
+                f"{row}: held-out perplexity dense {dense:.3f}, after surgery {before:.3f} ({before / dense:.3f}x), "
                 f"after heal {after:.3f} ({after / dense:.3f}x); local {r.local_tokens:,} tokens in {r.local_seconds:.0f} s, "
-                f"end-to-end {r.global_tokens:,} tokens in {r.global_seconds:.0f} s")
+                f"end-to-end {r.global_tokens:,} tokens in {r.global_seconds:.0f} s"
+            )
             for reg in r.regions:
-                log(f"  {reg['name']} ({reg['cause']}): relative error {reg['error_before']:.4g} -> {reg['error_after']}")
-            curve = [(json.loads(x)["tokens"], json.loads(x)["eval_ppl"]) for x in
-                     (r.path / "heal_metrics.jsonl").read_text().splitlines() if "eval_ppl" in x]
+                log(
+                    f"  {reg['name']} ({reg['cause']}): relative error {reg['error_before']:.4g} -> {reg['error_after']}"
+                )
+            curve = [
+                (json.loads(x)["tokens"], json.loads(x)["eval_ppl"])
+                for x in (r.path / "heal_metrics.jsonl").read_text().splitlines()
+                if "eval_ppl" in x
+            ]
             log(f"  held-out curve (tokens, perplexity): {curve}")
             figures.append(Figure(f"{row}: ppl after surgery / dense", before / dense, "-", None))
-            figures.append(Figure(f"{row}: ppl after heal ({budget}) / dense", after / dense,
-                                  "-" if goal is None else f"<= {goal}", None if goal is None else after / dense <= goal))
+            figures.append(
+                Figure(
+                    f"{row}: ppl after heal ({budget}) / dense",
+                    after / dense,
+                    "-" if goal is None else f"<= {goal}",
+                    None if goal is None else after / dense <= goal,
+                )
+            )
     print_table(figures)
     log("\n" + json.dumps(results, default=str))
     log(f"\nend: {load_note()}; wall time {time.perf_counter() - start:.1f} s")

@@ -31,6 +31,7 @@ that of one layer alone. Printed: the measurements, then a table of figures with
                          retrieved indices, over the bytes per second of a large tensor copy
                          (dst.copy_(src) of 512 MiB)                                goal >= 0.5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,10 +98,12 @@ def build(impl: str, n: int, device: str) -> torch.nn.Module:
     if impl == "theirs":
         from PEER_pytorch import PEER
 
-        return PEER(D, heads=HEADS, num_experts=n, num_experts_per_head=TOPK, dim_key=KEY_DIM // 2,
-                    non_competing_scores=False).to(device)
-    return PeerLayer(D, n, HEADS, TOPK, KEY_DIM, activation="gelu", gate="softmax", in_bias=False,
-                     sparse_grad=impl == "sparse").to(device)
+        return PEER(
+            D, heads=HEADS, num_experts=n, num_experts_per_head=TOPK, dim_key=KEY_DIM // 2, non_competing_scores=False
+        ).to(device)
+    return PeerLayer(
+        D, n, HEADS, TOPK, KEY_DIM, activation="gelu", gate="softmax", in_bias=False, sparse_grad=impl == "sparse"
+    ).to(device)
 
 
 def grad_bytes(params: list[torch.nn.Parameter]) -> int:
@@ -139,8 +142,14 @@ def child_step(impl: str, n: int, batch: int, seq: int, reps: int, device: str) 
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
     grads = grad_bytes(params) / 2**20
     times = [time_call(step, device) for _ in range(reps)]
-    return {"rest_mib": rest, "peak_mib": peak, "grads_mib": grads, "first_s": first, "times": times,
-            "tokens": batch * seq}
+    return {
+        "rest_mib": rest,
+        "peak_mib": peak,
+        "grads_mib": grads,
+        "first_s": first,
+        "times": times,
+        "tokens": batch * seq,
+    }
 
 
 def child_forward(n: int, batch: int, seq: int, reps: int, device: str, bandwidth: bool) -> dict:
@@ -161,10 +170,16 @@ def child_forward(n: int, batch: int, seq: int, reps: int, device: str, bandwidt
             coef = scores.softmax(-1).flatten(1)
             row_bytes = idx.numel() * D * layer.w_in.element_size()
             res["gather_bytes"] = row_bytes
-            res["gather_in"] = [time_call(lambda: _gathered_dot(layer.w_in, idx, x, layer.chunk_size), device)
-                                for _ in range(reps + 1)][1:]
-            res["gather_out"] = [time_call(lambda: torch.nn.functional.embedding_bag(
-                idx, layer.w_out, per_sample_weights=coef, mode="sum"), device) for _ in range(reps + 1)][1:]
+            res["gather_in"] = [
+                time_call(lambda: _gathered_dot(layer.w_in, idx, x, layer.chunk_size), device) for _ in range(reps + 1)
+            ][1:]
+            res["gather_out"] = [
+                time_call(
+                    lambda: torch.nn.functional.embedding_bag(idx, layer.w_out, per_sample_weights=coef, mode="sum"),
+                    device,
+                )
+                for _ in range(reps + 1)
+            ][1:]
             del layer
             src = torch.randn(128 * 2**20, device=device)  # 512 MiB
             dst = torch.empty_like(src)
@@ -190,8 +205,10 @@ def bench_vs_peer_pytorch(args: argparse.Namespace, s: Sizes) -> list[Figure]:
     common = ["--n", str(s.n_vs), "--batch", str(s.batch), "--seq", str(s.seq), "--reps", str(s.reps)]
     idle = run_child(args, "--child", "idle")
     # alternate the two in separate rounds, so that drift in machine speed hits both alike
-    rounds = [{impl: run_child(args, "--child", "step", "--impl", impl, *common) for impl in ("theirs", "ours", "sparse")}
-              for _ in range(s.rounds)]
+    rounds = [
+        {impl: run_child(args, "--child", "step", "--impl", impl, *common) for impl in ("theirs", "ours", "sparse")}
+        for _ in range(s.rounds)
+    ]
     r = rounds[0]
     for later in rounds[1:]:
         for impl in r:
@@ -201,17 +218,25 @@ def bench_vs_peer_pytorch(args: argparse.Namespace, s: Sizes) -> list[Figure]:
     act = {k: extra[k] - v["grads_mib"] for k, v in r.items()}
     total = {k: v["peak_mib"] - (idle["peak_mib"] if args.device == "cpu" else 0.0) for k, v in r.items()}
     for k, v in r.items():
-        log(f"vs-pp    {k:>6}: step {spread(v['times'])} (first {v['first_s'] * 1e3:.0f} ms), {tps[k]:.0f} tokens/s; "
+        log(
+            f"vs-pp    {k:>6}: step {spread(v['times'])} (first {v['first_s'] * 1e3:.0f} ms), {tps[k]:.0f} tokens/s; "
             f"memory before the step {v['rest_mib']:.0f} MiB, peak {v['peak_mib']:.0f} MiB, step extra {extra[k]:.0f} MiB "
-            f"= parameter gradients {v['grads_mib']:.0f} MiB + activations and transients {act[k]:.0f} MiB")
-    log(f"vs-pp    ours/theirs tokens/s: ratio of medians {tps['ours'] / tps['theirs']:.2f}, of best steps "
-        f"{min(r['theirs']['times']) / min(r['ours']['times']):.2f}")
+            f"= parameter gradients {v['grads_mib']:.0f} MiB + activations and transients {act[k]:.0f} MiB"
+        )
+    log(
+        f"vs-pp    ours/theirs tokens/s: ratio of medians {tps['ours'] / tps['theirs']:.2f}, of best steps "
+        f"{min(r['theirs']['times']) / min(r['ours']['times']):.2f}"
+    )
     if args.device == "cpu":
         log(f"vs-pp    idle `import torch, PEER_pytorch, mom_cli.modeling.peer` peak RSS {idle['peak_mib']:.0f} MiB")
-    speed, mem, mem_total = tps["ours"] / tps["theirs"], extra["ours"] / extra["theirs"], total["ours"] / total["theirs"]
+    speed, mem, mem_total = (
+        tps["ours"] / tps["theirs"],
+        extra["ours"] / extra["theirs"],
+        total["ours"] / total["theirs"],
+    )
     mem_act = act["ours"] / act["theirs"]
     speed_sp, mem_sp = tps["sparse"] / tps["theirs"], extra["sparse"] / extra["theirs"]
-    n_txt = f"N={int(s.n_vs ** 0.5)}^2"
+    n_txt = f"N={int(s.n_vs**0.5)}^2"
     return [
         Figure(f"fwd+bwd tokens/s ours/peer-pytorch ({n_txt})", speed, ">= 2", speed >= 2),
         Figure(f"step peak memory ours/peer-pytorch ({n_txt})", mem, "<= 0.5", mem <= 0.5),
@@ -229,20 +254,24 @@ def bench_scaling_and_bandwidth(args: argparse.Namespace, s: Sizes) -> list[Figu
     per_tok = {}
     for name, n, r in (("small", s.n_small, small), ("large", s.n_large, large)):
         per_tok[name] = statistics.median(r["times"]) / r["tokens"]
-        log(f"scaling  N={int(n ** 0.5)}^2: forward {spread(r['times'], r['tokens'], 'us')}/token, of which retrieval "
-            f"{spread(r['retrieve_times'], r['tokens'], 'us')}/token (layer built in {r['build_s']:.1f} s)")
+        log(
+            f"scaling  N={int(n**0.5)}^2: forward {spread(r['times'], r['tokens'], 'us')}/token, of which retrieval "
+            f"{spread(r['retrieve_times'], r['tokens'], 'us')}/token (layer built in {r['build_s']:.1f} s)"
+        )
     ratio = per_tok["large"] / per_tok["small"]
 
     gb = large["gather_bytes"]
     t_in, t_out = statistics.median(large["gather_in"]), statistics.median(large["gather_out"])
     copy_bw = large["copy_bytes"] / statistics.median(large["copy"])
     gather_bw = 2 * gb / (t_in + t_out)
-    log(f"bandwidth copy {large['copy_bytes'] / 2**20:.0f} MiB: {spread(large['copy'])} = {copy_bw / 1e9:.2f} GB/s; "
+    log(
+        f"bandwidth copy {large['copy_bytes'] / 2**20:.0f} MiB: {spread(large['copy'])} = {copy_bw / 1e9:.2f} GB/s; "
         f"expert rows {gb / 2**20:.0f} MiB per side: gathered dot {spread(large['gather_in'])} = {gb / t_in / 1e9:.2f} GB/s, "
-        f"embedding_bag {spread(large['gather_out'])} = {gb / t_out / 1e9:.2f} GB/s")
+        f"embedding_bag {spread(large['gather_out'])} = {gb / t_out / 1e9:.2f} GB/s"
+    )
     frac = gather_bw / copy_bw
     return [
-        Figure(f"forward time/token N={int(s.n_large ** 0.5)}^2 / N={int(s.n_small ** 0.5)}^2", ratio, "<= 2", ratio <= 2),
+        Figure(f"forward time/token N={int(s.n_large**0.5)}^2 / N={int(s.n_small**0.5)}^2", ratio, "<= 2", ratio <= 2),
         Figure("expert gather bytes/s / copy bytes/s", frac, ">= 0.5", frac >= 0.5),
         Figure("  input side (gathered dot) / copy", gb / t_in / copy_bw, "info", None),
         Figure("  output side (embedding_bag) / copy", gb / t_out / copy_bw, "info", None),
@@ -256,8 +285,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes and one repetition (smoke run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine",
+    )
     # internal: one measurement in a subprocess
     p.add_argument("--child", choices=("idle", "step", "forward"), help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "theirs", "sparse"), default="ours", help=argparse.SUPPRESS)
@@ -289,8 +322,10 @@ def main() -> None:
         return child_main(args)
     start = time.perf_counter()
     s = pick_sizes(args.quick)
-    log(f"bench_peer: device {args.device}, float32, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-        f"d={D}, h={HEADS}, k={TOPK}, d_key={KEY_DIM}, sizes {json.dumps(s.__dict__)}")
+    log(
+        f"bench_peer: device {args.device}, float32, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        f"d={D}, h={HEADS}, k={TOPK}, d_key={KEY_DIM}, sizes {json.dumps(s.__dict__)}"
+    )
     log(f"start: {load_note()}")
     figures = bench_vs_peer_pytorch(args, s)
     figures += bench_scaling_and_bandwidth(args, s)

@@ -17,6 +17,7 @@ identity-routed MoM of SmolLM2-135M-Instruct (30 MHA modules, prepared as in ben
 
 Every figure is measured in this run; nothing is hard-coded and nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    Figure, bench_parser, generate_once, load_note, log, paired_times, prepare_hf, prepare_mom, print_table,
+    Figure,
+    bench_parser,
+    generate_once,
+    load_note,
+    log,
+    paired_times,
+    prepare_hf,
+    prepare_mom,
+    print_table,
     token_blocks,
 )
 from bench.fetch import pydocs_text  # noqa: E402
@@ -73,8 +82,10 @@ def plans(measurer, refs, n_removed: dict[int, int], width: int) -> dict[str, di
         t0, p0 = time.perf_counter(), measurer.passes
         plan = greedy_plan(measurer, refs, {"mha": n}, base, width, first=one_shot)
         out["greedy"][share] = plan.removed
-        log(f"scores   greedy to {n} removals: {measurer.passes - p0} new passes "
-            f"(repeats are remembered), {time.perf_counter() - t0:.0f} s{'; ' + plan.note if plan.note else ''}")
+        log(
+            f"scores   greedy to {n} removals: {measurer.passes - p0} new passes "
+            f"(repeats are remembered), {time.perf_counter() - t0:.0f} s{'; ' + plan.note if plan.note else ''}"
+        )
     for metric in ("cosine", "block-influence", "loss"):
         ranked = sorted(scores[metric], key=scores[metric].get)
         log(f"ranking  {metric:>15}: origin layers {[r.origin for r in ranked]}")
@@ -90,15 +101,19 @@ def speed(full_dir: Path, pruned_dir: Path, ids: torch.Tensor, device: str, reps
     x = ids[None, :512].to(device)
     t_full, t_pruned = paired_times(lambda: full(x, use_cache=False), lambda: pruned(x, use_cache=False), reps, device)
     fwd = statistics.median(t_pruned) / statistics.median(t_full)
-    log(f"speed    forward 1x{x.shape[1]}: unpruned {statistics.median(t_full) * 1e3:.0f} ms, "
-        f"pruned {statistics.median(t_pruned) * 1e3:.0f} ms, ratio {fwd:.3f}")
+    log(
+        f"speed    forward 1x{x.shape[1]}: unpruned {statistics.median(t_full) * 1e3:.0f} ms, "
+        f"pruned {statistics.median(t_pruned) * 1e3:.0f} ms, ratio {fwd:.3f}"
+    )
     prompt, pad = ids[None, :32].to(device), 0
     generate_once(full, prompt, 4, pad, device), generate_once(pruned, prompt, 4, pad, device)  # warm-up
     g_full = [generate_once(full, prompt, 64, pad, device)[1] for _ in range(reps)]
     g_pruned = [generate_once(pruned, prompt, 64, pad, device)[1] for _ in range(reps)]
     gen = statistics.median(g_pruned) / statistics.median(g_full)
-    log(f"speed    cached generation of 64 tokens: unpruned {statistics.median(g_full):.2f} s, "
-        f"pruned {statistics.median(g_pruned):.2f} s, ratio {gen:.3f}")
+    log(
+        f"speed    cached generation of 64 tokens: unpruned {statistics.median(g_full):.2f} s, "
+        f"pruned {statistics.median(g_pruned):.2f} s, ratio {gen:.3f}"
+    )
     return [
         Figure("forward time pruned/unpruned (50% MHA)", fwd, "< 1", fwd < 1),
         Figure("cached generate time pruned/unpruned", gen, "< 1", gen < 1),
@@ -123,8 +138,10 @@ def main() -> None:
     eval_n = args.eval_tokens or (1024 if args.quick else 8192)
     seq = min(args.seq_len, calib_n)
     start = time.perf_counter()
-    log(f"bench_prune: device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-        f"calibration {calib_n} tokens, held-out {eval_n} tokens, seq_len {seq}, greedy width {args.greedy_width}")
+    log(
+        f"bench_prune: device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"calibration {calib_n} tokens, held-out {eval_n} tokens, seq_len {seq}, greedy width {args.greedy_width}"
+    )
     log(f"start: {load_note()}")
     mom_dir = prepare_mom(prepare_hf())
     calib_file, heldout_file = pydocs_text()
@@ -143,8 +160,14 @@ def main() -> None:
         row = ", ".join(f"{m} {p:.3f}" for m, p in table[share].items())
         log(f"quality  {share}% of MHA removed ({n} of {len(refs)}): held-out perplexity {row}")
         best_other = min(p for m, p in table[share].items() if m != DEFAULT)
-        figures.append(Figure(f"{share}% MHA: default ppl / best other", table[share][DEFAULT] / best_other, "<= 1",
-                              table[share][DEFAULT] <= best_other))
+        figures.append(
+            Figure(
+                f"{share}% MHA: default ppl / best other",
+                table[share][DEFAULT] / best_other,
+                "<= 1",
+                table[share][DEFAULT] <= best_other,
+            )
+        )
         for m in METRICS:
             figures.append(Figure(f"{share}% MHA: {m} ppl / unpruned", table[share][m] / dense, "-", None))
         log(f"quality  {share}% removed by {DEFAULT}: origin layers {sorted(r.origin for r in chosen[DEFAULT][share])}")

@@ -21,6 +21,7 @@ FLOPs per token are `mom info`'s (routers included; top-K modules at every step,
 make the MoM's count an upper bound: the share of SKIP choices is printed beside it). Goals: forward
 >= 0.9 (CPU) or >= 0.8 (GPU), generation >= 0.8, training >= 0.8.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,21 @@ def prepare_plan(src: Path, h: int, k: int) -> Path:
     newest = max(p.stat().st_mtime for p in (ROOT / "mom_cli").rglob("*.py"))
     if not cfg.is_file() or cfg.stat().st_mtime < newest:
         log(f"prepare: mom decompose --depth {h} --top-k {k} -> {out.name}")
-        cmd = [sys.executable, "-m", "mom_cli", "decompose", str(src), "-o", str(out), "--depth", str(h),
-               "--top-k", str(k), "--force", "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mom_cli",
+            "decompose",
+            str(src),
+            "-o",
+            str(out),
+            "--depth",
+            str(h),
+            "--top-k",
+            str(k),
+            "--force",
+            "-q",
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
 
@@ -103,7 +117,10 @@ def dense_flops(config, seq_len: int) -> int:
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     d, f, nh, kv = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads
     layer = d * nh * hd * 2 + d * kv * hd * 2 + 3 * d * f + 2 * d
-    return 2 * (config.num_hidden_layers * layer + config.vocab_size * d) + 4 * seq_len * nh * hd * config.num_hidden_layers
+    return (
+        2 * (config.num_hidden_layers * layer + config.vocab_size * d)
+        + 4 * seq_len * nh * hd * config.num_hidden_layers
+    )
 
 
 def mom_flops(model, seq_len: int) -> int:
@@ -132,8 +149,9 @@ def efficiency(flops_ratio: float, t_mom: list[float], t_hf: list[float]) -> tup
 
 @torch.inference_mode()
 def bench_forward(hf, mom, x: torch.Tensor, reps: int, device: str) -> tuple[list[float], list[float]]:
-    return paired_times(lambda: mom(input_ids=x, use_cache=False).logits,
-                        lambda: hf(input_ids=x, use_cache=False).logits, reps, device)
+    return paired_times(
+        lambda: mom(input_ids=x, use_cache=False).logits, lambda: hf(input_ids=x, use_cache=False).logits, reps, device
+    )
 
 
 def bench_train(hf, mom, x: torch.Tensor, reps: int, device: str) -> tuple[list[float], list[float]]:
@@ -141,6 +159,7 @@ def bench_train(hf, mom, x: torch.Tensor, reps: int, device: str) -> tuple[list[
         def run():
             model.zero_grad(set_to_none=True)
             model(input_ids=x, labels=x, use_cache=False).loss.backward()
+
         return run
 
     for m in (hf, mom):
@@ -165,6 +184,7 @@ def bench_generate(hf, mom, prompt: torch.Tensor, new: int, reps: int, device: s
 
         def run():
             outs[name] = model.generate(prompt, use_cache=True, **kw)
+
         return run
 
     t_mom, t_hf = paired_times(gen(mom, "mom", new), gen(hf, "hf", new), reps, device)
@@ -189,8 +209,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sizes = pick_sizes(args.quick, args.device)
     dtype, dev = DTYPES[args.dtype], args.device
-    log(f"bench_routed: device {dev}, dtype {args.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads, sizes {json.dumps(sizes.__dict__)}")
+    log(
+        f"bench_routed: device {dev}, dtype {args.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads, sizes {json.dumps(sizes.__dict__)}"
+    )
     log(f"start: {load_note()}")
     src = prepare_hf()
     plans = PLANS[:1] if args.quick else PLANS
@@ -221,13 +243,17 @@ def main() -> None:
         fr_g = mom_flops(mom, gen_seq) / dense_flops(hf.config, gen_seq)
         tps_mom, tps_hf, full = bench_generate(hf, mom, prompt, sizes.new_tokens, max(1, sizes.reps - 1), dev)
         eff_g = tps_mom / tps_hf * fr_g
-        log(f"generate {name}: MoM {tps_mom:.1f} tok/s, dense {tps_hf:.1f} tok/s; FLOPs ratio {fr_g:.3f}"
-            + ("" if full else " (a model stopped early)"))
+        log(
+            f"generate {name}: MoM {tps_mom:.1f} tok/s, dense {tps_hf:.1f} tok/s; FLOPs ratio {fr_g:.3f}"
+            + ("" if full else " (a model stopped early)")
+        )
         figures.append(Figure(f"generation efficiency {name}", eff_g, ">= 0.8", eff_g >= 0.8))
         rows.append((name, fr, tr, eff, tr_t, eff_t, tps_mom / tps_hf, eff_g, skip))
         del mom
     log("")
-    log("| plan | FLOPs ÷ dense | fwd time ÷ dense | fwd eff. | train time ÷ dense | train eff. | gen tok/s ÷ dense | gen eff. | SKIP share |")
+    log(
+        "| plan | FLOPs ÷ dense | fwd time ÷ dense | fwd eff. | train time ÷ dense | train eff. | gen tok/s ÷ dense | gen eff. | SKIP share |"
+    )
     log("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         log(f"| {r[0]} | " + " | ".join(f"{v:.3f}" for v in r[1:]) + " |")

@@ -14,7 +14,7 @@ Run from the repository root with the project's venv:
    checkpoint's size on disk:
        reference   transformers from_pretrained + save_pretrained (the usual way to copy a model)
        decompose   mom decompose (with its per-layer verification)   goal <= 0.1x
-       info        mom info                                          
+       info        mom info
        export      mom export --format hf                            goal <= 0.1x
        eval        mom eval, 64 tokens                               goal <= 1.1x
        prune       mom prune --metric loss, 256 calibration tokens   goal <= 0.35x
@@ -23,6 +23,7 @@ Run from the repository root with the project's venv:
 
 Everything is deleted afterwards unless --keep. Nothing is asserted; every figure is measured here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # Llama-2-7B and TinyLlama-1.1B
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=32000),  # a smoke test of the script itself
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+    ),  # a smoke test of the script itself
 }
 GOALS = {"decompose": 0.1, "export": 0.1, "eval": 1.1, "prune": 0.35}
 TOKENIZER_VOCAB = 4096
@@ -68,20 +87,34 @@ def write_llama(directory: Path, shape: dict, text: Path) -> int:
 
     from mom_cli.io.tensorio import PlannedTensor, write_safetensors
 
-    cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1,
-                      eos_token_id=2, rms_norm_eps=1e-5, dtype="bfloat16")
+    cfg = LlamaConfig(
+        **shape,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-5,
+        dtype="bfloat16",
+    )
     cfg.save_pretrained(directory)
     d, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
     shapes = {"model.embed_tokens.weight": (v, d)}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
-            p + "post_attention_layernorm.weight": (d,), p + "mlp.gate_proj.weight": (f, d),
-            p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (d, d),
+                p + "self_attn.k_proj.weight": (kv, d),
+                p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, d),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+                p + "mlp.down_proj.weight": (d, f),
+            }
+        )
     shapes.update({"model.norm.weight": (d,), "lm_head.weight": (v, d)})
     gen = torch.Generator().manual_seed(0)
 
@@ -105,10 +138,15 @@ def make_tokenizer(directory: Path, text: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([text.read_text(errors="replace")[:2_000_000]], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        directory
+    )
 
 
 def timed(name: str, cmd: list[str], threads: int) -> dict:
@@ -121,8 +159,13 @@ def timed(name: str, cmd: list[str], threads: int) -> dict:
     usage = next((line.split()[1:] for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), ["0", "0"])
     if p.returncode:
         log(f"{name} failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-3:]}")
-    return {"step": name, "seconds": seconds, "cpu_seconds": float(usage[1]), "peak_rss": int(usage[0]) * 1024,
-            "ok": p.returncode == 0}
+    return {
+        "step": name,
+        "seconds": seconds,
+        "cpu_seconds": float(usage[1]),
+        "peak_rss": int(usage[0]) * 1024,
+        "ok": p.returncode == 0,
+    }
 
 
 def mom(*args: str) -> list[str]:
@@ -130,18 +173,43 @@ def mom(*args: str) -> list[str]:
 
 
 def scale_steps(work: Path, src: Path, text: Path, threads: int) -> list[dict]:
-    ref_code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
-                "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto', trust_remote_code=False); "
-                "m.save_pretrained(sys.argv[2])")
+    ref_code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto', trust_remote_code=False); "
+        "m.save_pretrained(sys.argv[2])"
+    )
     ckpt, out = work / "mom", work / "out"
     steps = [
         ("reference", [sys.executable, "-c", ref_code, str(src), str(work / "hf-copy")]),
         ("decompose", mom("decompose", str(src), "-o", str(ckpt))),
         ("info", mom("info", str(ckpt), "--json")),
         ("export", mom("export", str(ckpt), "-o", str(out / "export"))),
-        ("eval", mom("eval", str(ckpt), "--data", str(text), "--max-tokens", "64", "--seq-len", "64", "--batch-size", "1")),
-        ("prune", mom("prune", str(ckpt), "--metric", "loss", "--calib-tokens", "256", "--seq-len", "128",
-                      "--keep-mha", "75%", "--keep-ffn", "--data", str(text), "-o", str(out / "pruned"), "--device", "cpu")),
+        (
+            "eval",
+            mom("eval", str(ckpt), "--data", str(text), "--max-tokens", "64", "--seq-len", "64", "--batch-size", "1"),
+        ),
+        (
+            "prune",
+            mom(
+                "prune",
+                str(ckpt),
+                "--metric",
+                "loss",
+                "--calib-tokens",
+                "256",
+                "--seq-len",
+                "128",
+                "--keep-mha",
+                "75%",
+                "--keep-ffn",
+                "--data",
+                str(text),
+                "-o",
+                str(out / "pruned"),
+                "--device",
+                "cpu",
+            ),
+        ),
     ]
     rows = []
     for name, cmd in steps:
@@ -158,8 +226,23 @@ def smollm2_prune(work: Path, cache: Path, calib: Path, threads: int) -> dict:
     gguf = smollm2_gguf(cache)
     ckpt = work / "smollm2-mom"
     timed("smollm2 decompose", mom("decompose", str(gguf), "-o", str(ckpt)), threads)
-    row = timed("smollm2 prune (defaults)", mom("prune", str(ckpt), "--keep-mha", "22", "--keep-ffn", "--data", str(calib),
-                                              "-o", str(work / "smollm2-pruned"), "--device", "cpu"), threads)
+    row = timed(
+        "smollm2 prune (defaults)",
+        mom(
+            "prune",
+            str(ckpt),
+            "--keep-mha",
+            "22",
+            "--keep-ffn",
+            "--data",
+            str(calib),
+            "-o",
+            str(work / "smollm2-pruned"),
+            "--device",
+            "cpu",
+        ),
+        threads,
+    )
     return row
 
 
@@ -168,8 +251,10 @@ def print_table(rows: list[dict], size: int) -> None:
     print(f"{'step':<26}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'RSS/ckpt':>10}{'goal':>8}  ok")
     for r in rows:
         goal = GOALS.get(r["step"])
-        print(f"{r['step']:<26}{r['seconds']:>9.1f}{r['cpu_seconds']:>9.1f}{r['peak_rss'] / 1e9:>13.2f}{r['peak_rss'] / size:>9.3f}x"
-              f"{'<= ' + str(goal) if goal else '':>8}  {'yes' if r['ok'] else 'FAILED'}")
+        print(
+            f"{r['step']:<26}{r['seconds']:>9.1f}{r['cpu_seconds']:>9.1f}{r['peak_rss'] / 1e9:>13.2f}{r['peak_rss'] / size:>9.3f}x"
+            f"{'<= ' + str(goal) if goal else '':>8}  {'yes' if r['ok'] else 'FAILED'}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,9 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             results["scale"] = {"checkpoint_bytes": size, "shape": shape, "rows": rows}
         if not args.skip_smollm2:
             row = smollm2_prune(work, args.cache, calib, args.threads)
-            print(f"SmolLM2-135M: mom prune --keep-mha 22 --keep-ffn (defaults: greedy) took {row['seconds'] / 60:.1f} min "
-                  f"wall, {row['cpu_seconds'] / 60:.1f} min of CPU, on {args.threads} threads (goal <= 10 min)"
-                  f"{'' if row['ok'] else ' FAILED'}; the load average was {os.getloadavg()[0]:.1f}")
+            print(
+                f"SmolLM2-135M: mom prune --keep-mha 22 --keep-ffn (defaults: greedy) took {row['seconds'] / 60:.1f} min "
+                f"wall, {row['cpu_seconds'] / 60:.1f} min of CPU, on {args.threads} threads (goal <= 10 min)"
+                f"{'' if row['ok'] else ' FAILED'}; the load average was {os.getloadavg()[0]:.1f}"
+            )
             results["smollm2_prune"] = row
         print(json.dumps(results))
     finally:

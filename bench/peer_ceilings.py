@@ -22,6 +22,7 @@ contribution mass that each choice of m neurons per token holds:
 
 Nothing is asserted; every figure is measured in this run.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,8 +34,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_convert_peer import (HEADS, KEY_DIM, SHARES, cached_activations, dense_rows, linear_pick,  # noqa: E402
-                                      load_model, pick_figures, ridge_scores)
+from bench.bench_convert_peer import (  # noqa: E402
+    HEADS,
+    KEY_DIM,
+    SHARES,
+    cached_activations,
+    dense_rows,
+    linear_pick,
+    load_model,
+    pick_figures,
+    ridge_scores,
+)
 from bench.common import bench_parser, log, token_blocks  # noqa: E402
 from bench.fetch import pydocs_text  # noqa: E402
 
@@ -55,8 +65,16 @@ def head_quota_pick(layer, x: torch.Tensor, calib_x: torch.Tensor, k: int) -> to
     return torch.cat(picks, 1)
 
 
-def trained_scores(layer, x: torch.Tensor, z: torch.Tensor, m: int, scores_per_neuron: int,
-                   steps: int = 300, batch: int = 1024, seed: int = 0) -> torch.Tensor:
+def trained_scores(
+    layer,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    m: int,
+    scores_per_neuron: int,
+    steps: int = 300,
+    batch: int = 1024,
+    seed: int = 0,
+) -> torch.Tensor:
     """Linear scores [x; 1] W per neuron (scores_per_neuron of them, the largest counting), started
     from ridge's z and trained with the calibration loss against each token's oracle top-m."""
     from mom_cli.surgery.peer_calibrate import oracle_bce
@@ -94,6 +112,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     layers = [10] if args.quick else [int(v) for v in args.layers.split(",")]
     from mom_cli.surgery.peer_init import peer_from_dense
+
     model, tok = load_model("cpu")
     calib_file, heldout_file = pydocs_text()
     cal = cached_activations(model, token_blocks(calib_file, tok, CALIB_TOKENS, SEQ_LEN), layers, "calib")
@@ -104,8 +123,14 @@ def main() -> None:
         for share in SHARES:
             t0 = time.perf_counter()
             m = model.config.intermediate_size * share // 100
-            layer = peer_from_dense(**dense_rows(model.model.layers[i].mlp), n_experts=1600, heads=HEADS,
-                                    topk=m // HEADS, key_dim=KEY_DIM, calib_x=x).eval()
+            layer = peer_from_dense(
+                **dense_rows(model.model.layers[i].mlp),
+                n_experts=1600,
+                heads=HEADS,
+                topk=m // HEADS,
+                key_dim=KEY_DIM,
+                calib_x=x,
+            ).eval()
             with torch.no_grad():
                 peer_pick = layer.retrieve(xh)[1].flatten(1)
             z = ridge_scores(layer, x)
@@ -113,8 +138,11 @@ def main() -> None:
             picks += [max_score_pick(trained_scores(layer, x, z, m, r), xh, z.shape[1], m) for r in (1, 2)]
             picks.append(linear_pick(layer, z, xh, m, rerank=2))
             masses = [pick_figures(layer, xh, yh, pk, m)[0] for pk in picks]
-            log(f"{i:5d}  {share:2d}%  |  " + "  ".join(f"{v:.3f}" for v in masses) +
-                f"   ({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"{i:5d}  {share:2d}%  |  "
+                + "  ".join(f"{v:.3f}" for v in masses)
+                + f"   ({time.perf_counter() - t0:.0f} s)"
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Importing `mom_cli` registers the `mom` model type with transformers' Auto class
 `AutoModelForCausalLM.from_pretrained(path)` loads MoM checkpoints. The registration and the
 names below load on first use (see registration.py), so the `mom` command line starts fast.
 """
+
 from __future__ import annotations
 
 from importlib import import_module

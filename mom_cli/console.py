@@ -1,4 +1,5 @@
 """stderr for people, stdout for results. Logs, warnings and progress bars all go to stderr."""
+
 from __future__ import annotations
 
 from rich.console import Console
@@ -23,8 +24,13 @@ def warn(msg: str) -> None:
 
 def progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(), console=stderr, disable=QUIET, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=QUIET,
+        transient=True,
     )
 
 

@@ -1,4 +1,5 @@
 """The two kinds of error every command can end with, and their exit codes."""
+
 from __future__ import annotations
 
 

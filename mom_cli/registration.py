@@ -8,6 +8,7 @@ registration is attached to transformers' own modules instead: it runs right aft
 of AutoModelForCausalLM) are imported, or immediately when they already are. Either way, no one
 can reach an Auto class before `mom` is in it.
 """
+
 from __future__ import annotations
 
 import importlib.abc

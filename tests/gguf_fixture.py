@@ -71,9 +71,7 @@ def _to_llama_cpp_rope_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, half, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_tiny_llama_gguf(
-    directory: pathlib.Path, seed: int = 0
-) -> tuple[pathlib.Path, transformers.LlamaForCausalLM]:
+def write_tiny_llama_gguf(directory: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, transformers.LlamaForCausalLM]:
     """Write a tiny float32 Llama GGUF into `directory`; return its path and the same model in torch.
 
     The reference model is float32, in eval mode, with weights drawn from `seed`. Load the file with
@@ -163,9 +161,7 @@ if __name__ == "__main__":
         seconds = time.perf_counter() - start
         print(f"wrote {gguf_path.name}: {gguf_path.stat().st_size} bytes in {seconds:.3f}s")
 
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_path.name, dtype=torch.float32)
         ids = torch.tensor([[reference.config.bos_token_id, 5, 17, 42, 99, 256, 300, 7]])
         with torch.no_grad():
             diff = (loaded(ids).logits - reference(ids).logits).abs().max().item()

@@ -1,4 +1,5 @@
 """Shared by the tests: decompose a fixture model in-process and compare logits."""
+
 from __future__ import annotations
 
 import subprocess
@@ -35,11 +36,17 @@ def remote_code_check(out: Path, x: torch.Tensor, expect: torch.Tensor, tmp: Pat
         import torch
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        x = torch.load({str(tmp / 'x.pt')!r})
+        x = torch.load({str(tmp / "x.pt")!r})
         with torch.no_grad():
-            print((m(x).logits - torch.load({str(tmp / 'expect.pt')!r})).abs().max().item())
+            print((m(x).logits - torch.load({str(tmp / "expect.pt")!r})).abs().max().item())
         """
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(script) + textwrap.dedent(then)], cwd=tmp,
-                         capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script) + textwrap.dedent(then)],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout.split()

@@ -9,6 +9,7 @@ Each test runs its own `mom` subprocesses; the inputs (and the decompose | expor
 several tests read) are module fixtures. Each `mom` process spends seconds importing torch and
 transformers: CI runs the suite on two workers (pytest-xdist).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,14 +47,28 @@ class Run:
 
 
 def mom(*args: str, cwd: Path, stdin: str | None = None) -> Run:
-    res = subprocess.run([*MOM, *args], cwd=cwd, env=ENV, input=stdin if stdin is not None else "",
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    res = subprocess.run(
+        [*MOM, *args],
+        cwd=cwd,
+        env=ENV,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     return Run(res.returncode, res.stdout, res.stderr)
 
 
 def bash(script: str, cwd: Path) -> Run:
-    res = subprocess.run(["bash", "-c", script], cwd=cwd, env=ENV, stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=2 * TIMEOUT)
+    res = subprocess.run(
+        ["bash", "-c", script],
+        cwd=cwd,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=2 * TIMEOUT,
+    )
     return Run(res.returncode, res.stdout, res.stderr)
 
 
@@ -144,16 +159,24 @@ BAD = {
     "unsupported-family": Bad(("decompose", "bert", "-o", "OUT"), 2, r"unsupported model family 'bert'.*gpt2.*llama"),
     "corrupt-config": Bad(("decompose", "corrupt", "-o", "OUT"), 1, r"corrupt .*config\.json"),
     "truncated-weights": Bad(("decompose", "truncated", "-o", "OUT"), 1, r"model\.safetensors.*truncated or corrupt"),
-    "pool-size-not-divisor": Bad(("decompose", "gpt2", "--pool-size", "3", "-o", "OUT"), 2, r"impossible plan.*--pool-size 3"),
+    "pool-size-not-divisor": Bad(
+        ("decompose", "gpt2", "--pool-size", "3", "-o", "OUT"), 2, r"impossible plan.*--pool-size 3"
+    ),
     "top-k-too-large": Bad(("decompose", "gpt2", "--top-k", "99", "-o", "OUT"), 2, r"impossible plan.*--top-k"),
     "no-layers-left": Bad(("decompose", "gpt2", "--bottom", "4", "-o", "OUT"), 2, r"impossible plan.*--bottom 4"),
     "existing-output": Bad(("decompose", "gpt2", "-o", "OUT"), 2, r"already exists.*--force"),
     "unwritable-parent": Bad(("decompose", "gpt2", "-o", "OUT"), 1, r"permission denied"),
     "pickle-refused": Bad(("decompose", "pickled", "-o", "OUT"), 2, r"pickled weights.*--allow-pickle"),
     "empty-stdin": Bad(("export", "-", "-o", "OUT"), 2, r"expected a checkpoint path on stdin", stdin=""),
-    "unknown-option": Bad(("decompose", "gpt2", "--no-such-option", "-o", "OUT"), 2, r"No such option: --no-such-option"),
-    "eval-data-too-short": Bad(("eval", "gpt2", "--data", "short.txt", "--seq-len", "32"), 2, r"fewer than one sequence"),
-    "eval-seq-len-too-long": Bad(("eval", "gpt2", "--data", "text.txt", "--seq-len", "512"), 2, r"longer than the model's 256 positions"),
+    "unknown-option": Bad(
+        ("decompose", "gpt2", "--no-such-option", "-o", "OUT"), 2, r"No such option: --no-such-option"
+    ),
+    "eval-data-too-short": Bad(
+        ("eval", "gpt2", "--data", "short.txt", "--seq-len", "32"), 2, r"fewer than one sequence"
+    ),
+    "eval-seq-len-too-long": Bad(
+        ("eval", "gpt2", "--data", "text.txt", "--seq-len", "512"), 2, r"longer than the model's 256 positions"
+    ),
 }
 
 
@@ -176,11 +199,17 @@ def pipe(root) -> Run:
     work = root / "pipe"
     work.mkdir()
     shutil.copytree(root / "gpt2", work / "gpt2")
-    script = (f"{SHELL_MOM} decompose gpt2 -q 2>decompose.err | tee decompose.out | {SHELL_MOM} export - -o out"
-              '; echo "${PIPESTATUS[@]}" > status')
+    script = (
+        f"{SHELL_MOM} decompose gpt2 -q 2>decompose.err | tee decompose.out | {SHELL_MOM} export - -o out"
+        '; echo "${PIPESTATUS[@]}" > status'
+    )
     res = bash(script, work)
-    res.extra.update(work=work, status=(work / "status").read_text().split(),
-                     decompose_out=(work / "decompose.out").read_text(), decompose_err=(work / "decompose.err").read_text())
+    res.extra.update(
+        work=work,
+        status=(work / "status").read_text().split(),
+        decompose_out=(work / "decompose.out").read_text(),
+        decompose_err=(work / "decompose.err").read_text(),
+    )
     return res
 
 
@@ -222,9 +251,16 @@ def run_signalled(root: Path, sig_name: str) -> Run:
     fifo = root / f"fifo-{sig_name}" / "model-00002-of-00002.safetensors"
     # As from a terminal: a shell that starts a job in the background (`cmd &`, as some CI
     # runners do) makes it ignore SIGINT, and the child would inherit that.
-    proc = subprocess.Popen([*MOM, "decompose", fifo.parent.name, "-o", f"{parent.name}/result"], cwd=root, env=ENV,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [*MOM, "decompose", fifo.parent.name, "-o", f"{parent.name}/result"],
+        cwd=root,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + TIMEOUT
     seen: list[str] = []
     try:
@@ -286,7 +322,9 @@ def test_piped_export_is_standard_format_with_same_logits(pipe):
 def test_failing_step_fails_the_pipe_and_writes_nothing(root):
     work = root / "failing-pipe"
     work.mkdir()
-    res = bash(f'{SHELL_MOM} decompose does-not-exist-dir/ | {SHELL_MOM} export - -o out; echo "${{PIPESTATUS[@]}}" >&2', work)
+    res = bash(
+        f'{SHELL_MOM} decompose does-not-exist-dir/ | {SHELL_MOM} export - -o out; echo "${{PIPESTATUS[@]}}" >&2', work
+    )
     *errors, status = res.err.splitlines()
     assert status == "2 2", res  # decompose: usage error; export: nothing on stdin
     assert res.out == "" and "Traceback" not in res.err, res

@@ -1,6 +1,7 @@
 """`mom convert-peer` and PEER modules in the MoM runtime: exactness against the dense MoM (both
 families), zero-expert expansion, cached generation in a routed pool, exports (trust_remote_code in a
 fresh Python, flat safetensors), the report, `mom info`'s counts, and bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 import mom_cli
-from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 from mom_cli.errors import UsageError
+from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 from tests.helpers import decomposed, ids, max_diff, remote_code_check
 
 D_FF = {"gpt2": 256, "llama": 128}  # the fixtures' FFN widths
@@ -54,7 +55,9 @@ def test_covering_retrieval_equals_dense_and_zero_experts_change_nothing(moms, f
     dense = logits(moms[family], x)
     default_n = square_above(D_FF[family])
     for n in (default_n, (math.isqrt(default_n) + 5) ** 2):
-        out = convert_peer(moms[family], tmp_path / f"peer-{n}", ConvertOptions(layers="1-2", experts=n, heads=1, topk=n))
+        out = convert_peer(
+            moms[family], tmp_path / f"peer-{n}", ConvertOptions(layers="1-2", experts=n, heads=1, topk=n)
+        )
         model = mom_cli.load(out.path).eval()
         peer = model.model.blocks[0].ffn["1"].peer
         assert type(model.model.blocks[0].ffn["1"]).__name__ == "PeerFfnModule"
@@ -98,17 +101,23 @@ def test_exports_remote_code_without_mom_and_flat_safetensors(moms, tmp_path):
     from safetensors.torch import load_file
 
     from mom_cli.modeling.configuration_mom import MomConfig
-    from mom_cli.surgery.export import export
     from mom_cli.modeling.modeling_mom import MomForCausalLM
+    from mom_cli.surgery.export import export
 
     ckpt = convert_peer(moms["gpt2"], tmp_path / "peer", ConvertOptions(layers="1,3", heads=2, topk=32)).path
     x = ids(1, 10)
     expect = logits(ckpt, x)
     out, kind = export(ckpt, tmp_path / "rc", "hf", None, SHARD, False)
     assert kind == "remote-code" and (out / "peer.py").exists()
-    diff, module = remote_code_check(out, x, expect, tmp_path, """
+    diff, module = remote_code_check(
+        out,
+        x,
+        expect,
+        tmp_path,
+        """
         print(type(m.model.blocks[0].ffn["1"].peer).__module__)
-        """)
+        """,
+    )
     assert "mom_cli" not in module and module.endswith("peer") and float(diff) <= 1e-5
 
     flat, _ = export(ckpt, tmp_path / "flat.safetensors", "safetensors", None, SHARD, False)
@@ -127,12 +136,18 @@ def test_exports_remote_code_without_mom_and_flat_safetensors(moms, tmp_path):
 
 
 def test_report_and_info_after_calibration(moms, models_dir, tmp_path):
-    from mom_cli.io.text import blocks, token_stream
     from mom_cli.analysis.evaluate import perplexity
     from mom_cli.analysis.info import peer_costs, summary
+    from mom_cli.io.text import blocks, token_stream
 
-    opts = ConvertOptions(layers="middle", calibrate=str(models_dir / "text.txt"), calib_tokens=1024,
-                          calib_steps=3, seq_len=64, eval_tokens=512)
+    opts = ConvertOptions(
+        layers="middle",
+        calibrate=str(models_dir / "text.txt"),
+        calib_tokens=1024,
+        calib_steps=3,
+        seq_len=64,
+        eval_tokens=512,
+    )
     report = convert_peer(moms["gpt2"], tmp_path / "peer", opts).as_dict()
     assert [r["origin"] for r in report["layers"]] == [1, 2]  # the middle third... of 4 layers: 1-2
     for r in report["layers"]:
@@ -148,7 +163,9 @@ def test_report_and_info_after_calibration(moms, models_dir, tmp_path):
     model = mom_cli.load(report["path"]).eval()
     tok = __import__("transformers").AutoTokenizer.from_pretrained(report["path"])
     held = blocks(token_stream(opts.calibrate, tok, 1024 + 512)[1024:], 64)
-    assert math.isclose(math.exp(perplexity(model, held, 4, "cpu")[0]), report["heldout_perplexity"]["after"], rel_tol=1e-5)
+    assert math.isclose(
+        math.exp(perplexity(model, held, 4, "cpu")[0]), report["heldout_perplexity"]["after"], rel_tol=1e-5
+    )
     assert model.config.mom_provenance[-1]["command"] == "convert-peer"
     assert model.config.mom_provenance[-1]["args"]["layers"] == [1, 2]
 
@@ -163,12 +180,17 @@ def test_report_and_info_after_calibration(moms, models_dir, tmp_path):
 
 
 def test_drop_weakest_neurons_and_random_init(moms, tmp_path):
-    out = convert_peer(moms["llama"], tmp_path / "small", ConvertOptions(layers="1", experts=100, drop_neurons="weakest",
-                                                                         heads=4, topk=8))
+    out = convert_peer(
+        moms["llama"],
+        tmp_path / "small",
+        ConvertOptions(layers="1", experts=100, drop_neurons="weakest", heads=4, topk=8),
+    )
     assert out.layers[0].neurons_kept == 100
     peer = mom_cli.load(out.path).model.blocks[0].ffn["1"].peer
     assert int((peer.w_out.abs().sum(1) > 0).sum()) == 100
-    listed = convert_peer(moms["llama"], tmp_path / "listed", ConvertOptions(layers="1", drop_neurons="0-27", heads=4, topk=8))
+    listed = convert_peer(
+        moms["llama"], tmp_path / "listed", ConvertOptions(layers="1", drop_neurons="0-27", heads=4, topk=8)
+    )
     assert listed.layers[0].neurons_kept == 100 and listed.layers[0].n_experts == 100
     rand = convert_peer(moms["llama"], tmp_path / "rand", ConvertOptions(layers="all", init="random"))
     assert [r.gate for r in rand.layers] == ["softmax"] * 4 and len(mom_cli.load(rand.path).config.peer) == 4
@@ -230,8 +252,14 @@ def test_cli_json_result_and_one_line_errors(moms, tmp_path):
     from tests.test_cli import ENV, MOM, Run, assert_one_line_error
 
     def run(*args: str) -> Run:
-        res = subprocess.run([*MOM, "convert-peer", str(moms["gpt2"]), *args], cwd=tmp_path, env=ENV,
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [*MOM, "convert-peer", str(moms["gpt2"]), *args],
+            cwd=tmp_path,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return Run(res.returncode, res.stdout, res.stderr)
 
     with ThreadPoolExecutor(2) as pool:
@@ -253,6 +281,25 @@ def test_help_has_example_and_every_option():
     command = typer.main.get_command(app).commands["convert-peer"]
     assert "Example: mom convert-peer" in command.help
     names = {opt for p in command.params for opt in p.opts}
-    assert {"--layers", "--experts", "--heads", "--topk", "--key-dim", "--gate", "--init", "--calibrate", "--calib-tokens",
-            "--calib-steps", "--device", "--json", "--force", "--no-query-bn", "--per-head-keys", "--drop-neurons",
-            "--seq-len", "--batch-size", "--eval-data", "-o"} <= names
+    assert {
+        "--layers",
+        "--experts",
+        "--heads",
+        "--topk",
+        "--key-dim",
+        "--gate",
+        "--init",
+        "--calibrate",
+        "--calib-tokens",
+        "--calib-steps",
+        "--device",
+        "--json",
+        "--force",
+        "--no-query-bn",
+        "--per-head-keys",
+        "--drop-neurons",
+        "--seq-len",
+        "--batch-size",
+        "--eval-data",
+        "-o",
+    } <= names

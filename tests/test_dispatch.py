@@ -1,5 +1,6 @@
 """The grouped dispatch (one segment matmul per projection per step) against the reference that
 runs each module on its own tokens, one after another: logits and gradients, in float32."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,7 +76,9 @@ def test_grouped_dispatch_equals_per_module_reference(routed, name):
     assert _skip_share(model, x) > 0  # SKIP is among the choices
     block = model.model.blocks[0]
     with torch.no_grad():  # both pools are stacked: the grouped path is the one compared
-        assert all(len(block._stacked(kind, {}).slots) == len(pool) for kind, pool in (("mha", block.mha), ("ffn", block.ffn)))
+        assert all(
+            len(block._stacked(kind, {}).slots) == len(pool) for kind, pool in (("mha", block.mha), ("ffn", block.ffn))
+        )
     _assert_same(model, x)
 
 

@@ -1,5 +1,6 @@
 """A MoM checkpoint is a model to the tools researchers use: lm-evaluation-harness, transformers
 with trust_remote_code, peft, the Hub; and a GGUF-sourced export is a plain float model."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,17 @@ from mom_cli.analysis import tasks
 from mom_cli.errors import UsageError
 from tests.helpers import decomposed, ids, max_diff, remote_code_check
 
-MC = [("The quick brown fox", ["jumps over the lazy dog", "routes each token", "is a function"], 0),
-      ("A model is a function", ["from tokens to logits", "over the lazy dog", "that the routers skip"], 0),
-      ("Pruning removes modules", ["that the routers rarely choose", "from tokens", "jumps over"], 0),
-      ("Mixture of modules routes", ["each token through attention", "the lazy fox", "safetensors files"], 0)]
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Export writes safetensors files, and a model is a function.",
-         "Mixture of modules routes each token through attention and feed-forward modules step by step."]
+MC = [
+    ("The quick brown fox", ["jumps over the lazy dog", "routes each token", "is a function"], 0),
+    ("A model is a function", ["from tokens to logits", "over the lazy dog", "that the routers skip"], 0),
+    ("Pruning removes modules", ["that the routers rarely choose", "from tokens", "jumps over"], 0),
+    ("Mixture of modules routes", ["each token through attention", "the lazy fox", "safetensors files"], 0),
+]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Export writes safetensors files, and a model is a function.",
+    "Mixture of modules routes each token through attention and feed-forward modules step by step.",
+]
 
 
 def write_tasks(folder: Path) -> tuple[Path, Path]:
@@ -30,13 +36,23 @@ def write_tasks(folder: Path) -> tuple[Path, Path]:
     (folder / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     common = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
     mc = folder / "tiny_mc.yaml"
-    mc.write_text("task: tiny_mc\n" + common.format(data=folder / "mc.jsonl") + (
-        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"))
+    mc.write_text(
+        "task: tiny_mc\n"
+        + common.format(data=folder / "mc.jsonl")
+        + (
+            "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+            "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        )
+    )
     ppl = folder / "tiny_ppl.yaml"
-    ppl.write_text("task: tiny_ppl\n" + common.format(data=folder / "text.jsonl") + (
-        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"))
+    ppl.write_text(
+        "task: tiny_ppl\n"
+        + common.format(data=folder / "text.jsonl")
+        + (
+            "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+            "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+        )
+    )
     return mc, ppl
 
 
@@ -57,7 +73,9 @@ def test_lm_eval_scores_of_exact_decomposition_equal_the_source(family_dir, tmp_
     for metric, value in src.scores["tiny_ppl"].items():
         assert mom.scores["tiny_ppl"][metric] == pytest.approx(value, rel=1e-5), metric
     routed = scores(str(decomposed(family_dir, tmp_path / "routed", depth=2)), [str(ppl)])
-    assert routed.scores["tiny_ppl"]["word_perplexity"] != pytest.approx(src.scores["tiny_ppl"]["word_perplexity"], rel=1e-5)
+    assert routed.scores["tiny_ppl"]["word_perplexity"] != pytest.approx(
+        src.scores["tiny_ppl"]["word_perplexity"], rel=1e-5
+    )
 
 
 def test_eval_several_models_json_and_table(gpt2_dir, tmp_path, capsys):
@@ -65,7 +83,10 @@ def test_eval_several_models_json_and_table(gpt2_dir, tmp_path, capsys):
 
     mc, _ = write_tasks(tmp_path / "tasks")
     ckpt = decomposed(gpt2_dir, tmp_path / "mom", depth=2)
-    assert main(["eval", str(gpt2_dir), str(ckpt), "--tasks", str(mc), "--limit", "3", "--json", "--device", "cpu", "-q"]) == 0
+    assert (
+        main(["eval", str(gpt2_dir), str(ckpt), "--tasks", str(mc), "--limit", "3", "--json", "--device", "cpu", "-q"])
+        == 0
+    )
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["model"] for r in records] == [str(gpt2_dir), str(ckpt)]
     assert all(r["samples"] == {"tiny_mc": 3} and 0 <= r["scores"]["tiny_mc"]["acc"] <= 1 for r in records)
@@ -79,8 +100,12 @@ def test_eval_usage_errors(gpt2_dir, tmp_path, capsys, monkeypatch):
 
     mc, _ = write_tasks(tmp_path / "tasks")
     # (an unknown task name is refused too, but indexing lm-eval's own tasks takes seconds)
-    for args in (["--tasks", "missing.yaml"], [],
-                 ["--tasks", str(mc), "--data", "x.txt"], ["--tasks", str(mc), "--record"]):
+    for args in (
+        ["--tasks", "missing.yaml"],
+        [],
+        ["--tasks", str(mc), "--data", "x.txt"],
+        ["--tasks", str(mc), "--record"],
+    ):
         assert main(["eval", str(gpt2_dir), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mom: error: "), (args, err)
@@ -242,8 +267,18 @@ def test_train_routers_lora_merges_into_the_checkpoint(llama_dir, text_file, tmp
     from mom_cli.training.train import TrainOptions, split_data, train
 
     ckpt = decomposed(llama_dir, tmp_path / "mom", depth=2, top_k=2)  # top-2: the routers get gradients
-    opts = TrainOptions(data=str(text_file), eval_data=str(text_file), steps=3, batch_size=2, seq_len=32, lr=1e-2,
-                        eval_tokens=128, device="cpu", lora=4, aux_loss_coef=0.0)
+    opts = TrainOptions(
+        data=str(text_file),
+        eval_data=str(text_file),
+        steps=3,
+        batch_size=2,
+        seq_len=32,
+        lr=1e-2,
+        eval_tokens=128,
+        device="cpu",
+        lora=4,
+        aux_loss_coef=0.0,
+    )
     result = train(ckpt, tmp_path / "out", opts)
     _, before = read_mom(ckpt)
     _, after = read_mom(result.path)

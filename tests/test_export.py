@@ -1,4 +1,5 @@
 """Export round trips: standard format without mom, trust_remote_code in a fresh Python, flat safetensors."""
+
 from __future__ import annotations
 
 import ast
@@ -35,20 +36,37 @@ def test_routed_mom_exports_remote_code_loadable_without_mom(llama_dir, tmp_path
     x = ids(1, 10)
     with torch.no_grad():
         expect = mom_cli.load(ckpt).eval()(x).logits
-    diff, module, length = remote_code_check(out, x, expect, tmp_path, """
+    diff, module, length = remote_code_check(
+        out,
+        x,
+        expect,
+        tmp_path,
+        """
         g = m.generate(x[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
         print(type(m).__module__, g.shape[1])
-        """)
+        """,
+    )
     assert "mom_cli" not in module and float(diff) <= 1e-5 and int(length) == 9
 
 
-CONVERSION_NAMES = ("peer_from_dense", "peer_from_ffn", "from_ffn", "_kmeans", "_assign_cells", "grid_size",
-                    "calibrate_query_bn", "oracle_mass_fraction", "usage_stats", "neuron_activations")
+CONVERSION_NAMES = (
+    "peer_from_dense",
+    "peer_from_ffn",
+    "from_ffn",
+    "_kmeans",
+    "_assign_cells",
+    "grid_size",
+    "calibrate_query_bn",
+    "oracle_mass_fraction",
+    "usage_stats",
+    "neuron_activations",
+)
 
 
 def test_remote_code_export_carries_only_the_runtime(llama_dir, tmp_path):
-    out, kind = export(decomposed(llama_dir, tmp_path / "mom", depth=2, top_k=2), tmp_path / "rc", "hf", None, SHARD,
-                       False)
+    out, kind = export(
+        decomposed(llama_dir, tmp_path / "mom", depth=2, top_k=2), tmp_path / "rc", "hf", None, SHARD, False
+    )
     code = sorted(p.name for p in out.glob("*.py"))
     assert kind == "remote-code" and code == ["configuration_mom.py", "modeling_mom.py", "peer.py"]
     for name in code:

@@ -1,4 +1,5 @@
 """GGUF sources: a tiny Llama GGUF written with the gguf package decomposes exactly."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Most cases run the CLI in-process (`main(argv)`, a fraction of a second each); the few that need
 a real stdin, a second process or a signal run `python -m mom_cli`.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,15 +82,19 @@ def patch_header(path: Path, edit) -> None:
 def remote_code_folder(base: Path, tokenizer_only: bool = False) -> Path:
     d = Path(shutil.copytree(base / "gpt2", base / ("evil-tok" if tokenizer_only else "evil")))
     marker = base / "RAN"
-    (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import GPT2Config as EvilConfig\n"
-                               "from transformers import GPT2LMHeadModel as EvilModel\n")
+    (d / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import GPT2Config as EvilConfig\n"
+        "from transformers import GPT2LMHeadModel as EvilModel\n"
+    )
     if tokenizer_only:
         tc = json.loads((d / "tokenizer_config.json").read_text())
         tc["auto_map"] = {"AutoTokenizer": ["evil.EvilTok", "evil.EvilTok"]}
         (d / "tokenizer_config.json").write_text(json.dumps(tc))
     else:
         cfg = json.loads((d / "config.json").read_text())
-        cfg.update(model_type="evilnet", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+        cfg.update(
+            model_type="evilnet", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+        )
         (d / "config.json").write_text(json.dumps(cfg))
     return d
 
@@ -160,16 +165,20 @@ def test_damaged_mom_checkpoint_is_refused_by_every_command(mom_ckpt, capsys, da
 
 def hold_lock(path: Path) -> subprocess.Popen:
     """Another process holding mom's lock of `path`, as a running writer does."""
-    code = (f"import fcntl, os, sys, time; fd = os.open({str(path.parent / f'.{path.name}.lock')!r}, os.O_RDWR | os.O_CREAT);"
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    code = (
+        f"import fcntl, os, sys, time; fd = os.open({str(path.parent / f'.{path.name}.lock')!r}, os.O_RDWR | os.O_CREAT);"
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
 
 def test_a_second_writer_of_one_output_is_refused(work, capsys, mom_ckpt):
-    for target, argv in ((work / "out", ["decompose", "gpt2", "-o", "out"]),
-                         (work / "t.train-state", ["train-routers", "m", "-o", "t", *TRAIN])):
+    for target, argv in (
+        (work / "out", ["decompose", "gpt2", "-o", "out"]),
+        (work / "t.train-state", ["train-routers", "m", "-o", "t", *TRAIN]),
+    ):
         proc = hold_lock(target)
         try:
             code, out, err = cli(capsys, *argv)
@@ -272,6 +281,7 @@ def test_bad_training_state_is_one_line(mom_ckpt, work, capsys, state):
     (work / "t.train-state").mkdir()
     path = work / "t.train-state" / "state.pt"
     if state == "pickle":
+
         class Evil:
             def __reduce__(self):
                 return (os.system, (f"touch {work / 'RAN'}",))
@@ -288,12 +298,16 @@ def test_bad_training_state_is_one_line(mom_ckpt, work, capsys, state):
 
 
 def test_recipe_aliases_tags_and_outside_outputs_are_refused(work, capsys):
-    bomb = "vars:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n" \
-           "  c: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nsteps:\n  - command: decompose\n    source: ${c}\n"
+    bomb = (
+        "vars:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "  c: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nsteps:\n  - command: decompose\n    source: ${c}\n"
+    )
     (work / "bomb.yaml").write_text(bomb)
     code, out, err = cli(capsys, "run", "bomb.yaml")
     one_line(err, 2, code, "anchors and aliases")
-    (work / "tag.yaml").write_text("vars:\n  x: !!python/object/apply:os.system ['touch RAN']\nsteps:\n  - command: decompose\n")
+    (work / "tag.yaml").write_text(
+        "vars:\n  x: !!python/object/apply:os.system ['touch RAN']\nsteps:\n  - command: decompose\n"
+    )
     code, out, err = cli(capsys, "run", "tag.yaml")
     one_line(err, 2, code, r"tag\.yaml:2")
     assert not (work / "RAN").exists()
@@ -308,8 +322,9 @@ def test_recipe_aliases_tags_and_outside_outputs_are_refused(work, capsys):
 
 
 def test_recipe_with_flat_export_keeps_an_existing_recipe_file(work, capsys):
-    (work / "flat.yaml").write_text("steps:\n  - command: decompose\n    source: gpt2\n"
-                                    "  - command: export\n    format: safetensors\n")
+    (work / "flat.yaml").write_text(
+        "steps:\n  - command: decompose\n    source: gpt2\n  - command: export\n    format: safetensors\n"
+    )
     (work / "r.safetensors.mom_recipe.yaml").write_text("mine")
     code, out, err = cli(capsys, "run", "flat.yaml", "-o", "r.safetensors")
     one_line(err, 2, code, "mom_recipe.yaml already exists")
@@ -345,13 +360,16 @@ def test_a_header_that_lies_about_the_dtype_is_refused(work, capsys):
     assert not (work / "o").exists()
 
 
-@pytest.mark.parametrize("field,value,pattern", [
-    ("n_embd", 1e9, "n_embd.*expected int|n_embd must be a whole number"),
-    ("n_embd", 1024, r"has shape \[320, 64\], but the source config implies \[320, 1024\]"),
-    ("n_embd", -64, "(n_embd|hidden_size) must be a positive size"),
-    ("n_embd", "abc", "n_embd"),
-    ("n_layer", [1], "n_layer.*expected int|n_layer must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "field,value,pattern",
+    [
+        ("n_embd", 1e9, "n_embd.*expected int|n_embd must be a whole number"),
+        ("n_embd", 1024, r"has shape \[320, 64\], but the source config implies \[320, 1024\]"),
+        ("n_embd", -64, "(n_embd|hidden_size) must be a positive size"),
+        ("n_embd", "abc", "n_embd"),
+        ("n_layer", [1], "n_layer.*expected int|n_layer must be a whole number"),
+    ],
+)
 def test_config_sizes_are_checked_before_anything_is_allocated(work, capsys, field, value, pattern):
     cfg = json.loads((work / "gpt2" / "config.json").read_text())
     cfg[field] = value
@@ -397,8 +415,14 @@ def test_messages_name_the_right_help_and_meaning(work, capsys, mom_ckpt):
 
 def test_a_piped_decompose_says_where_its_checkpoint_stays(work):
     mom = " ".join(MOM)
-    res = subprocess.run(["bash", "-c", f"{mom} decompose gpt2 | {mom} export - -o plain"], cwd=work, env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        ["bash", "-c", f"{mom} decompose gpt2 | {mom} export - -o plain"],
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert f"the checkpoint is at {work / 'gpt2-mom'}" in " ".join(res.stderr.split())
 

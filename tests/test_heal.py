@@ -1,6 +1,7 @@
 """`mom heal`: a region cut out of an exact checkpoint reproduces the teacher, the local stage lowers
 each region's error, an exact checkpoint comes back unchanged, resume is bit-exact, and bad input
 is one clear line."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import decomposed
+from test_cli import assert_one_line_error, mom
+
 from mom_cli.errors import UsageError
 from mom_cli.io.checkpoint import load
 from mom_cli.training import heal as H
-from test_cli import assert_one_line_error, mom
 
 SMALL = dict(seq_len=32, batch_size=2)
 
@@ -23,15 +24,19 @@ SMALL = dict(seq_len=32, batch_size=2)
 def work(tmp_path_factory, models_dir) -> Path:
     """An exact Llama MoM, a PEER conversion of two of its layers, a pruned MHA module, and the text."""
     from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
-    from mom_cli.surgery.prune import remove_modules, pooled_modules
+    from mom_cli.surgery.prune import pooled_modules, remove_modules
 
     root = tmp_path_factory.mktemp("heal")
     shutil.copy(models_dir / "text.txt", root / "text.txt")
     decomposed(models_dir / "llama", root / "exact")
     convert_peer(root / "exact", root / "peer", ConvertOptions(layers="1,2", heads=2, topk=16))
     mha1 = next(r for r in pooled_modules(load(root / "exact").config) if r.kind == "mha" and r.slot == 1)
-    remove_modules(root / "exact", root / "pruned", [mha1], {"command": "prune", "args": {}, "source": str(root / "exact"),
-                                                            "time": "", "mom_version": ""})
+    remove_modules(
+        root / "exact",
+        root / "pruned",
+        [mha1],
+        {"command": "prune", "args": {}, "source": str(root / "exact"), "time": "", "mom_version": ""},
+    )
     return root
 
 
@@ -87,8 +92,9 @@ def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(work, models_dir
 
 def test_local_stage_lowers_each_regions_error_and_heals(work):
     out = work / "peer-healed"
-    r = H.heal(work / "peer", out, H.HealOptions(data=str(work / "text.txt"), budget="12k", lr=3e-3, global_lr=1e-3,
-                                                **SMALL))
+    r = H.heal(
+        work / "peer", out, H.HealOptions(data=str(work / "text.txt"), budget="12k", lr=3e-3, global_lr=1e-3, **SMALL)
+    )
     assert len(r.regions) == 2
     for reg in r.regions:
         assert reg["error_after"] < 0.95 * reg["error_before"], reg
@@ -150,24 +156,56 @@ def test_bad_input_is_one_clear_line(work, models_dir, tmp_path):
     cfg = json.loads((bare / "config.json").read_text())
     cfg["mom_provenance"] = []
     (bare / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(mom("heal", str(bare), "-o", str(tmp_path / "out"), "--data", text, cwd=tmp_path), 2, "no provenance.*--teacher")
+    assert_one_line_error(
+        mom("heal", str(bare), "-o", str(tmp_path / "out"), "--data", text, cwd=tmp_path), 2, "no provenance.*--teacher"
+    )
     # a teacher with another vocabulary
+    from conftest import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import make_tokenizer
-
     other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                                 vocab_size=400)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=400)
+    ).save_pretrained(other)
     make_tokenizer(other)
-    assert_one_line_error(mom("heal", str(work / "peer"), "-o", str(tmp_path / "out"), "--data", text, "--seq-len", "32", "--teacher", str(other),
-                              cwd=tmp_path),
-                          2, "vocabulary of 400")
+    assert_one_line_error(
+        mom(
+            "heal",
+            str(work / "peer"),
+            "-o",
+            str(tmp_path / "out"),
+            "--data",
+            text,
+            "--seq-len",
+            "32",
+            "--teacher",
+            str(other),
+            cwd=tmp_path,
+        ),
+        2,
+        "vocabulary of 400",
+    )
     # data too short for one sequence
     short = tmp_path / "short.txt"
     short.write_text("a few words")
-    assert_one_line_error(mom("heal", str(work / "peer"), "-o", str(tmp_path / "out"), "--data", str(short), "--seq-len", "64", cwd=tmp_path),
-                          2, "shorter than one sequence")
+    assert_one_line_error(
+        mom(
+            "heal",
+            str(work / "peer"),
+            "-o",
+            str(tmp_path / "out"),
+            "--data",
+            str(short),
+            "--seq-len",
+            "64",
+            cwd=tmp_path,
+        ),
+        2,
+        "shorter than one sequence",
+    )
     # a budget that is neither tokens nor time
-    assert_one_line_error(mom("heal", str(work / "peer"), "-o", str(tmp_path / "out"), "--data", text, "--budget", "soon", cwd=tmp_path),
-                          2, "--budget 'soon' is not a number of tokens")
+    assert_one_line_error(
+        mom("heal", str(work / "peer"), "-o", str(tmp_path / "out"), "--data", text, "--budget", "soon", cwd=tmp_path),
+        2,
+        "--budget 'soon' is not a number of tokens",
+    )

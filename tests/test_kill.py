@@ -5,6 +5,7 @@ Each writing command replaces (--force) an old output made with other options, i
 this process (imports already done: a run takes a fraction of a second) that is killed after a
 random delay spread over the run's length; 20 kills per command.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,21 +22,36 @@ import pytest
 from mom_cli.cli.app import main
 
 KILLS = 20
-SKIP = {"README.md", "train_metrics.jsonl", "heal_metrics.jsonl"}  # carry the time of the run: not part of "the same output"
+SKIP = {
+    "README.md",
+    "train_metrics.jsonl",
+    "heal_metrics.jsonl",
+}  # carry the time of the run: not part of "the same output"
 TRAIN = ["--data", "text.txt", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64"]
 COMMANDS = {  # name: (target, argv of the old output, argv of the new one)
     "decompose": ("d", ["decompose", "gpt2", "-o", "d"], ["decompose", "gpt2", "-o", "d", "--top-k", "2", "--force"]),
     "export-hf": ("e", ["export", "m", "-o", "e", "--format", "safetensors"], ["export", "m", "-o", "e", "--force"]),
-    "export-file": ("f.safetensors", ["decompose", "gpt2", "-o", "f.safetensors"],
-                    ["export", "m", "-o", "f.safetensors", "--format", "safetensors", "--force"]),
-    "prune": ("p", ["decompose", "gpt2", "-o", "p"],
-              ["prune", "m", "-o", "p", "--data", "text.txt", "--calib-tokens", "128", "--seq-len", "32", "--force"]),
-    "convert-peer": ("c", ["decompose", "gpt2", "-o", "c"],
-                     ["convert-peer", "m", "-o", "c", "--layers", "1", "--heads", "2", "--topk", "4", "--key-dim", "8",
-                      "--force"]),
+    "export-file": (
+        "f.safetensors",
+        ["decompose", "gpt2", "-o", "f.safetensors"],
+        ["export", "m", "-o", "f.safetensors", "--format", "safetensors", "--force"],
+    ),
+    "prune": (
+        "p",
+        ["decompose", "gpt2", "-o", "p"],
+        ["prune", "m", "-o", "p", "--data", "text.txt", "--calib-tokens", "128", "--seq-len", "32", "--force"],
+    ),
+    "convert-peer": (
+        "c",
+        ["decompose", "gpt2", "-o", "c"],
+        ["convert-peer", "m", "-o", "c", "--layers", "1", "--heads", "2", "--topk", "4", "--key-dim", "8", "--force"],
+    ),
     "train-routers": ("t", ["decompose", "gpt2", "-o", "t"], ["train-routers", "m", "-o", "t", *TRAIN, "--force"]),
-    "heal": ("h", ["decompose", "gpt2", "-o", "h"],
-             ["heal", "pr", "-o", "h", "--data", "text.txt", "--seq-len", "32", "--budget", "512", "--force"]),
+    "heal": (
+        "h",
+        ["decompose", "gpt2", "-o", "h"],
+        ["heal", "pr", "-o", "h", "--data", "text.txt", "--seq-len", "32", "--budget", "512", "--force"],
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """The PEER layer (mom_cli/modeling/peer.py; neuron init from mom_cli/surgery/peer_init.py): exactness against dense FFNs and brute force, bounded memory,
 and the quality of the neuron init's retrieval. CPU, float32, small sizes."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,14 +18,21 @@ def gen(seed: int) -> torch.Generator:
 def gpt2_ffn(d: int, d_ff: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Per-neuron rows of a GPT-2-style FFN: gelu_new(x u_i + b_i) v_i, plus c_proj's bias."""
     g = gen(seed)
-    return dict(w_in=torch.randn(d_ff, d, generator=g) / d**0.5, b_in=0.5 * torch.randn(d_ff, generator=g),
-                w_out=torch.randn(d_ff, d, generator=g) / d_ff**0.5, out_bias=0.1 * torch.randn(d, generator=g))
+    return dict(
+        w_in=torch.randn(d_ff, d, generator=g) / d**0.5,
+        b_in=0.5 * torch.randn(d_ff, generator=g),
+        w_out=torch.randn(d_ff, d, generator=g) / d_ff**0.5,
+        out_bias=0.1 * torch.randn(d, generator=g),
+    )
 
 
 def swiglu_ffn(d: int, d_ff: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = gen(seed)
-    return dict(w_in=torch.randn(d_ff, d, generator=g) / d**0.5, w_gate=torch.randn(d_ff, d, generator=g) / d**0.5,
-                w_out=torch.randn(d_ff, d, generator=g) / d_ff**0.5)
+    return dict(
+        w_in=torch.randn(d_ff, d, generator=g) / d**0.5,
+        w_gate=torch.randn(d_ff, d, generator=g) / d**0.5,
+        w_out=torch.randn(d_ff, d, generator=g) / d_ff**0.5,
+    )
 
 
 def dense(ffn: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -34,8 +42,18 @@ def dense(ffn: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def convert(ffn: dict[str, torch.Tensor], n: int, heads: int, topk: int, key_dim: int = 32, **kw) -> PeerLayer:
-    return peer_from_dense(ffn["w_in"], ffn.get("b_in"), ffn.get("w_gate"), ffn["w_out"], ffn.get("out_bias"),
-                           n, heads, topk, key_dim, **kw)
+    return peer_from_dense(
+        ffn["w_in"],
+        ffn.get("b_in"),
+        ffn.get("w_gate"),
+        ffn["w_out"],
+        ffn.get("out_bias"),
+        n,
+        heads,
+        topk,
+        key_dim,
+        **kw,
+    )
 
 
 def naive(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +61,12 @@ def naive(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
     gather every table and einsum (what PEER_pytorch does)."""
     q = layer.queries(x)
     n, half = layer.n_sub, layer.key_dim // 2
-    k1, k2 = (layer.sub_keys[0], layer.sub_keys[1]) if layer.shared_keys else (layer.sub_keys[:, 0], layer.sub_keys[:, 1])
-    full = torch.cat([k1.unsqueeze(-2).expand(*k1.shape[:-1], n, half),
-                      k2.unsqueeze(-3).expand(*k2.shape[:-2], n, n, half)], -1).flatten(-3, -2)  # (..., N, d_key)
+    k1, k2 = (
+        (layer.sub_keys[0], layer.sub_keys[1]) if layer.shared_keys else (layer.sub_keys[:, 0], layer.sub_keys[:, 1])
+    )
+    full = torch.cat(
+        [k1.unsqueeze(-2).expand(*k1.shape[:-1], n, half), k2.unsqueeze(-3).expand(*k2.shape[:-2], n, n, half)], -1
+    ).flatten(-3, -2)  # (..., N, d_key)
     all_scores = q @ full.t() if layer.shared_keys else torch.einsum("thd,hnd->thn", q, full)
     scores, idx = all_scores.topk(layer.topk, dim=-1)
     w, idx = layer.gate_weights(scores).flatten(1), idx.flatten(1)
@@ -76,8 +97,13 @@ def test_product_key_topk_equals_brute_force(shared: bool, n_sub: int, k: int) -
     k1, k2 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     scores, idx = product_key_topk(q1, q2, k1, k2, k)
     # brute force over all N = n_sub^2 full keys [k1[i]; k2[j]] at index i*n_sub + j
-    full = torch.cat([k1.unsqueeze(-2).expand(*k1.shape[:-1], n_sub, half),
-                      k2.unsqueeze(-3).expand(*k2.shape[:-2], n_sub, n_sub, half)], -1).flatten(-3, -2)
+    full = torch.cat(
+        [
+            k1.unsqueeze(-2).expand(*k1.shape[:-1], n_sub, half),
+            k2.unsqueeze(-3).expand(*k2.shape[:-2], n_sub, n_sub, half),
+        ],
+        -1,
+    ).flatten(-3, -2)
     q = torch.cat([q1, q2], -1)
     all_scores = q @ full.t() if shared else torch.einsum("thd,hnd->thn", q, full)
     ref_scores, ref_idx = all_scores.topk(k, dim=-1)
@@ -154,7 +180,9 @@ def test_chunked_equals_unchunked_forward_and_backward(gated: bool, gate: str) -
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("gated,gate,shared", [(False, "softmax", True), (True, "none", False), (True, "sigmoid", True)])
+@pytest.mark.parametrize(
+    "gated,gate,shared", [(False, "softmax", True), (True, "none", False), (True, "sigmoid", True)]
+)
 def test_fused_kernels_equal_naive_einsum(gated: bool, gate: str, shared: bool) -> None:
     """The embedding_bag / custom-backward path against plain gathers + einsum, values and grads."""
     x = torch.randn(30, 32, generator=gen(9))
@@ -306,8 +334,7 @@ def test_from_ffn_on_transformers_mlps_and_config_round_trip(family: str) -> Non
         with torch.no_grad():
             for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 m.bias.normal_()
-        layer = peer_from_ffn(mlp.up_proj, mlp.down_proj, mlp.gate_proj, n_experts=64, heads=1, topk=64,
-                                   key_dim=8)
+        layer = peer_from_ffn(mlp.up_proj, mlp.down_proj, mlp.gate_proj, n_experts=64, heads=1, topk=64, key_dim=8)
     layer.eval()
     x = torch.randn(5, 32)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Calibration of converted PEER layers (mom_cli/peer_calibrate.py): it lowers the output error,
 trains only the retrieval, restores the caller's flags, is deterministic; the oracle helper is
 exact. CPU, float32, tiny layers."""
+
 from __future__ import annotations
 
 import copy
@@ -9,25 +10,32 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from mom_cli.surgery.peer_init import peer_from_dense
 from mom_cli.surgery.peer_calibrate import calibrate, is_retrieval_param, oracle_ffn, relative_error, restat_query_bn
+from mom_cli.surgery.peer_init import peer_from_dense
 
 D, D_FF, N = 32, 128, 144  # N = 12^2 >= d_ff
 
 
-
 def swiglu(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return dict(w_in=torch.randn(D_FF, D, generator=g) / D**0.5, b_in=None,
-                w_gate=torch.randn(D_FF, D, generator=g) / D**0.5,
-                w_out=torch.randn(D_FF, D, generator=g) / D_FF**0.5, out_bias=None)
+    return dict(
+        w_in=torch.randn(D_FF, D, generator=g) / D**0.5,
+        b_in=None,
+        w_gate=torch.randn(D_FF, D, generator=g) / D**0.5,
+        w_out=torch.randn(D_FF, D, generator=g) / D_FF**0.5,
+        out_bias=None,
+    )
 
 
 def gpt2(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return dict(w_in=torch.randn(D_FF, D, generator=g) / D**0.5, b_in=0.5 * torch.randn(D_FF, generator=g),
-                w_gate=None, w_out=torch.randn(D_FF, D, generator=g) / D_FF**0.5,
-                out_bias=0.1 * torch.randn(D, generator=g))
+    return dict(
+        w_in=torch.randn(D_FF, D, generator=g) / D**0.5,
+        b_in=0.5 * torch.randn(D_FF, generator=g),
+        w_gate=None,
+        w_out=torch.randn(D_FF, D, generator=g) / D_FF**0.5,
+        out_bias=0.1 * torch.randn(D, generator=g),
+    )
 
 
 def dense(ffn: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -110,8 +118,11 @@ def test_oracle_with_every_neuron_is_the_dense_ffn(family):
     torch.testing.assert_close(oracle_ffn(layer, x.view(4, 64, D), N, chunk=100), ref.view(4, 64, D), atol=1e-5, rtol=0)
     # fewer neurons: exactly each token's top-m contributions |a_i| ||v_i||, summed
     m = 10
-    a = ACT2FN["silu"](x @ ffn["w_gate"].t()) * (x @ ffn["w_in"].t()) if ffn["w_gate"] is not None \
+    a = (
+        ACT2FN["silu"](x @ ffn["w_gate"].t()) * (x @ ffn["w_in"].t())
+        if ffn["w_gate"] is not None
         else ACT2FN["gelu_new"](x @ ffn["w_in"].t() + ffn["b_in"])
+    )
     keep = (a.abs() * ffn["w_out"].norm(dim=1)).topk(m, dim=1).indices
     want = torch.zeros_like(a).scatter(1, keep, a.gather(1, keep)) @ ffn["w_out"]
     if ffn["out_bias"] is not None:

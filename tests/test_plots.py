@@ -1,6 +1,7 @@
 """Plots render headless, and what they draw is what was measured: the routing heatmap's arrays are
 the recorded shares, the paths are each token's top choice, the training curve is the metrics file,
 the prune bars are the report's scores."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import decomposed
 
 import mom_cli
-from helpers import decomposed
 from mom_cli.analysis import plots
-from mom_cli.errors import UsageError
 from mom_cli.analysis.routing_trace import trace
+from mom_cli.errors import UsageError
 
 matplotlib = pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg  # noqa: E402
@@ -84,10 +85,23 @@ def test_routing_heatmaps_and_paths_are_the_recorded_routing(gpt2_dir, tmp_path,
 
 
 def test_training_curve_draws_the_metrics_file(tmp_path):
-    rows = [{"step": s, "tokens": 512 * s, "loss": 6 - 0.1 * s, "lm_loss": 5.9 - 0.1 * s, "aux_loss": 0.01, "kl": None,
-             "lr": 1e-3 * min(1, s / 3), "tokens_per_s": 1000 + s} for s in range(1, 11)]
-    rows += [{"step": 5, "tokens": 2560, "eval_loss": 5.5, "eval_ppl": float(np.exp(5.5))},
-             {"step": 10, "tokens": 5120, "eval_loss": 5.1, "eval_ppl": float(np.exp(5.1))}]
+    rows = [
+        {
+            "step": s,
+            "tokens": 512 * s,
+            "loss": 6 - 0.1 * s,
+            "lm_loss": 5.9 - 0.1 * s,
+            "aux_loss": 0.01,
+            "kl": None,
+            "lr": 1e-3 * min(1, s / 3),
+            "tokens_per_s": 1000 + s,
+        }
+        for s in range(1, 11)
+    ]
+    rows += [
+        {"step": 5, "tokens": 2560, "eval_loss": 5.5, "eval_ppl": float(np.exp(5.5))},
+        {"step": 10, "tokens": 5120, "eval_loss": 5.1, "eval_ppl": float(np.exp(5.1))},
+    ]
     (tmp_path / "train_metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     read = plots.read_metrics(tmp_path)
     assert read == rows
@@ -111,8 +125,11 @@ def test_training_curve_draws_the_metrics_file(tmp_path):
 
 
 def test_prune_plot_draws_the_report(tmp_path):
-    modules = [{"module": f"{k}.0.{i}", "kind": k, "block": 0, "slot": i, "origin": i, "score": s, "removed": s < 0.2}
-               for k in ("mha", "ffn") for i, s in enumerate([0.5, 0.1, 0.3, 0.05])]
+    modules = [
+        {"module": f"{k}.0.{i}", "kind": k, "block": 0, "slot": i, "origin": i, "score": s, "removed": s < 0.2}
+        for k in ("mha", "ffn")
+        for i, s in enumerate([0.5, 0.1, 0.3, 0.05])
+    ]
     report = {"metric": "loss", "modules": modules, "trace_loss": [3.0, 3.01, 3.05]}
     path = plots.plot_prune_report(report, tmp_path / "prune.png")
     assert mpimg.imread(path).shape[0] > 100

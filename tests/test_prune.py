@@ -1,5 +1,6 @@
 """`mom prune`: removals are exact where they should be, follow the scores, and give checkpoints
 that load, generate with the cache and export."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,16 @@ import mom_cli.io.provenance
 from mom_cli.analysis import routing_stats
 from mom_cli.cli.argv import optional_values
 from mom_cli.errors import UsageError
-from mom_cli.surgery.export import export
 from mom_cli.io.loading import load_model, load_tokenizer
+from mom_cli.surgery.export import export
 from mom_cli.surgery.prune import (
-    Measurer, ModuleRef, PruneOptions, keep_counts, lowest, prune, remove_modules,
+    Measurer,
+    ModuleRef,
+    PruneOptions,
+    keep_counts,
+    lowest,
+    prune,
+    remove_modules,
 )
 from tests.helpers import decomposed, ids, max_diff
 
@@ -37,8 +44,10 @@ def zero_out(ckpt: Path, out: Path, mha_slot: int, ffn_slot: int) -> Path:
     model = mom_cli.load(ckpt)
     block = model.model.blocks[0]
     with torch.no_grad():
-        for lin in (block.mha[str(mha_slot)].o_proj, getattr(block.ffn[str(ffn_slot)], "down_proj", None)
-                    or block.ffn[str(ffn_slot)].fc_out):
+        for lin in (
+            block.mha[str(mha_slot)].o_proj,
+            getattr(block.ffn[str(ffn_slot)], "down_proj", None) or block.ffn[str(ffn_slot)].fc_out,
+        ):
             lin.weight.zero_()
             if lin.bias is not None:
                 lin.bias.zero_()
@@ -99,8 +108,9 @@ def test_greedy_never_worse_than_its_one_shot_ranking(gpt2_dir, tmp_path, text_f
     one_shot = prune(ckpt, tmp_path / "loss", PruneOptions(**{**o.__dict__, "metric": "loss"}))
     greedy = prune(ckpt, tmp_path / "greedy", PruneOptions(**{**o.__dict__, "metric": "greedy"}))
     model, _ = load_model(str(ckpt))
-    from mom_cli.io.text import blocks, token_stream
     from transformers import AutoTokenizer
+
+    from mom_cli.io.text import blocks, token_stream
 
     calib = blocks(token_stream(str(text_file), AutoTokenizer.from_pretrained(ckpt), 512), 64)
     m = Measurer(model, calib, 4, "cpu")
@@ -132,21 +142,33 @@ def test_pruned_checkpoint_generates_with_cache_and_exports(llama_dir, tmp_path,
     assert plain.config.num_hidden_layers == 3
     pruned = mom_cli.load(tmp_path / "layer").eval()
     assert max_diff(pruned(x).logits, plain(x).logits) <= 1e-5
-    assert torch.equal(pruned.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
-                       plain.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert torch.equal(
+        pruned.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+        plain.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+    )
 
 
 def test_keep_forms_parse():
     assert optional_values(["x", "--keep-ffn"]) == ["x", "--keep-ffn", "all"]
     assert optional_values(["-", "--keep-ffn", "--data", "d"]) == ["-", "--keep-ffn", "all", "--data", "d"]
     assert optional_values(["--keep-ffn", "10", "x"]) == ["--keep-ffn", "10", "x"]
-    assert optional_values(["--keep-mha", "25%", "--keep-ffn", "ckpt"]) == ["--keep-mha", "25%", "--keep-ffn", "all", "ckpt"]
+    assert optional_values(["--keep-mha", "25%", "--keep-ffn", "ckpt"]) == [
+        "--keep-mha",
+        "25%",
+        "--keep-ffn",
+        "all",
+        "ckpt",
+    ]
     assert keep_counts(None, None, 30, 30) == (15, 30)  # default: half the attention, every FFN
     assert keep_counts(None, "all", 30, 30) == (15, 30)  # --keep-ffn alone: prune attention only
     assert keep_counts(None, "10", 30, 30) == (30, 10)  # --keep-ffn N alone: prune FFN only
     assert keep_counts("25%", "90%", 30, 30) == (8, 27)
-    for bad, pattern in (("31", "more MHA modules than the 30"), ("0", "keep at least 1"), ("0%", "keep at least 1"),
-                         ("ten", "give a count")):
+    for bad, pattern in (
+        ("31", "more MHA modules than the 30"),
+        ("0", "keep at least 1"),
+        ("0%", "keep at least 1"),
+        ("ten", "give a count"),
+    ):
         with pytest.raises(UsageError, match=pattern):
             keep_counts(bad, None, 30, 30)
 
@@ -163,15 +185,38 @@ def test_bad_inputs(gpt2_dir, tmp_path, text_file):
         prune(ckpt, tmp_path / "d", opts(text_file, keep_ffn="5"))
     with pytest.raises(UsageError, match="already pruned"):
         remove_modules(ckpt, tmp_path / "e", [ModuleRef("mha", 0, 9, 9)], REC)
-    assert not any(p.name.startswith((".a", ".b", ".c", ".d", ".e", "a", "b", "c", "d", "e")) for p in tmp_path.iterdir())
+    assert not any(
+        p.name.startswith((".a", ".b", ".c", ".d", ".e", "a", "b", "c", "d", "e")) for p in tmp_path.iterdir()
+    )
 
 
 def test_cli_pipe_with_flag_form(gpt2_dir, tmp_path, text_file):
     ckpt = decomposed(gpt2_dir, tmp_path / "mom")
     run = subprocess.run(
-        [sys.executable, "-m", "mom_cli", "prune", "-", "--keep-ffn", "--metric", "cosine", "--data", str(text_file),
-         "--calib-tokens", "256", "--seq-len", "32", "--plot", str(tmp_path / "p.png"), "--json"],
-        input=f"{ckpt}\n", capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mom_cli",
+            "prune",
+            "-",
+            "--keep-ffn",
+            "--metric",
+            "cosine",
+            "--data",
+            str(text_file),
+            "--calib-tokens",
+            "256",
+            "--seq-len",
+            "32",
+            "--plot",
+            str(tmp_path / "p.png"),
+            "--json",
+        ],
+        input=f"{ckpt}\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -188,10 +233,26 @@ def test_cli_pipe_with_flag_form(gpt2_dir, tmp_path, text_file):
 
     with Image.open(tmp_path / "p.png") as img:
         assert img.size[0] > 600 and img.size[1] > 300
-    bad = subprocess.run([sys.executable, "-m", "mom_cli", "prune", str(ckpt), "--keep-mha", "9", "--data", str(text_file),
-                          "-o", str(tmp_path / "never")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mom_cli",
+            "prune",
+            str(ckpt),
+            "--keep-mha",
+            "9",
+            "--data",
+            str(text_file),
+            "-o",
+            str(tmp_path / "never"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "more MHA modules than the 4" in bad.stderr
     assert not (tmp_path / "never").exists()
@@ -225,7 +286,8 @@ def test_streamed_measurements_equal_the_model_in_memory(llama_dir, tmp_path, te
     assert streamed.losses(sets) == pytest.approx(memory.losses(sets), abs=1e-6)
     streamed.rebase([refs[0]])  # later measurements resume from the states with refs[0] removed
     assert streamed.losses([(refs[0], r) for r in refs[1:]]) == pytest.approx(
-        memory.losses([(refs[0], r) for r in refs[1:]]), abs=1e-6)
+        memory.losses([(refs[0], r) for r in refs[1:]]), abs=1e-6
+    )
     for metric in ("greedy", "loss", "cosine", "block-influence"):
         a = make_plan(metric, Measurer(model, calib, 4, "cpu"), refs, {"mha": 2, "ffn": 1}, None, 2, True)
         b = make_plan(metric, StreamedMeasurer(ckpt, calib, 4, "cpu"), refs, {"mha": 2, "ffn": 1}, None, 2, True)

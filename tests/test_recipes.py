@@ -3,6 +3,7 @@ end to end through real subprocesses: the issue's pipe and the same recipe give 
 checkpoints; a rerun reuses finished steps; a failing step stops the run (and a pipe) with its own
 message and leaves no output. Also the fast command-line start that shell completion needs.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 import typer
+from test_cli import ENV, SHELL_MOM, assert_one_line_error, bash, entries, mom
 
 from mom_cli.cli import recipes
 from mom_cli.cli.app import app
 from mom_cli.errors import UsageError
-from test_cli import ENV, SHELL_MOM, assert_one_line_error, bash, entries, mom
 
 # ---------------------------------------------------------------------------------------------
 # Validation, in-process (no model is loaded).
@@ -54,7 +54,12 @@ BAD = {
     "unknown-option": ("    top_k: 2", "    top_kk: 2", 10, r"unknown option 'top-kk' for mom decompose"),
     "wrong-type": ("    top_k: 2", "    top_k: two", 10, r"option 'top-k' must be an integer, got 'two'"),
     "bool-for-int": ("    top_k: 2", "    top_k: true", 10, r"option 'top-k' must be an integer"),
-    "missing-required": ("    data: ${data}\n    seq-len: 32", "    seq-len: 32", 11, r"missing required option `data`"),
+    "missing-required": (
+        "    data: ${data}\n    seq-len: 32",
+        "    seq-len: 32",
+        11,
+        r"missing required option `data`",
+    ),
     "unknown-command": ("  - command: eval", "  - command: evaluate", 15, r"unknown command 'evaluate'"),
     "unknown-variable": ("    depth: ${depth}", "    depth: ${deep}", 9, r"unknown variable \$\{deep\}"),
     "runner-key": ("    top_k: 2", "    output: here", 10, r"`output` is set by `mom run`"),
@@ -85,14 +90,32 @@ def test_bad_recipe_is_refused_naming_file_and_line(tmp_path, case):
 def test_good_recipe_resolves_with_variables_sets_and_both_spellings(tmp_path):
     path = write(tmp_path, GOOD)
     recipe = recipes.load(str(path))
-    assert recipe.description == "A test recipe." and [s.id for s in recipe.steps] == ["decompose", "prune", "eval", "export"]
+    assert recipe.description == "A test recipe." and [s.id for s in recipe.steps] == [
+        "decompose",
+        "prune",
+        "eval",
+        "export",
+    ]
     steps = recipes.resolve(recipe, recipes.parse_sets(["depth=3", "prune.keep_mha=75%", "2.seq-len=64"]), SPECS)
     dec, prune = steps[0], steps[1]
     assert dec.options == {"source": "gpt2", "depth": 3, "top-k": 2}  # --set keeps the YAML type
     assert prune.options == {"keep-ffn": "all", "data": "text.txt", "seq-len": 64, "keep-mha": "75%"}
     argv = recipes.argv_for(prune, "IN", Path("OUT"))
-    assert argv == ["prune", "IN", "--keep-ffn", "all", "--data", "text.txt", "--seq-len", "64", "--keep-mha", "75%",
-                    "-o", "OUT", "--json"]
+    assert argv == [
+        "prune",
+        "IN",
+        "--keep-ffn",
+        "all",
+        "--data",
+        "text.txt",
+        "--seq-len",
+        "64",
+        "--keep-mha",
+        "75%",
+        "-o",
+        "OUT",
+        "--json",
+    ]
     assert [s.spec.kind for s in steps] == ["checkpoint", "checkpoint", "report", "checkpoint"]
     with pytest.raises(UsageError, match="has no variable 'nope'"):
         recipes.resolve(recipes.load(str(path)), recipes.parse_sets(["nope=1"]), SPECS)
@@ -115,7 +138,14 @@ def test_step_keys_follow_options_and_inputs(tmp_path):
 
 def test_every_shipped_recipe_is_valid_and_says_what_it_costs():
     found = recipes.shipped()
-    assert {"decompose-exact", "compressed-depth", "peer-middle", "prune-attention", "full-chain", "smollm2-first"} <= set(found)
+    assert {
+        "decompose-exact",
+        "compressed-depth",
+        "peer-middle",
+        "prune-attention",
+        "full-chain",
+        "smollm2-first",
+    } <= set(found)
     assert any(n.startswith("compressed-gpt2-") for n in found)
     specs = SPECS
     for name, path in found.items():
@@ -131,9 +161,11 @@ def test_every_shipped_recipe_is_valid_and_says_what_it_costs():
 
 STEPS_FLAGS = "--steps 2 --batch-size 2 --seq-len 32 --eval-tokens 256"
 PRUNE_FLAGS = "--calib-tokens 256 --seq-len 32"
-PIPE = (f"{SHELL_MOM} decompose gpt2 | {SHELL_MOM} convert-peer - --layers middle"
-        f" | {SHELL_MOM} train-routers - --data text.txt {STEPS_FLAGS}"
-        f" | {SHELL_MOM} prune - --keep-ffn --data text.txt {PRUNE_FLAGS} | {SHELL_MOM} export - -o out/")
+PIPE = (
+    f"{SHELL_MOM} decompose gpt2 | {SHELL_MOM} convert-peer - --layers middle"
+    f" | {SHELL_MOM} train-routers - --data text.txt {STEPS_FLAGS}"
+    f" | {SHELL_MOM} prune - --keep-ffn --data text.txt {PRUNE_FLAGS} | {SHELL_MOM} export - -o out/"
+)
 CHAIN = """\
 # The issue's pipe as a recipe, on the tiny fixture; cost: seconds.
 vars:
@@ -175,8 +207,10 @@ def e2e(models_dir, tmp_path_factory):
         (work[name] / "text.txt").write_text((models_dir / "text.txt").read_text())
     write(work["recipe"], CHAIN, "chain.yaml")
     write(work["failing"], CHAIN.replace("calib-tokens: 256", "calib-tokens: 999999"), "chain.yaml")
-    failing_pipe = (f"{SHELL_MOM} decompose ./missing-model/ | {SHELL_MOM} convert-peer - --layers middle"
-                    f" | {SHELL_MOM} export - -o out/; echo \"${{PIPESTATUS[@]}}\" >&2")
+    failing_pipe = (
+        f"{SHELL_MOM} decompose ./missing-model/ | {SHELL_MOM} convert-peer - --layers middle"
+        f' | {SHELL_MOM} export - -o out/; echo "${{PIPESTATUS[@]}}" >&2'
+    )
     with ThreadPoolExecutor(2) as pool:
         jobs = {
             "pipe": pool.submit(bash, PIPE + '; echo "${PIPESTATUS[@]}" > status', work["pipe"]),
@@ -184,17 +218,22 @@ def e2e(models_dir, tmp_path_factory):
         }
         res = {k: f.result() for k, f in jobs.items()}
         jobs = {
-            "rerun": pool.submit(mom, "run", "chain.yaml", "-o", "again", "--work-dir", ".out.mom-work", "--json",
-                                 cwd=work["recipe"]),
+            "rerun": pool.submit(
+                mom, "run", "chain.yaml", "-o", "again", "--work-dir", ".out.mom-work", "--json", cwd=work["recipe"]
+            ),
             "failing": pool.submit(mom, "run", "chain.yaml", "-o", "out", cwd=work["failing"]),
         }
         res.update({k: f.result() for k, f in jobs.items()})
         res["failing-out"] = (work["failing"] / "out").exists()
-        res["failing-work"] = sorted(p.name for p in (work["failing"] / ".out.mom-work").iterdir()) \
-            if (work["failing"] / ".out.mom-work").exists() else []
+        res["failing-work"] = (
+            sorted(p.name for p in (work["failing"] / ".out.mom-work").iterdir())
+            if (work["failing"] / ".out.mom-work").exists()
+            else []
+        )
         jobs = {
-            "fixed": pool.submit(mom, "run", "chain.yaml", "-o", "out", "--json", "--set", "prune.calib-tokens=256",
-                                 cwd=work["failing"]),
+            "fixed": pool.submit(
+                mom, "run", "chain.yaml", "-o", "out", "--json", "--set", "prune.calib-tokens=256", cwd=work["failing"]
+            ),
             "failing-pipe": pool.submit(bash, failing_pipe, work["failing-pipe"]),
         }
         res.update({k: f.result() for k, f in jobs.items()})
@@ -242,7 +281,9 @@ def test_result_holds_resolved_recipe_picture_and_card(e2e):
     out = work["recipe"] / "out"
     saved = out / recipes.RECIPE_FILE
     again = recipes.load(str(saved))  # the saved recipe is itself runnable
-    assert [s.command for s in again.steps] == [s.command for s in recipes.load(str(work["recipe"] / "chain.yaml")).steps]
+    assert [s.command for s in again.steps] == [
+        s.command for s in recipes.load(str(work["recipe"] / "chain.yaml")).steps
+    ]
     assert again.steps[2].options["data"] == "text.txt"  # variables applied
     card = (out / "README.md").read_text()
     assert "## Recipe" in card and "![routing.png](routing.png)" in card and "command: train-routers" in card
@@ -264,7 +305,9 @@ def test_failing_step_stops_the_run_with_its_message_and_rerun_continues(e2e):
     run = res["failing"]
     assert run.rc == 2 and run.out == "", run
     last = run.err.splitlines()[-1]
-    assert re.match(r"mom: error: step 4 \(prune\): calibration data text\.txt has \d+ tokens, fewer than --calib-tokens", last), run
+    assert re.match(
+        r"mom: error: step 4 \(prune\): calibration data text\.txt has \d+ tokens, fewer than --calib-tokens", last
+    ), run
     assert "Traceback" not in run.err
     assert res["failing-out"] is False  # no result after the failure
     kept = res["failing-work"]  # the finished steps stay for the rerun, nothing of the failed one
@@ -309,10 +352,12 @@ def test_recipes_list_show_cp(tmp_path):
 
 
 def test_cli_starts_without_torch_and_import_still_registers(tmp_path):
-    probe = ("import sys, mom_cli, mom_cli.cli.app; assert 'torch' not in sys.modules, 'torch imported';"
-             "from transformers import AutoConfig, AutoModelForCausalLM;"
-             "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M;"
-             "c = AutoConfig.for_model('mom'); print(type(c).__name__, M[type(c)].__name__)")
+    probe = (
+        "import sys, mom_cli, mom_cli.cli.app; assert 'torch' not in sys.modules, 'torch imported';"
+        "from transformers import AutoConfig, AutoModelForCausalLM;"
+        "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M;"
+        "c = AutoConfig.for_model('mom'); print(type(c).__name__, M[type(c)].__name__)"
+    )
     res = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.split() == ["MomConfig", "MomForCausalLM"], res.stderr
 
@@ -321,11 +366,18 @@ def test_shell_completion_installs_and_completes(tmp_path):
     script = Path(sys.executable).parent / "mom"
     if not script.exists():
         pytest.skip("the `mom` console script is not installed beside this Python")
-    env = {**ENV, "HOME": str(tmp_path), "SHELL": "/bin/bash", "PATH": f"{script.parent}{os.pathsep}{ENV.get('PATH', '')}"}
+    env = {
+        **ENV,
+        "HOME": str(tmp_path),
+        "SHELL": "/bin/bash",
+        "PATH": f"{script.parent}{os.pathsep}{ENV.get('PATH', '')}",
+    }
     # The shell is named rather than detected: detection walks the process tree (shellingham), which
     # finds no shell when the tests run detached; typer's own switch makes the option take a value.
     detect_off = {**env, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
-    inst = subprocess.run([str(script), "--install-completion", "bash"], env=detect_off, capture_output=True, text=True, timeout=120)
+    inst = subprocess.run(
+        [str(script), "--install-completion", "bash"], env=detect_off, capture_output=True, text=True, timeout=120
+    )
     assert inst.returncode == 0, inst.stderr
     complete = textwrap.dedent("""\
         source ~/.bash_completions/mom.sh
@@ -346,6 +398,8 @@ def test_every_command_help_has_an_example():
             yield from leaves(sub, [*path, name]) if hasattr(sub, "commands") else [(" ".join([*path, name]), sub)]
 
     found = dict(leaves(typer.main.get_command(app), []))
-    assert {"run", "recipes list", "recipes show", "recipes cp", "plot routing", "plot prune", "plot training"} <= set(found)
+    assert {"run", "recipes list", "recipes show", "recipes cp", "plot routing", "plot prune", "plot training"} <= set(
+        found
+    )
     missing = [name for name, cmd in found.items() if not re.search(r"^\s*Example: mom ", cmd.help or "", re.M)]
     assert not missing, f"--help without an `Example: mom ...` line: {missing}"

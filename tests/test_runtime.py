@@ -1,4 +1,5 @@
 """The MoM runtime against transformers: exactness at identity routing, the cache, routed plans."""
+
 from __future__ import annotations
 
 import pytest
@@ -77,8 +78,8 @@ def test_routed_plans_cache_matches_full_forward(family_dir, tmp_path, plan):
 
 def test_skip_tokens_contribute_no_keys():
     """A token routed only to SKIP must not change what other tokens attend to."""
-    from mom_cli.modeling.modeling_mom import Attention, StepContext
     from mom_cli.modeling.configuration_mom import MomConfig
+    from mom_cli.modeling.modeling_mom import Attention, StepContext
 
     cfg = MomConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, position_type="learned")
     attn = Attention(cfg)
@@ -108,7 +109,10 @@ def test_dispatch_runs_each_module_only_on_its_tokens(llama_dir, tmp_path):
     _perturb_routers(mom, seed=3)
     mom.model.dispatch = "modules"  # the grouped dispatch never calls a module's forward
     seen: list[int] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0])) for m in mom.model.blocks[0].ffn.values()]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+        for m in mom.model.blocks[0].ffn.values()
+    ]
     x = ids(1, 20)
     with torch.no_grad():
         mom(x, use_cache=False)

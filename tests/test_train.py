@@ -1,6 +1,7 @@
 """`mom train-routers`: the loss falls, frozen parameters stay, resume is bit-equal, two-process DDP
 matches one process, distillation from the source starts at KL 0, activation checkpointing changes
 nothing, the token cache and the sparse optimizer behave, and bad input is one clear error."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import decomposed
+from test_cli import ENV, assert_one_line_error, mom
+
+from mom_cli.errors import UsageError
 from mom_cli.io import tokencache
 from mom_cli.io.checkpoint import load
-from mom_cli.errors import UsageError
 from mom_cli.training.optim import RowSparseAdam
 from mom_cli.training.train import TrainOptions, group_of, train
-from test_cli import ENV, assert_one_line_error, mom
 
 SMALL = dict(seq_len=32, batch_size=2)
 
@@ -66,7 +67,10 @@ def test_peer_groups_train_per_mode(work):
     peer = convert_peer(work / "c2", work / "peer", ConvertOptions(layers="1,2", heads=2, topk=8)).path
     text = str(work / "text.txt")
     base = params(peer)
-    for mode, trained in (("routers", {"router", "peer_retrieval"}), ("routers+peer", {"router", "peer_retrieval", "peer_experts"})):
+    for mode, trained in (
+        ("routers", {"router", "peer_retrieval"}),
+        ("routers+peer", {"router", "peer_retrieval", "peer_experts"}),
+    ):
         out = train(peer, work / f"peer-{mode}", TrainOptions(data=text, train=mode, steps=2, lr=1e-2, **SMALL)).path
         new = params(out)
         changed = {group_of(k) for k in base if not torch.equal(base[k], new[k])}
@@ -99,17 +103,50 @@ def test_resume_after_an_interruption_is_bit_equal(work):
 
 def torchrun(work: Path, ckpt: str, *args: str) -> subprocess.CompletedProcess:
     """2 processes x batch 2 over gloo: the global batch of one process with 2 micro-batches of 2."""
-    common = ["--data", "text.txt", "--train", "all", "--steps", "3", "--seq-len", "32", "--lr", "3e-3", "--device", "cpu"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "mom_cli", "train-routers", ckpt, *common, "--batch-size", "2", "--json", *args]
+    common = [
+        "--data",
+        "text.txt",
+        "--train",
+        "all",
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mom_cli",
+        "train-routers",
+        ckpt,
+        *common,
+        "--batch-size",
+        "2",
+        "--json",
+        *args,
+    ]
     res = subprocess.run(cmd, cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
 
 def one_process(work: Path, ckpt: str, out: str, **kw) -> Path:
-    train(work / ckpt, work / out, TrainOptions(data=str(work / "text.txt"), train="all", steps=3, lr=3e-3,
-                                                grad_accum=2, device="cpu", **SMALL, **kw))
+    train(
+        work / ckpt,
+        work / out,
+        TrainOptions(
+            data=str(work / "text.txt"), train="all", steps=3, lr=3e-3, grad_accum=2, device="cpu", **SMALL, **kw
+        ),
+    )
     return work / out
 
 
@@ -150,15 +187,43 @@ def test_two_process_gloo_fsdp_matches_one_process_and_resumes_its_state(work, m
 
 def test_cli_distill_from_source_starts_at_kl_zero_and_errors(work):
     """Identity-routed MoM vs its source: KL 0 at the first step. `--distill` alone = provenance source."""
-    run = mom("train-routers", "gpt2-mom", "--data", "text.txt", "--steps", "2", "--seq-len", "32",
-              "--batch-size", "2", "--distill", "--json", cwd=work)
+    run = mom(
+        "train-routers",
+        "gpt2-mom",
+        "--data",
+        "text.txt",
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--distill",
+        "--json",
+        cwd=work,
+    )
     assert run.rc == 0, run
     assert "pass --aux-loss-coef 0" in run.err  # identity routing with load balancing: warned
     result = json.loads(run.out)
     kl = [m["kl"] for m in metrics(work / result["path"]) if "kl" in m]
     assert kl[0] < 1e-6 and len(kl) == 2
-    kept = mom("train-routers", "gpt2-mom", "--data", "text.txt", "--steps", "1", "--seq-len", "32",
-               "--batch-size", "2", "--aux-loss-coef", "0", "-o", "kept", cwd=work)
+    kept = mom(
+        "train-routers",
+        "gpt2-mom",
+        "--data",
+        "text.txt",
+        "--steps",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--aux-loss-coef",
+        "0",
+        "-o",
+        "kept",
+        cwd=work,
+    )
     assert kept.rc == 0 and "aux-loss-coef" not in kept.err, kept
     bad = mom("train-routers", "gpt2-mom", "--data", "text.txt", "--seq-len", "32", "--resume", "-o", "x", cwd=work)
     assert_one_line_error(bad, 2, "no saved training state")

@@ -1,5 +1,6 @@
 """`mom decompose` verifies each layer against the source's own transformers layer before it reports
 success, and a mis-mapped tensor fails it."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def swapped(family, a: str, b: str, layer: int):
     return mapping
 
 
-@pytest.mark.parametrize("a,b", [("mha.k_proj.weight", "mha.v_proj.weight"), ("ffn.gate_proj.weight", "ffn.up_proj.weight")])
+@pytest.mark.parametrize(
+    "a,b", [("mha.k_proj.weight", "mha.v_proj.weight"), ("ffn.gate_proj.weight", "ffn.up_proj.weight")]
+)
 def test_a_mis_mapped_tensor_fails_and_writes_nothing(llama_dir, tmp_path, monkeypatch, capsys, a, b):
     family = family_for("llama")
     monkeypatch.setattr(family, "layer", swapped(family, a, b, layer=2))
@@ -75,7 +78,9 @@ def test_mis_mapped_head_fails(llama_dir, tmp_path, monkeypatch):
 
     def mapping(mom_cfg):
         flip = lambda ts: [ts[0].flip(0)]
-        return [replace(e, to_mom=flip, to_source=flip) if e.mom == ("lm_head.weight",) else e for e in original(mom_cfg)]
+        return [
+            replace(e, to_mom=flip, to_source=flip) if e.mom == ("lm_head.weight",) else e for e in original(mom_cfg)
+        ]
 
     monkeypatch.setattr(family, "globals", mapping)
     with pytest.raises(MomError, match="verification failed at the final norm and head"):

@@ -1,4 +1,5 @@
 """`mom eval`: perplexity of any model on text, the same way for the source and the result."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,14 @@ class EvalResult:
 
 
 @torch.no_grad()
-def heldout_loss(model, batches: torch.Tensor | np.ndarray, batch_size: int, device: str,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
+def heldout_loss(
+    model,
+    batches: torch.Tensor | np.ndarray,
+    batch_size: int,
+    device: str,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
     """Mean next-token cross-entropy over (n, seq_len) token blocks, and the number of tokens predicted.
 
     The one held-out loss loop: `mom eval`, prune's measurements and train's held-out evaluation.
@@ -63,13 +69,19 @@ def check_eval_options(seq_len: int, batch_size: int, max_tokens: int | None = N
     if seq_len < 2 or batch_size < 1:
         raise UsageError("--seq-len must be >= 2 and --batch-size >= 1")
     if max_tokens is not None and max_tokens < seq_len:
-        raise UsageError(f"--max-tokens {max_tokens} caps the tokens evaluated below one sequence of --seq-len {seq_len}; "
-                         f"give --max-tokens {seq_len} or more")
+        raise UsageError(
+            f"--max-tokens {max_tokens} caps the tokens evaluated below one sequence of --seq-len {seq_len}; "
+            f"give --max-tokens {seq_len} or more"
+        )
 
 
-def evaluate(model, tokenizer, ref: str, data: str, seq_len: int, max_tokens: int | None, batch_size: int, device: str) -> EvalResult:
+def evaluate(
+    model, tokenizer, ref: str, data: str, seq_len: int, max_tokens: int | None, batch_size: int, device: str
+) -> EvalResult:
     check_eval_options(seq_len, batch_size, max_tokens)
-    check_seq_len(seq_len, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None))
+    check_seq_len(
+        seq_len, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    )
     stream = token_stream(data, tokenizer, max_tokens)
     batches = blocks(stream, seq_len)
     start = time.perf_counter()

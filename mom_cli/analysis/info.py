@@ -7,6 +7,7 @@ constant (identity-style) routers are counted exactly, so pruned steps cost noth
 A PEER FFN module touches its query network, BatchNorm and sub-keys, and only the h*k experts it
 retrieves, not all N (`peer_costs`).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,12 +68,18 @@ def _peer_rows(block_id: int, spec: dict, block: Any, cost: dict[int, tuple[int,
         if getattr(module, "peer", None) is None:
             continue
         kw = module.peer.config_dict()
-        rows.append({
-            "module": f"{block_id}.{slot}", "origin": spec["ffn"][int(slot)],
-            **{key: kw[key] for key in ("n_experts", "heads", "topk", "key_dim", "gate", "query_bn", "shared_keys")},
-            "params_total": _count(module), "params_active_per_token": cost[int(slot)][0],
-            "flops_per_call": 2 * cost[int(slot)][1],
-        })
+        rows.append(
+            {
+                "module": f"{block_id}.{slot}",
+                "origin": spec["ffn"][int(slot)],
+                **{
+                    key: kw[key] for key in ("n_experts", "heads", "topk", "key_dim", "gate", "query_bn", "shared_keys")
+                },
+                "params_total": _count(module),
+                "params_active_per_token": cost[int(slot)][0],
+                "flops_per_call": 2 * cost[int(slot)][1],
+            }
+        )
     return rows
 
 
@@ -82,11 +89,14 @@ def _constant_picks(get: TensorGetter | None, block: int, kind: str, k: int) -> 
 
     if get is None:
         return None
-    return Router.constant_picks(get(router_key(block, kind, "head.weight")), get(router_key(block, kind, "step_bias")), k)
+    return Router.constant_picks(
+        get(router_key(block, kind, "head.weight")), get(router_key(block, kind, "step_bias")), k
+    )
 
 
-def _pool_cost(spec: dict, kind: str, k: int, picks: list[list[int]] | None,
-               cost: dict[int, tuple[int, int]]) -> tuple[int, float, int]:
+def _pool_cost(
+    spec: dict, kind: str, k: int, picks: list[list[int]] | None, cost: dict[int, tuple[int, int]]
+) -> tuple[int, float, int]:
     """(active parameters, multiply-adds per token, steps that call any module) of one pool.
 
     `cost`: (active parameters, multiply-adds) per live slot. Learned routing is counted at most:
@@ -97,7 +107,11 @@ def _pool_cost(spec: dict, kind: str, k: int, picks: list[list[int]] | None,
     if picks is not None:  # constant routing: exactly what runs
         chosen = [[m for m in step if m in live] for step in picks]
         flat = [m for step in chosen for m in step]
-        return sum(cost[m][0] for m in set(flat)), float(sum(cost[m][1] for m in flat)), sum(1 for step in chosen if step)
+        return (
+            sum(cost[m][0] for m in set(flat)),
+            float(sum(cost[m][1] for m in flat)),
+            sum(1 for step in chosen if step),
+        )
     share = len(live) / max(len(spec[kind]), 1)  # learned routing: removed slots' tokens SKIP
     largest = sorted((cost[m][0] for m in live), reverse=True)[: h * k]
     return sum(largest), h * k * share * max((cost[m][1] for m in live), default=0), h if live else 0
@@ -129,11 +143,20 @@ def summary(config: MomConfig, seq_len: int = 1024, get: TensorGetter | None = N
         router_macs += h * routers
         attn_calls += mha_steps
         peer_modules += _peer_rows(i, spec, block, ffn_cost)
-        blocks.append({
-            "block": i, "mha_modules": len(block.mha), "ffn_modules": len(block.ffn), "skip": config.skip,
-            "steps": h, "top_k": k, "mha_origins": spec["mha"], "ffn_origins": spec["ffn"],
-            "router": config.router, "router_params": routers,
-        })
+        blocks.append(
+            {
+                "block": i,
+                "mha_modules": len(block.mha),
+                "ffn_modules": len(block.ffn),
+                "skip": config.skip,
+                "steps": h,
+                "top_k": k,
+                "mha_origins": spec["mha"],
+                "ffn_origins": spec["ffn"],
+                "router": config.router,
+                "router_params": routers,
+            }
+        )
     # 2 FLOPs per multiply-add; attention scores and mixing add 4 * seq * heads * head_dim per call.
     attn_flops = 4 * seq_len * config.num_attention_heads * config.head_dim * attn_calls
     return {

@@ -2,6 +2,7 @@
 (`pip install 'mom-cli[plot]'`). Every plot function draws from the same dict a command prints
 with `--json`, so what is drawn is what was measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,9 @@ def routing_figure(pic: Any) -> Any:
     plt = _pyplot()
     blocks = sorted({b for b, _ in pic.shares})
     rows_per_block = 2 if pic.paths else 1
-    fig, axes = plt.subplots(rows_per_block * len(blocks), 2, figsize=(11, 4.6 * rows_per_block * len(blocks)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows_per_block * len(blocks), 2, figsize=(11, 4.6 * rows_per_block * len(blocks)), squeeze=False
+    )
     for i, b in enumerate(blocks):
         row = rows_per_block * i
         for col, kind in enumerate(("mha", "ffn")):
@@ -145,10 +147,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         healed = path / "heal_metrics.jsonl"
-        path = healed if healed.is_file() and not (path / "train_metrics.jsonl").is_file() else path / "train_metrics.jsonl"
+        path = (
+            healed
+            if healed.is_file() and not (path / "train_metrics.jsonl").is_file()
+            else path / "train_metrics.jsonl"
+        )
     if not path.is_file():
-        raise UsageError(f"{path} does not exist; `mom train-routers` and `mom heal` write train_metrics.jsonl "
-                         "and heal_metrics.jsonl into their output")
+        raise UsageError(
+            f"{path} does not exist; `mom train-routers` and `mom heal` write train_metrics.jsonl "
+            "and heal_metrics.jsonl into their output"
+        )
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -179,7 +187,9 @@ def training_figure(rows: list[dict[str, Any]]) -> Any:
     if any(r.get("lm_loss") is not None for r in train):
         ax.plot(x, [r.get("lm_loss") for r in train], label="next-token loss", color="tab:green", alpha=0.8)
     if evals:
-        ax.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss", color="tab:red")
+        ax.plot(
+            [r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss", color="tab:red"
+        )
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_title("training")

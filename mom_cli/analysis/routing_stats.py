@@ -6,6 +6,7 @@ usage` and the routing plots read them.
 
 `count` and `mass` have one entry per slot of the pool, SKIP last.
 """
+
 from __future__ import annotations
 
 import json

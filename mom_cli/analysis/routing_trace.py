@@ -4,6 +4,7 @@ and the path single tokens take. `mom plot routing` draws it (plots.py).
 Shares are counted by `RoutingRecorder` over DATA; paths record, for every token of a short sample,
 the module with the largest routing weight at each step (SKIP included).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class PathRecorder(RoutingRecorder):
         self.top[(block, kind, step)] = r.idx.gather(-1, best)[:, 0].cpu()
 
 
-def shares_from_stats(stats: dict, config: Any) -> tuple[dict[tuple[int, str], np.ndarray], dict[tuple[int, str], list[str]]]:
+def shares_from_stats(
+    stats: dict, config: Any
+) -> tuple[dict[tuple[int, str], np.ndarray], dict[tuple[int, str], list[str]]]:
     """Recorder counts -> per (block, kind) a (choices x steps) array of shares, and slot names."""
     shares, names = {}, {}
     for b, spec in enumerate(config.blocks):
@@ -65,13 +68,23 @@ def check_trace_options(max_tokens: int, seq_len: int, batch_size: int, sample_t
     if max_tokens < 2 or seq_len < 2 or batch_size < 1 or sample_tokens < 1:
         raise UsageError("--max-tokens and --seq-len must be >= 2, --batch-size and --sample-tokens >= 1")
     if max_tokens < seq_len:
-        raise UsageError(f"--max-tokens {max_tokens} caps the tokens measured below one sequence of --seq-len {seq_len}; "
-                         f"give --max-tokens {seq_len} or more")
+        raise UsageError(
+            f"--max-tokens {max_tokens} caps the tokens measured below one sequence of --seq-len {seq_len}; "
+            f"give --max-tokens {seq_len} or more"
+        )
 
 
 @torch.no_grad()
-def trace(model: Any, tokenizer: Any, data: str, max_tokens: int, seq_len: int, batch_size: int,
-          sample_tokens: int, device: str) -> RoutingPicture:
+def trace(
+    model: Any,
+    tokenizer: Any,
+    data: str,
+    max_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    sample_tokens: int,
+    device: str,
+) -> RoutingPicture:
     """Shares over up to `max_tokens` tokens of `data`; paths for its first `sample_tokens` tokens."""
     from mom_cli.io.text import blocks, token_stream
 
@@ -97,7 +110,8 @@ def trace(model: Any, tokenizer: Any, data: str, max_tokens: int, seq_len: int, 
         inner.recorder = None
     paths = {
         (b, kind): torch.stack([paths_rec.top[(b, kind, h)] for h in range(spec["steps"])]).numpy()
-        for b, spec in enumerate(config.blocks) for kind in KINDS
+        for b, spec in enumerate(config.blocks)
+        for kind in KINDS
     }
     labels = [tokenizer.decode([t]) for t in sample.tolist()]
     return RoutingPicture(shares, names, int(batches.numel()), paths, labels)

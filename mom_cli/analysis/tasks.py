@@ -4,6 +4,7 @@ lm-eval runs through its Python API on the model mom has already loaded (MoM che
 `transformers` directory, hub id or GGUF), so a MoM checkpoint needs no export first and mom's
 own classes are used. Several models give one table, each score beside the first model's.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,7 +83,9 @@ def task_manager(specs: list[str], folders: list[Path]) -> Any:
     manager = TaskManager(include_path=[str(f) for f in folders] or None, include_defaults=bool(names))
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise UsageError(f"unknown lm-eval task {unknown[0]!r}: give a task name (`lm_eval ls tasks`) or a .yaml task file")
+        raise UsageError(
+            f"unknown lm-eval task {unknown[0]!r}: give a task name (`lm_eval ls tasks`) or a .yaml task file"
+        )
     return manager
 
 
@@ -96,15 +99,24 @@ def run_tasks(model: Any, tokenizer: Any, ref: str, opts: TaskOptions, manager: 
     try:
         with hush():
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=specs, num_fewshot=opts.num_fewshot, limit=_limit(opts.limit), task_manager=manager,
-                log_samples=False, bootstrap_iters=_bootstrap(opts.limit),
+                model=lm,
+                tasks=specs,
+                num_fewshot=opts.num_fewshot,
+                limit=_limit(opts.limit),
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=_bootstrap(opts.limit),
             )
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise MomError(f"lm-eval failed on {ref}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     scores, stderr = _metrics(out["results"])
     samples = {t: int(n.get("effective", n.get("original", 0))) for t, n in out.get("n-samples", {}).items()}
-    options = {"tasks": opts.tasks, "num_fewshot": opts.num_fewshot, "limit": opts.limit,
-               "lm_eval_version": out.get("lm_eval_version")}
+    options = {
+        "tasks": opts.tasks,
+        "num_fewshot": opts.num_fewshot,
+        "limit": opts.limit,
+        "lm_eval_version": out.get("lm_eval_version"),
+    }
     return TaskScores(ref, scores, stderr, samples, time.perf_counter() - start, options)
 
 
@@ -161,8 +173,14 @@ def comparison(results: list[TaskScores]) -> list[dict[str, Any]]:
     for task, metrics in first.scores.items():
         for metric, base in metrics.items():
             values = [r.scores.get(task, {}).get(metric) for r in results]
-            rows.append({"task": task, "metric": metric, "values": values,
-                         "deltas": [None if v is None else v - base for v in values]})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "values": values,
+                    "deltas": [None if v is None else v - base for v in values],
+                }
+            )
     return rows
 
 

@@ -3,6 +3,7 @@
 stdout carries only results (an output path, or JSON with --json); everything for people goes
 to stderr. Errors are one line, exit 2 for usage and 1 for failures; --debug shows tracebacks.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_show_version, help="Print mom's version and exit."),
+    version: bool = typer.Option(
+        False, "--version", "-V", is_eager=True, callback=_show_version, help="Print mom's version and exit."
+    ),
 ) -> None:
     """Model surgery for pretrained Transformers: Mixture-of-Modules, PEER experts, pruning."""
 
@@ -63,6 +66,7 @@ def checkpoint_arg(value: str) -> str:
 
 def _json(value: object) -> str:
     """JSON as the standard has it: NaN and infinities (which json.dumps writes bare) become null."""
+
     def finite(v: object) -> object:
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -92,9 +96,15 @@ def emit(path: Path, as_json: bool, **extra: object) -> None:
 
 @app.command()
 def decompose(
-    source: str = typer.Argument(..., help="Hub id, local transformers directory, .gguf file, or an alias such as smollm2-135m."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: SOURCE-mom beside the input)."),
-    pool_size: Optional[int] = typer.Option(None, "--pool-size", help="M: modules per pool (default: all middle layers, one block)."),
+    source: str = typer.Argument(
+        ..., help="Hub id, local transformers directory, .gguf file, or an alias such as smollm2-135m."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output directory (default: SOURCE-mom beside the input)."
+    ),
+    pool_size: Optional[int] = typer.Option(
+        None, "--pool-size", help="M: modules per pool (default: all middle layers, one block)."
+    ),
     depth: Optional[int] = typer.Option(None, "--depth", help="H: routed steps per block (default: M)."),
     top_k: int = typer.Option(1, "--top-k", help="K: modules each router picks per step."),
     bottom: int = typer.Option(0, "--bottom", help="Plain layers kept below the blocks."),
@@ -105,8 +115,12 @@ def decompose(
     no_skip: bool = typer.Option(False, "--no-skip", help="No SKIP module in the pools."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as the source), float32, float16 or bfloat16."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest weights file before sharding."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickled .bin weights (weights_only) if no safetensors."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking each layer against the source's own transformers layer."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Read pickled .bin weights (weights_only) if no safetensors."
+    ),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", help="Skip checking each layer against the source's own transformers layer."
+    ),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -117,9 +131,9 @@ def decompose(
     Example: mom decompose gpt2 -o gpt2-mom --depth 6 --top-k 2
     """
     from mom_cli.io.loading import parse_dtype
+    from mom_cli.io.tensorio import parse_size
     from mom_cli.surgery.decompose import PlanOptions, default_output
     from mom_cli.surgery.decompose import decompose as run
-    from mom_cli.io.tensorio import parse_size
 
     _quiet_third_party()
     source = checkpoint_arg(source)
@@ -134,12 +148,20 @@ def decompose(
 @app.command()
 def export(
     checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output directory (or .safetensors file with --format safetensors)."),
-    fmt: str = typer.Option("hf", "--format", help="hf (standard family format when possible, else trust_remote_code) or safetensors."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Output directory (or .safetensors file with --format safetensors)."
+    ),
+    fmt: str = typer.Option(
+        "hf", "--format", help="hf (standard family format when possible, else trust_remote_code) or safetensors."
+    ),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest weights file before sharding."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
-    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help="Then upload the directory "
-                                              "to this Hugging Face Hub model repo (created if needed)."),
+    push_to_hub: Optional[str] = typer.Option(
+        None,
+        "--push-to-hub",
+        metavar="REPO",
+        help="Then upload the directory to this Hugging Face Hub model repo (created if needed).",
+    ),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
     force: bool = Force,
     as_json: bool = Json,
@@ -149,9 +171,9 @@ def export(
     Example: mom decompose gpt2 | mom export - -o gpt2-plain
     """
     from mom_cli.io.loading import parse_dtype
+    from mom_cli.io.tensorio import parse_size
     from mom_cli.surgery.export import export as run
     from mom_cli.surgery.export import push_to_hub as push
-    from mom_cli.io.tensorio import parse_size
 
     ckpt = Path(checkpoint_arg(checkpoint))
     if push_to_hub is not None:  # before the export: a bad repo id must not cost an export first
@@ -169,14 +191,28 @@ def export(
 
 @app.command("eval")
 def eval_(
-    model: list[str] = typer.Argument(..., metavar="MODEL...", help="MoM checkpoints, transformers directories, hub ids, "
-                                      ".gguf files, or - (the first); --tasks compares them side by side."),
-    data: Optional[str] = typer.Option(None, "--data", help="Perplexity on .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks: names "
-                                        "(hellaswag,arc_easy) or .yaml task files (offline)."),
-    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples per task (default: the task's)."),
+    model: list[str] = typer.Argument(
+        ...,
+        metavar="MODEL...",
+        help="MoM checkpoints, transformers directories, hub ids, "
+        ".gguf files, or - (the first); --tasks compares them side by side.",
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Perplexity on .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."
+    ),
+    tasks: Optional[str] = typer.Option(
+        None,
+        "--tasks",
+        metavar="T1,T2",
+        help="lm-evaluation-harness tasks: names (hellaswag,arc_easy) or .yaml task files (offline).",
+    ),
+    num_fewshot: Optional[int] = typer.Option(
+        None, "--num-fewshot", help="Few-shot examples per task (default: the task's)."
+    ),
     limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (below 1: a share of each task)."),
-    record: bool = typer.Option(False, "--record", help="Write the task scores into the MoM checkpoint's provenance and model card."),
+    record: bool = typer.Option(
+        False, "--record", help="Write the task scores into the MoM checkpoint's provenance and model card."
+    ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence (--data)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens (--data)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
@@ -205,8 +241,15 @@ def eval_(
             raise UsageError("--record writes one checkpoint's scores: give one model")
         if record:
             check_recordable(refs[0])
-        opts = TaskOptions([t.strip() for t in tasks.split(",")], num_fewshot, limit, batch_size, pick_device(device),
-                           parse_dtype(dtype), allow_pickle)
+        opts = TaskOptions(
+            [t.strip() for t in tasks.split(",")],
+            num_fewshot,
+            limit,
+            batch_size,
+            pick_device(device),
+            parse_dtype(dtype),
+            allow_pickle,
+        )
         results = evaluate_models(refs, opts)
         if record:
             record_scores(results[0])
@@ -244,8 +287,8 @@ def info(
 
     Example: mom info gpt2-mom --json
     """
-    from mom_cli.io.checkpoint import read_mom
     from mom_cli.analysis.info import summary
+    from mom_cli.io.checkpoint import read_mom
 
     config, reader = read_mom(Path(checkpoint_arg(checkpoint)))
     s = summary(config, seq_len, reader.get)
@@ -258,22 +301,41 @@ def info(
 @app.command()
 def prune(
     checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-pruned beside it)."),
-    keep_mha: Optional[str] = typer.Option(None, "--keep-mha", metavar="[N|P%]",
-                                           help="MHA modules to keep: a count or a share; the flag alone keeps all. Default 50%."),
-    keep_ffn: Optional[str] = typer.Option(None, "--keep-ffn", metavar="[N|P%]",
-                                           help="FFN modules to keep; the flag alone (or no flag) keeps all of them."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="greedy, loss, cosine, block-influence or usage "
-                                         "(default: greedy when affordable, else loss)."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output directory (default: CKPT-pruned beside it)."
+    ),
+    keep_mha: Optional[str] = typer.Option(
+        None,
+        "--keep-mha",
+        metavar="[N|P%]",
+        help="MHA modules to keep: a count or a share; the flag alone keeps all. Default 50%.",
+    ),
+    keep_ffn: Optional[str] = typer.Option(
+        None, "--keep-ffn", metavar="[N|P%]", help="FFN modules to keep; the flag alone (or no flag) keeps all of them."
+    ),
+    metric: Optional[str] = typer.Option(
+        None,
+        "--metric",
+        help="greedy, loss, cosine, block-influence or usage (default: greedy when affordable, else loss).",
+    ),
     data: str = typer.Option(..., "--data", help="Calibration text: .txt/.jsonl/.parquet, a folder, or hf:NAME."),
-    calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="Calibration tokens the scores are measured on "
-                                               "(default: sized to the model, 256 to 8192)."),
+    calib_tokens: Optional[int] = typer.Option(
+        None,
+        "--calib-tokens",
+        help="Calibration tokens the scores are measured on (default: sized to the model, 256 to 8192).",
+    ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."),
-    greedy_width: int = typer.Option(8, "--greedy-width", help="Candidates greedy re-measures per round after the first."),
+    eval_data: Optional[str] = typer.Option(
+        None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."
+    ),
+    greedy_width: int = typer.Option(
+        8, "--greedy-width", help="Candidates greedy re-measures per round after the first."
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw scores and perplexity against modules removed (.png)."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Draw scores and perplexity against modules removed (.png)."
+    ),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
     force: bool = Force,
     as_json: bool = Json,
@@ -282,9 +344,8 @@ def prune(
 
     Example: mom prune gpt2-mom --keep-ffn --keep-mha 50% --data docs/ -o gpt2-half-attn
     """
+    from mom_cli.io.loading import parse_dtype, pick_device
     from mom_cli.surgery.decompose import default_output
-    from mom_cli.io.loading import pick_device
-    from mom_cli.io.loading import parse_dtype
     from mom_cli.surgery.prune import PruneOptions
     from mom_cli.surgery.prune import prune as run
 
@@ -307,27 +368,53 @@ def _emit_report(report: dict, out: Path, as_json: bool, show: Callable[[dict], 
 @app.command("convert-peer")
 def convert_peer(
     checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-peer beside it)."),
-    layers: str = typer.Option(..., "--layers", metavar="SPEC",
-                               help="FFN modules by source layer: 10-19, 0,4,8, all (every dense pooled one) or middle (their middle third)."),
-    experts: Optional[int] = typer.Option(None, "--experts", help="N experts, a perfect square (default: the smallest >= d_ff)."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output directory (default: CKPT-peer beside it)."
+    ),
+    layers: str = typer.Option(
+        ...,
+        "--layers",
+        metavar="SPEC",
+        help="FFN modules by source layer: 10-19, 0,4,8, all (every dense pooled one) or middle (their middle third).",
+    ),
+    experts: Optional[int] = typer.Option(
+        None, "--experts", help="N experts, a perfect square (default: the smallest >= d_ff)."
+    ),
     heads: int = typer.Option(8, "--heads", help="h query heads sharing the pool."),
     topk: Optional[int] = typer.Option(None, "--topk", help="k experts per head (default: h*k = 50% of d_ff)."),
     key_dim: int = typer.Option(128, "--key-dim", help="d_key: query/key width, two halves of d_key/2."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="softmax, sigmoid or none (default: none with --init neurons, "
-                                       "the FFN's own sum; softmax with --init random, as the paper)."),
-    init: str = typer.Option("neurons", "--init", help="neurons (expert i = a trained neuron) or random (a fresh layer, as the paper)."),
+    gate: Optional[str] = typer.Option(
+        None,
+        "--gate",
+        help="softmax, sigmoid or none (default: none with --init neurons, "
+        "the FFN's own sum; softmax with --init random, as the paper).",
+    ),
+    init: str = typer.Option(
+        "neurons", "--init", help="neurons (expert i = a trained neuron) or random (a fresh layer, as the paper)."
+    ),
     no_query_bn: bool = typer.Option(False, "--no-query-bn", help="No BatchNorm on the query (the paper has it)."),
-    per_head_keys: bool = typer.Option(False, "--per-head-keys", help="Each head its own sub-keys (default: shared, as the paper)."),
-    drop_neurons: Optional[str] = typer.Option(None, "--drop-neurons", metavar="SPEC",
-                                               help="Neurons left out when N < d_ff: weakest (keep the N strongest) or indexes (0-99,512)."),
-    calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATA",
-                                            help="Train retrieval to reproduce each dense layer on this text (.txt/.jsonl/.parquet, folder, hf:)."),
+    per_head_keys: bool = typer.Option(
+        False, "--per-head-keys", help="Each head its own sub-keys (default: shared, as the paper)."
+    ),
+    drop_neurons: Optional[str] = typer.Option(
+        None,
+        "--drop-neurons",
+        metavar="SPEC",
+        help="Neurons left out when N < d_ff: weakest (keep the N strongest) or indexes (0-99,512).",
+    ),
+    calibrate: Optional[str] = typer.Option(
+        None,
+        "--calibrate",
+        metavar="DATA",
+        help="Train retrieval to reproduce each dense layer on this text (.txt/.jsonl/.parquet, folder, hf:).",
+    ),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
     calib_steps: int = typer.Option(30, "--calib-steps", help="Calibration steps per layer."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."),
+    eval_data: Optional[str] = typer.Option(
+        None, "--eval-data", help="Held-out text (default: DATA after the calibration tokens)."
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), float32, float16 or bfloat16."),
     force: bool = Force,
@@ -337,54 +424,91 @@ def convert_peer(
 
     Example: mom convert-peer smol-mom --layers 10-19 --calibrate docs/ -o smol-peer
     """
+    from mom_cli.io.loading import parse_dtype, pick_device
     from mom_cli.surgery.convert_peer import ConvertOptions
     from mom_cli.surgery.convert_peer import convert_peer as run
     from mom_cli.surgery.decompose import default_output
-    from mom_cli.io.loading import parse_dtype
-    from mom_cli.io.loading import pick_device
 
     _quiet_third_party()
     ckpt = Path(checkpoint_arg(checkpoint))
     out = output or default_output(str(ckpt), "-peer")
-    opts = options_from_context(ConvertOptions, query_bn=not no_query_bn, shared_keys=not per_head_keys,
-                                device=pick_device(device), dtype=parse_dtype(dtype))
+    opts = options_from_context(
+        ConvertOptions,
+        query_bn=not no_query_bn,
+        shared_keys=not per_head_keys,
+        device=pick_device(device),
+        dtype=parse_dtype(dtype),
+    )
     _emit_report(run(ckpt, out, opts, force).as_dict(), out, as_json, render.print_convert_peer)
 
 
 @app.command("train-routers")
 def train_routers(
     checkpoint: str = typer.Argument(..., help="MoM checkpoint directory, or - to read it from stdin."),
-    data: str = typer.Option(..., "--data", help="Training text: .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-trained beside it)."),
-    train: str = typer.Option("routers", "--train", help="routers (+ PEER queries and keys), routers+peer (+ PEER expert "
-                              "tables, sparse updates) or all."),
+    data: str = typer.Option(
+        ..., "--data", help="Training text: .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output directory (default: CKPT-trained beside it)."
+    ),
+    train: str = typer.Option(
+        "routers",
+        "--train",
+        help="routers (+ PEER queries and keys), routers+peer (+ PEER expert tables, sparse updates) or all.",
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one pass over DATA)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Train on this many tokens instead of --steps."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per micro-batch, per process."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 for routers, 1e-4 for all)."),
+    lr: Optional[float] = typer.Option(
+        None, "--lr", help="Peak learning rate (default: 1e-3 for routers, 1e-4 for all)."
+    ),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 5% of the steps)."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine (down to 10% of --lr) or constant."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay of weight matrices."),
-    aux_loss_coef: Optional[float] = typer.Option(None, "--aux-loss-coef", help="Load-balancing loss weight (default: the checkpoint's, 0.01)."),
-    distill: Optional[str] = typer.Option(None, "--distill", metavar="[TEACHER]", help="Train toward a teacher's logits (KL); "
-                                          "the flag alone (or `source`) uses the source model in the provenance."),
+    aux_loss_coef: Optional[float] = typer.Option(
+        None, "--aux-loss-coef", help="Load-balancing loss weight (default: the checkpoint's, 0.01)."
+    ),
+    distill: Optional[str] = typer.Option(
+        None,
+        "--distill",
+        metavar="[TEACHER]",
+        help="Train toward a teacher's logits (KL); "
+        "the flag alone (or `source`) uses the source model in the provenance.",
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: bf16, fp16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Autocast dtype: bf16, fp16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."
+    ),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the dense modules."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (long sequences)."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: the last blocks of DATA)."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Held-out perplexity every N steps (always at start and end)."),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="Recompute activations in backward (long sequences)."
+    ),
+    eval_data: Optional[str] = typer.Option(
+        None, "--eval-data", help="Held-out text (default: the last blocks of DATA)."
+    ),
+    eval_every: int = typer.Option(
+        0, "--eval-every", help="Held-out perplexity every N steps (always at start and end)."
+    ),
     eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Held-out tokens per evaluation."),
     save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (OUT.train-state/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the saved training state."),
     keep_state: bool = typer.Option(False, "--keep-state", help="Keep OUT.train-state/ after the run completes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
-    lora: Optional[int] = typer.Option(None, "--lora", metavar="RANK", help="Also train rank-RANK LoRA adapters on "
-                                            "the MHA/FFN projections (cheaper than --train all), merged into the output."),
-    strategy: str = typer.Option("ddp", "--strategy", help="Under torchrun: ddp (the whole model on every process) or "
-                                 "fsdp (parameters, gradients and optimizer state sharded over the processes)."),
+    lora: Optional[int] = typer.Option(
+        None,
+        "--lora",
+        metavar="RANK",
+        help="Also train rank-RANK LoRA adapters on "
+        "the MHA/FFN projections (cheaper than --train all), merged into the output.",
+    ),
+    strategy: str = typer.Option(
+        "ddp",
+        "--strategy",
+        help="Under torchrun: ddp (the whole model on every process) or "
+        "fsdp (parameters, gradients and optimizer state sharded over the processes).",
+    ),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -409,35 +533,67 @@ def train_routers(
         print(_json(result.as_dict()))
         return
     if result.loss_first is not None:
-        console.log(f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
-                    f"loss {result.loss_first:.4f} -> {result.loss_last:.4f}")
+        console.log(
+            f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
+            f"loss {result.loss_first:.4f} -> {result.loss_last:.4f}"
+        )
     print(result.path)
 
 
 @app.command()
 def heal(
-    checkpoint: str = typer.Argument(..., help="MoM checkpoint directory made by a lossy surgery, or - to read it from stdin."),
-    data: str = typer.Option(..., "--data", help="Healing text: .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="MODEL", help="The model to distil from (default: the source in the provenance)."),
-    budget: Optional[str] = typer.Option(None, "--budget", metavar="TOKENS|DURATION",
-                                         help="Tokens (2M, 500k) or wall time (30m, 90s, 2h; lowercase m = minutes). Default: one pass over DATA."),
-    train: str = typer.Option("auto", "--train", help="auto (PEER experts+queries+keys; modules after a pruned one; a block's "
-                              "routers and modules), retrieval (PEER queries and keys, routers) or all (everything in a region)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: CKPT-healed beside it)."),
-    local_share: float = typer.Option(0.7, "--local-share", help="Share of the budget for the local stage (the rest: end-to-end)."),
+    checkpoint: str = typer.Argument(
+        ..., help="MoM checkpoint directory made by a lossy surgery, or - to read it from stdin."
+    ),
+    data: str = typer.Option(
+        ..., "--data", help="Healing text: .txt/.jsonl/.parquet, a folder, or hf:NAME[:CONFIG[:SPLIT]]."
+    ),
+    teacher: Optional[str] = typer.Option(
+        None, "--teacher", metavar="MODEL", help="The model to distil from (default: the source in the provenance)."
+    ),
+    budget: Optional[str] = typer.Option(
+        None,
+        "--budget",
+        metavar="TOKENS|DURATION",
+        help="Tokens (2M, 500k) or wall time (30m, 90s, 2h; lowercase m = minutes). Default: one pass over DATA.",
+    ),
+    train: str = typer.Option(
+        "auto",
+        "--train",
+        help="auto (PEER experts+queries+keys; modules after a pruned one; a block's "
+        "routers and modules), retrieval (PEER queries and keys, routers) or all (everything in a region).",
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output directory (default: CKPT-healed beside it)."
+    ),
+    local_share: float = typer.Option(
+        0.7, "--local-share", help="Share of the budget for the local stage (the rest: end-to-end)."
+    ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate of the local stage."),
     global_lr: float = typer.Option(1e-4, "--global-lr", help="Peak learning rate of the end-to-end stage."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine (down to 10% of the peak) or constant, over each stage's budget."),
-    cache_size: str = typer.Option("4G", "--cache-size", help="Most bytes of teacher hidden states cached on disk (bf16)."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: the last blocks of DATA)."),
-    eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Held-out tokens for the perplexity before and after."),
+    schedule: str = typer.Option(
+        "cosine", "--schedule", help="cosine (down to 10% of the peak) or constant, over each stage's budget."
+    ),
+    cache_size: str = typer.Option(
+        "4G", "--cache-size", help="Most bytes of teacher hidden states cached on disk (bf16)."
+    ),
+    eval_data: Optional[str] = typer.Option(
+        None, "--eval-data", help="Held-out text (default: the last blocks of DATA)."
+    ),
+    eval_tokens: int = typer.Option(
+        32768, "--eval-tokens", help="Held-out tokens for the perplexity before and after."
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", "--dtype", help="Autocast dtype: bf16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Autocast dtype: bf16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."
+    ),
     save_every: int = typer.Option(0, "--save-every", help="Save the state every N steps (OUT.heal-state/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the saved state."),
-    keep_state: bool = typer.Option(False, "--keep-state", help="Keep OUT.heal-state/ (and its teacher cache) after the run."),
+    keep_state: bool = typer.Option(
+        False, "--keep-state", help="Keep OUT.heal-state/ (and its teacher cache) after the run."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
     force: bool = Force,
     as_json: bool = Json,
@@ -465,21 +621,38 @@ def heal(
 # ----------------------------------------------------------------------------- recipes and pictures
 
 recipes_app = typer.Typer(help="The shipped recipes: list, show, copy to edit.", no_args_is_help=True)
-plot_app = typer.Typer(help="Pictures: routing heatmaps and paths, pruning scores, training curves.", no_args_is_help=True)
+plot_app = typer.Typer(
+    help="Pictures: routing heatmaps and paths, pruning scores, training curves.", no_args_is_help=True
+)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(plot_app, name="plot")
 
 
 @app.command()
 def run(
-    recipe: str = typer.Argument(..., help="A recipe name (mom recipes list) or a path to a .yaml recipe.",
-                                 autocompletion=lambda incomplete: _recipe_names(incomplete)),
-    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set a variable (source=gpt2) or a step's "
-                                   "option (prune.keep-mha=75%); repeatable."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="The result (default: the recipe's output, else NAME-out)."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where intermediate checkpoints go (default: .OUT.mom-work beside OUT)."),
-    keep_work: bool = typer.Option(False, "--keep-work", help="Keep the intermediate checkpoints (a rerun then skips finished steps)."),
-    fresh: bool = typer.Option(False, "--fresh", help="Run every step again, even if its output is in the work directory."),
+    recipe: str = typer.Argument(
+        ...,
+        help="A recipe name (mom recipes list) or a path to a .yaml recipe.",
+        autocompletion=lambda incomplete: _recipe_names(incomplete),
+    ),
+    sets: list[str] = typer.Option(
+        [],
+        "--set",
+        metavar="KEY=VALUE",
+        help="Set a variable (source=gpt2) or a step's option (prune.keep-mha=75%); repeatable.",
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="The result (default: the recipe's output, else NAME-out)."
+    ),
+    work_dir: Optional[Path] = typer.Option(
+        None, "--work-dir", help="Where intermediate checkpoints go (default: .OUT.mom-work beside OUT)."
+    ),
+    keep_work: bool = typer.Option(
+        False, "--keep-work", help="Keep the intermediate checkpoints (a rerun then skips finished steps)."
+    ),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="Run every step again, even if its output is in the work directory."
+    ),
     force: bool = Force,
     as_json: bool = Json,
 ) -> None:
@@ -490,7 +663,9 @@ def run(
     from mom_cli.cli.recipes import RunOptions
     from mom_cli.cli.recipes import run as run_recipe
 
-    result = run_recipe(recipe, RunOptions(sets, output, work_dir, keep_work, fresh, force), typer.main.get_command(app))
+    result = run_recipe(
+        recipe, RunOptions(sets, output, work_dir, keep_work, fresh, force), typer.main.get_command(app)
+    )
     if as_json:
         print(_json(result.as_dict()))
     else:
@@ -515,8 +690,11 @@ def recipes_list(as_json: bool = Json) -> None:
 
 
 @recipes_app.command("show")
-def recipes_show(name: str = typer.Argument(..., help="A recipe name or path.",
-                                           autocompletion=lambda incomplete: _recipe_names(incomplete))) -> None:
+def recipes_show(
+    name: str = typer.Argument(
+        ..., help="A recipe name or path.", autocompletion=lambda incomplete: _recipe_names(incomplete)
+    ),
+) -> None:
     """Print a recipe.
 
     Example: mom recipes show prune-attention
@@ -528,7 +706,9 @@ def recipes_show(name: str = typer.Argument(..., help="A recipe name or path.",
 
 @recipes_app.command("cp")
 def recipes_cp(
-    name: str = typer.Argument(..., help="A recipe name or path.", autocompletion=lambda incomplete: _recipe_names(incomplete)),
+    name: str = typer.Argument(
+        ..., help="A recipe name or path.", autocompletion=lambda incomplete: _recipe_names(incomplete)
+    ),
     dest: Path = typer.Argument(..., help="A file, or a folder to copy it into."),
     force: bool = Force,
 ) -> None:
@@ -560,11 +740,10 @@ def plot_routing(
 
     Example: mom plot routing smol-mom --data README.md -o routing.png
     """
-    from mom_cli.io.loading import load_model, pick_device
     from mom_cli.analysis.plots import check_target
     from mom_cli.analysis.plots import plot_routing as draw
     from mom_cli.analysis.routing_trace import check_trace_options, trace
-    from mom_cli.io.loading import parse_dtype
+    from mom_cli.io.loading import load_model, parse_dtype, pick_device
 
     _quiet_third_party()
     check_target(output, force)
@@ -596,7 +775,9 @@ def plot_prune(
 
 @plot_app.command("training")
 def plot_training(
-    checkpoint: str = typer.Argument(..., help="A checkpoint made by train-routers (or its train_metrics.jsonl), or -."),
+    checkpoint: str = typer.Argument(
+        ..., help="A checkpoint made by train-routers (or its train_metrics.jsonl), or -."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Picture file (.png, .svg or .pdf)."),
     force: bool = Force,
 ) -> None:
@@ -659,7 +840,10 @@ def _interrupted() -> int:
     from mom_cli.io.atomic import COMMITTED
 
     if COMMITTED:  # the signal came after an output was put in place: say that it is complete
-        print(f"mom: interrupted after {COMMITTED[-1]} was written complete; nothing else was left half-done", file=sys.stderr)
+        print(
+            f"mom: interrupted after {COMMITTED[-1]} was written complete; nothing else was left half-done",
+            file=sys.stderr,
+        )
     else:
         print("mom: interrupted; no output was written", file=sys.stderr)
     return 128 + (INTERRUPTED or signal.SIGINT)

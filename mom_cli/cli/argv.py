@@ -3,6 +3,7 @@
 A leaf module: the CLI (`app`) and the recipe runner (`recipes`) both use it, and it imports
 neither, so the runner receives the command group instead of importing the CLI.
 """
+
 from __future__ import annotations
 
 import re

@@ -21,6 +21,7 @@ the recipe file and line. Each step runs in-process through the same command-lin
 step and its input, so a rerun skips finished steps. The resolved recipe is saved in the result
 (`mom_recipe.yaml`) and its model card.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,9 @@ def find(ref: str) -> Path:
         return path
     known = shipped()
     if ref not in known:
-        raise UsageError(f"no recipe named {ref!r}; known: {', '.join(known) or 'none'} (or give a path to a .yaml file)")
+        raise UsageError(
+            f"no recipe named {ref!r}; known: {', '.join(known) or 'none'} (or give a path to a .yaml file)"
+        )
     return known[ref]
 
 
@@ -217,7 +220,9 @@ def _value(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as e:  # a tag such as !!python/object: safe_load knows no such thing
         problem = getattr(e, "problem", None) or str(e)
-        raise UsageError(f"{loader.name}:{_line(node)}: {one_line(problem, 120)}; recipes hold plain values only") from None
+        raise UsageError(
+            f"{loader.name}:{_line(node)}: {one_line(problem, 120)}; recipes hold plain values only"
+        ) from None
 
 
 def _refuse_aliases(text: str, path: Path) -> None:
@@ -226,8 +231,10 @@ def _refuse_aliases(text: str, path: Path) -> None:
     try:
         for token in yaml.scan(text, Loader=yaml.SafeLoader):
             if isinstance(token, (yaml.AliasToken, yaml.AnchorToken)):
-                raise UsageError(f"{path}:{token.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are "
-                                 "not allowed in recipes; write the value out")
+                raise UsageError(
+                    f"{path}:{token.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are "
+                    "not allowed in recipes; write the value out"
+                )
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -353,18 +360,24 @@ def resolve(recipe: Recipe, sets: dict[str, Any], specs: dict[str, CommandSpec])
         elif key in recipe.vars:
             values[key] = value
         else:
-            raise UsageError(f"--set {key}: {recipe.path} has no variable {key!r} "
-                             f"(variables: {', '.join(recipe.vars) or 'none'}; for a step option use STEP.OPTION)")
+            raise UsageError(
+                f"--set {key}: {recipe.path} has no variable {key!r} "
+                f"(variables: {', '.join(recipe.vars) or 'none'}; for a step option use STEP.OPTION)"
+            )
     for (sid, opt), value in step_sets.items():
         step = next((s for s in recipe.steps if sid in (s.id, str(s.index))), None)
         if step is None:
-            raise UsageError(f"--set {sid}.{opt}: no step {sid!r} in {recipe.path} (steps: {', '.join(s.id for s in recipe.steps)})")
+            raise UsageError(
+                f"--set {sid}.{opt}: no step {sid!r} in {recipe.path} (steps: {', '.join(s.id for s in recipe.steps)})"
+            )
         step.options[opt] = value
         step.from_set.add(opt)
     for name, value in values.items():
         if value is None:
-            raise UsageError(f"{recipe.where(recipe.lines.get('vars.' + name))}: variable {name!r} has no value; "
-                             f"pass --set {name}=...")
+            raise UsageError(
+                f"{recipe.where(recipe.lines.get('vars.' + name))}: variable {name!r} has no value; "
+                f"pass --set {name}=..."
+            )
     out: list[Resolved] = []
     checkpoints = 0
     for step in recipe.steps:
@@ -382,15 +395,19 @@ def resolve(recipe: Recipe, sets: dict[str, Any], specs: dict[str, CommandSpec])
         if spec.kind == "checkpoint":
             if checkpoints and explicit:
                 at = recipe.where(step.lines.get(spec.argument, step.line))
-                raise UsageError(f"{at}: step {step.index} ({step.command}): `{spec.argument}` is the previous step's output here; remove it "
-                                 "(only the first checkpoint step names its input)")
+                raise UsageError(
+                    f"{at}: step {step.index} ({step.command}): `{spec.argument}` is the previous step's output here; remove it "
+                    "(only the first checkpoint step names its input)"
+                )
             if not checkpoints and not explicit and spec.argument:
                 raise UsageError(f"{where}: the first step needs its input: add `{spec.argument}: ...`")
             checkpoints += 1
         elif not explicit and spec.argument and spec.argument not in CHECKPOINT_ARGS:
             raise UsageError(f"{where}: its input is not a checkpoint; add `{spec.argument}: FILE`")
         elif not explicit and not checkpoints and spec.argument:
-            raise UsageError(f"{where}: no checkpoint yet to work on; add `{spec.argument}: ...` or move the step later")
+            raise UsageError(
+                f"{where}: no checkpoint yet to work on; add `{spec.argument}: ...` or move the step later"
+            )
         for p in spec.params.values():
             if p.required and p.key not in opts and p.key != spec.argument and p.key != "output":
                 raise UsageError(f"{where}: missing required option `{p.key}` (mom {spec.name} {p.flag} ...)")
@@ -464,7 +481,8 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "path": str(self.path), "recipe": self.recipe,
+            "path": str(self.path),
+            "recipe": self.recipe,
             "work_dir": str(self.work_dir) if self.work_dir else None,
             "steps": [vars(s) for s in self.steps],
         }
@@ -530,8 +548,10 @@ def check_recipe_output(out: Path, recipe: Recipe) -> None:
     """An output the recipe names (not the command line) stays under the current folder: a recipe
     from elsewhere must not point --force at a folder of the user's."""
     if out.is_absolute() or ".." in out.parts or not out.parts:
-        raise UsageError(f"{recipe.where(recipe.lines.get('output'))}: the recipe's output {str(out)[:80]!r} leaves the "
-                         "current folder; name the output on the command line with -o")
+        raise UsageError(
+            f"{recipe.where(recipe.lines.get('output'))}: the recipe's output {str(out)[:80]!r} leaves the "
+            "current folder; name the output on the command line with -o"
+        )
 
 
 def step_key(r: Resolved, input_key: str) -> str:
@@ -554,7 +574,9 @@ def fingerprint(value: Any) -> str | None:
             files = sorted(p for p in path.rglob("*") if p.is_file())
         else:
             return None
-        stats = [(str(p.relative_to(path) if p != path else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        stats = [
+            (str(p.relative_to(path) if p != path else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+        ]
     except OSError:
         return None
     return hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()[:16]
@@ -597,7 +619,9 @@ def _run_step(group: Any, r: Resolved, total: int, input_ref: str | None, target
     done = target.with_name(target.name + ".result.json") if r.spec.kind != "report" else target
     if target.exists() and done.exists() and not fresh:
         log(f"{label}: done before, reusing {target}")
-        return StepResult(r.step.index, r.step.id, r.spec.name, _shown(r, target), True, 0.0, json.loads(done.read_text()))
+        return StepResult(
+            r.step.index, r.step.id, r.spec.name, _shown(r, target), True, 0.0, json.loads(done.read_text())
+        )
     for stale in (target, done):
         _remove(stale)
     argv = argv_for(r, input_ref, target)
@@ -669,16 +693,31 @@ def resolved_yaml(recipe: Recipe, steps: list[Resolved], values: dict[str, Any])
     doc = {
         "name": recipe.name,
         "description": recipe.description,
-        "steps": [{"command": r.spec.name, **({"id": r.step.id} if r.step.id != r.spec.name.replace(" ", "-") else {}),
-                   **r.options} for r in steps],
+        "steps": [
+            {
+                "command": r.spec.name,
+                **({"id": r.step.id} if r.step.id != r.spec.name.replace(" ", "-") else {}),
+                **r.options,
+            }
+            for r in steps
+        ],
     }
-    head = (f"# Resolved by `mom run` (mom {version()}) from {recipe.path}\n"
-            f"# with variables {json.dumps(values, default=str)}; `mom run {RECIPE_FILE}` repeats it.\n")
+    head = (
+        f"# Resolved by `mom run` (mom {version()}) from {recipe.path}\n"
+        f"# with variables {json.dumps(values, default=str)}; `mom run {RECIPE_FILE}` repeats it.\n"
+    )
     return head + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
 
-def finish(recipe: Recipe, steps: list[Resolved], values: dict[str, Any], last: Path,
-           pictures: list[tuple[Path, str]], out: Path, force: bool) -> Path:
+def finish(
+    recipe: Recipe,
+    steps: list[Resolved],
+    values: dict[str, Any],
+    last: Path,
+    pictures: list[tuple[Path, str]],
+    out: Path,
+    force: bool,
+) -> Path:
     """The last checkpoint becomes the result (hard links, so the work copy stays for reruns),
     with the pictures, the resolved recipe and a model card section."""
     from mom_cli.io.atomic import atomic_dir, atomic_file

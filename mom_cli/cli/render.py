@@ -1,5 +1,6 @@
 """Reports as people read them: the tables `mom info`, `mom prune`, `mom convert-peer` and `mom eval --tasks` print
 on stderr (or stdout for info) when --json is not given. Each takes the command's JSON report."""
+
 from __future__ import annotations
 
 import json
@@ -16,20 +17,43 @@ def print_info(s: dict) -> None:
     out.print(f"plain layers: {len(s['bottom_layers'])} bottom, {len(s['top_layers'])} top")
     table = Table("block", "MHA", "FFN", "SKIP", "steps H", "top-K", "router")
     for b in s["blocks"]:
-        table.add_row(str(b["block"]), str(b["mha_modules"]), str(b["ffn_modules"]), "yes" if b["skip"] else "no",
-                      str(b["steps"]), str(b["top_k"]), b["router"])
+        table.add_row(
+            str(b["block"]),
+            str(b["mha_modules"]),
+            str(b["ffn_modules"]),
+            "yes" if b["skip"] else "no",
+            str(b["steps"]),
+            str(b["top_k"]),
+            b["router"],
+        )
     out.print(table)
     out.print(f"parameters: {s['params_total']:,} total, at most {s['params_active_per_token']:,} active per token")
-    out.print(f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context; routers: {s['router_flops_per_token']:,})")
+    out.print(
+        f"FLOPs per token: {s['flops_per_token']:,} (at {s['flops_seq_len']} tokens of context; routers: {s['router_flops_per_token']:,})"
+    )
     v = s.get("verification")
     if v:
-        out.print(f"verified against the source ({v['method']}): max |Δ| {v['max_abs_diff']:.2g}, at {v['worst']}"
-                  if v.get("max_abs_diff") is not None else f"verification: {v['method']} ({v.get('note', '')})")
+        out.print(
+            f"verified against the source ({v['method']}): max |Δ| {v['max_abs_diff']:.2g}, at {v['worst']}"
+            if v.get("max_abs_diff") is not None
+            else f"verification: {v['method']} ({v.get('note', '')})"
+        )
     if s.get("peer_modules"):
-        peer = Table("PEER module", "origin", "N", "h×k", "d_key", "gate", "active params", "total params", "FLOPs/call")
+        peer = Table(
+            "PEER module", "origin", "N", "h×k", "d_key", "gate", "active params", "total params", "FLOPs/call"
+        )
         for p in s["peer_modules"]:
-            peer.add_row(p["module"], str(p["origin"]), f"{p['n_experts']:,}", f"{p['heads']}×{p['topk']}", str(p["key_dim"]),
-                         p["gate"], short(p["params_active_per_token"]), short(p["params_total"]), short(p["flops_per_call"]))
+            peer.add_row(
+                p["module"],
+                str(p["origin"]),
+                f"{p['n_experts']:,}",
+                f"{p['heads']}×{p['topk']}",
+                str(p["key_dim"]),
+                p["gate"],
+                short(p["params_active_per_token"]),
+                short(p["params_total"]),
+                short(p["flops_per_call"]),
+            )
         out.print(peer)
     for i, r in enumerate(s["provenance"], 1):
         out.print(f"{i}. {r['time']}  mom {r['mom_version']}  {r['command']} {r['source']}  {json.dumps(r['args'])}")
@@ -44,11 +68,17 @@ def print_prune(r: dict) -> None:
     out = console.stderr
     if not console.QUIET:
         out.print(table)
-    for label, key in (("calibration perplexity", "calibration_perplexity"), ("held-out perplexity", "heldout_perplexity")):
+    for label, key in (
+        ("calibration perplexity", "calibration_perplexity"),
+        ("held-out perplexity", "heldout_perplexity"),
+    ):
         if r[key] is not None:
             console.log(f"{label}: {r[key]['before']:.4f} -> {r[key]['after']:.4f}")
-    for label, key in (("parameters", "params_total"), ("active parameters per token", "params_active_per_token"),
-                       ("FLOPs per token", "flops_per_token")):
+    for label, key in (
+        ("parameters", "params_total"),
+        ("active parameters per token", "params_active_per_token"),
+        ("FLOPs per token", "flops_per_token"),
+    ):
         console.log(f"{label}: {r[key]['before']:,} -> {r[key]['after']:,}")
     if r["note"]:
         console.log(r["note"])
@@ -64,17 +94,29 @@ def print_convert_peer(r: dict) -> None:
     # mass = share of the oracle's top-h*k contribution found, error = relative to the dense layer
     table = Table("layer", "mass", "error", "calib. error", "usage", "KL", "active", "total")
     for x in r["layers"]:
-        calib = "-" if x["calib_error_before"] is None else f"{x['calib_error_before']:.3g}→{x['calib_error_after']:.3g}"
-        table.add_row(str(x["origin"]), num(x["oracle_mass_found"]), num(x["output_error"]), calib,
-                      num(x["expert_usage"]), num(x["usage_kl_uniform"]), short(x["params_active_per_token"]),
-                      short(x["params_total"]))
+        calib = (
+            "-" if x["calib_error_before"] is None else f"{x['calib_error_before']:.3g}→{x['calib_error_after']:.3g}"
+        )
+        table.add_row(
+            str(x["origin"]),
+            num(x["oracle_mass_found"]),
+            num(x["output_error"]),
+            calib,
+            num(x["expert_usage"]),
+            num(x["usage_kl_uniform"]),
+            short(x["params_active_per_token"]),
+            short(x["params_total"]),
+        )
     if not console.QUIET:
         console.stderr.print(table)
     if r["heldout_perplexity"] is not None:
         p = r["heldout_perplexity"]
         console.log(f"held-out perplexity ({r['heldout_tokens']} tokens): {p['before']:.4f} -> {p['after']:.4f}")
-    for label, key in (("parameters", "params_total"), ("active parameters per token", "params_active_per_token"),
-                       ("FLOPs per token", "flops_per_token")):
+    for label, key in (
+        ("parameters", "params_total"),
+        ("active parameters per token", "params_active_per_token"),
+        ("FLOPs per token", "flops_per_token"),
+    ):
         console.log(f"{label}: {r[key]['before']:,} -> {r[key]['after']:,}")
 
 
@@ -82,11 +124,15 @@ def print_heal(r: dict) -> None:
     for x in r["regions"]:
         err = "-" if x["error_after"] is None else f"{x['error_before']:.4g} -> {x['error_after']:.4g}"
         console.log(f"{x['name']} ({x['cause']}): error {err}, {x['tokens']:,} tokens")
-    console.log(f"local {r['local_tokens']:,} tokens in {r['local_seconds']:.0f}s; end-to-end {r['global_tokens']:,} tokens "
-                f"in {r['global_seconds']:.0f}s")
+    console.log(
+        f"local {r['local_tokens']:,} tokens in {r['local_seconds']:.0f}s; end-to-end {r['global_tokens']:,} tokens "
+        f"in {r['global_seconds']:.0f}s"
+    )
     if r["eval_ppl_before"] is not None:
-        console.log(f"held-out perplexity ({r['heldout_tokens']} tokens): {r['eval_ppl_before']:.4f} -> "
-                    f"{r['eval_ppl_after']:.4f} (teacher {r['eval_ppl_teacher']:.4f})")
+        console.log(
+            f"held-out perplexity ({r['heldout_tokens']} tokens): {r['eval_ppl_before']:.4f} -> "
+            f"{r['eval_ppl_after']:.4f} (teacher {r['eval_ppl_teacher']:.4f})"
+        )
 
 
 def print_tasks(rows: list[dict], models: list[str]) -> None:

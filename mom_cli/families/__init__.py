@@ -96,7 +96,12 @@ class Family:
     # The transformers model's decoder layers, each layer's attention and FFN pre-norm, and the final
     # norm (module paths), whose inputs are the residual stream (`mom heal` caches the teacher's
     # there); None when the layers have no such pre-norms (OLMo 2, GPT-NeoX's parallel residual).
-    hf_norms: tuple[str, str, str, str] | None = ("model.layers", "input_layernorm", "post_attention_layernorm", "model.norm")
+    hf_norms: tuple[str, str, str, str] | None = (
+        "model.layers",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "model.norm",
+    )
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:
         raise NotImplementedError

@@ -11,6 +11,7 @@ A writer holds an exclusive lock (`flock` on `.NAME.lock` beside the target) fro
 to its commit; a second writer of the same path is refused. The lock holder also removes the
 leftovers (`.NAME.tmp-*`, `.NAME.old-*`) of runs that were killed (SIGKILL cannot be caught).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -82,8 +83,10 @@ def lock(path: Path, what: str = "output") -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise MomError(f"another mom command is writing the {what} {path} (it holds {lock_path}); "
-                           "wait for it to finish or choose another -o") from None
+            raise MomError(
+                f"another mom command is writing the {what} {path} (it holds {lock_path}); "
+                "wait for it to finish or choose another -o"
+            ) from None
         try:  # the previous holder may have removed the file between our open and our lock: retry
             same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -199,6 +202,7 @@ def check_output(path: Path, force: bool) -> None:
 def releases_locks(fn: Callable[..., T]) -> Callable[..., T]:
     """A library command that fails gives back the output locks it took (the CLI gives back all of
     them when a command ends; a program calling the library goes on living)."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         before = set(_HELD)
@@ -224,7 +228,9 @@ def _check_replaceable(path: Path) -> None:
     resolved = Path(os.path.abspath(path))
     here = Path(os.path.abspath("."))
     if path.name in ("", ".", "..") or resolved == here or resolved in here.parents:
-        raise UsageError(f"output {str(path)!r} is the current folder or one above it; name a new folder or file for -o")
+        raise UsageError(
+            f"output {str(path)!r} is the current folder or one above it; name a new folder or file for -o"
+        )
 
 
 @contextmanager

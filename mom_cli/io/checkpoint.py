@@ -10,6 +10,7 @@ The runtime files make every checkpoint self-describing: `lm_eval`, `pipeline(..
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` load it without `mom`.
 `mom` itself never runs them: it loads with its own installed classes (trust_remote_code=False).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.errors import MomError, UsageError, one_line
 from mom_cli.io.provenance import model_card
 from mom_cli.io.tensorio import FLOAT_DTYPES, PlannedTensor, SafetensorsReader, write_safetensors
+from mom_cli.modeling.configuration_mom import MomConfig
 
 DEFAULT_SHARD = 2 * 10**9
 # The runtime's files; modeling_mom.py imports the other two relatively, and nothing from mom_cli.
@@ -83,7 +84,9 @@ def verify_tensors(path: Path, config: MomConfig, reader: SafetensorsReader) -> 
     keys = reader.keys()
     for name, (shape, floating) in param_specs(config).items():
         if name not in keys:
-            raise MomError(f"{path} lacks tensor {name}, which its config implies; the checkpoint is incomplete or damaged")
+            raise MomError(
+                f"{path} lacks tensor {name}, which its config implies; the checkpoint is incomplete or damaged"
+            )
         try:
             got, dtype = tuple(reader.shape(name)), reader.dtype_name(name)
         except MomError:
@@ -93,8 +96,10 @@ def verify_tensors(path: Path, config: MomConfig, reader: SafetensorsReader) -> 
         if got != shape:
             raise MomError(f"tensor {name} in {path} has shape {list(got)}, but the config implies {list(shape)}")
         if floating != (dtype in FLOAT_DTYPES):
-            raise MomError(f"tensor {name} in {path} is stored as {dtype}, which is not a "
-                           f"{'floating' if floating else 'integer'} type as the model needs")
+            raise MomError(
+                f"tensor {name} in {path} is stored as {dtype}, which is not a "
+                f"{'floating' if floating else 'integer'} type as the model needs"
+            )
 
 
 def write_checkpoint(
@@ -136,7 +141,9 @@ def read_mom(path: Path) -> tuple[MomConfig, SafetensorsReader]:
 
     config = load_config(Path(path))
     if getattr(config, "model_type", None) != "mom":
-        raise UsageError(f"{path} is not a MoM checkpoint (model_type {config.model_type!r}); run `mom decompose` on it first")
+        raise UsageError(
+            f"{path} is not a MoM checkpoint (model_type {config.model_type!r}); run `mom decompose` on it first"
+        )
     reader = SafetensorsReader(Path(path))
     verify_tensors(Path(path), config, reader)
     return config, reader
@@ -147,6 +154,7 @@ def copy_plan(reader: SafetensorsReader, config: MomConfig, dtype: torch.dtype |
     shapes = param_shapes(config)
     out = []
     for name, shape in shapes.items():
+
         def produce(name: str = name) -> torch.Tensor:
             return reader.get(name)
 

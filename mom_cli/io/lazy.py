@@ -4,6 +4,7 @@ lazy tensor reader and emptied again after use (as llm-compressor's sequential p
 A pass that fills each layer just before it runs and empties it after holds about one layer's
 weights, whatever the size of the model.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -19,8 +20,15 @@ def _meta_buffers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if any(b is not None and b.is_meta for b in m._buffers.values())]
 
 
-def fill(module: nn.Module, prefix: str, get: Getter, has: Callable[[str], bool], init: Callable[[nn.Module], None],
-         dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+def fill(
+    module: nn.Module,
+    prefix: str,
+    get: Getter,
+    has: Callable[[str], bool],
+    init: Callable[[nn.Module], None],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> None:
     """Give `module` real weights: tensor `prefix + name` for each parameter and stored buffer.
 
     Buffers a checkpoint does not store are computed by `init` (a PreTrainedModel's `_init_weights`).
@@ -35,7 +43,7 @@ def fill(module: nn.Module, prefix: str, get: Getter, has: Callable[[str], bool]
         if t.shape != p.shape:
             raise ValueError(f"{prefix + name} is stored as {tuple(t.shape)}, the model expects {tuple(p.shape)}")
         _set(module, name, nn.Parameter(_cast(t, dtype, device), requires_grad=False))
-    for name, b in list(module.named_buffers()):
+    for name, _ in list(module.named_buffers()):
         if has(prefix + name):
             _set(module, name, _cast(get(prefix + name), dtype, device), buffer=True)
 

@@ -1,6 +1,8 @@
 """Open any model mom measures: a MoM checkpoint, a transformers directory, a hub id or a GGUF file."""
+
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,8 +12,14 @@ from mom_cli.errors import MomError, UsageError, one_line
 from mom_cli.io.sources import load_config, resolve_path
 
 # Every --dtype spelling: the full names, and the short ones train-routers' help uses.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -23,7 +31,9 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Any, Any]:
+def load_model(
+    ref: str, device: str = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False
+) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for any supported reference; `dtype` None keeps the stored dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,13 +55,16 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype | None = None, 
 
             read_mom(directory)  # clear errors for corrupt weights before transformers
         elif not allow_pickle and not any(directory.glob("*.safetensors")):
-            raise UsageError(f"{directory} has no safetensors weights; convert them, or pass --allow-pickle if you trust the file")
+            raise UsageError(
+                f"{directory} has no safetensors weights; convert them, or pass --allow-pickle if you trust the file"
+            )
         kwargs["use_safetensors"] = not allow_pickle
     try:
         with status(f"loading {ref}"), hush():
             model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False,
-                                                  **({"gguf_file": path.name} if path.is_file() else {}))
+        tokenizer = AutoTokenizer.from_pretrained(
+            directory, trust_remote_code=False, **({"gguf_file": path.name} if path.is_file() else {})
+        )
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
         raise MomError(f"cannot load {ref}: {one_line(e)}") from e
     if path.is_file():  # dequantised to float: tools that see a quantizer refuse to save or train it
@@ -81,5 +94,3 @@ def pick_device(name: str) -> str:
     if name != "cpu" and not name.startswith("cuda"):
         raise UsageError(f"unknown device {name!r}: use cpu, cuda or auto")
     return name
-
-

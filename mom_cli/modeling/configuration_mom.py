@@ -9,6 +9,7 @@ A block owns an MHA pool, an FFN pool and SKIP, and runs `steps` (H) routed step
 Every module remembers the source layer it came from (its "origin"), which is what lets
 `mom export --format hf` put a plain stack back together and `mom prune` name what it removed.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -138,7 +139,9 @@ class MomConfig(PreTrainedConfig):
         kind = self.attention_types[origin] if self.attention_types and origin is not None else "full_attention"
         window = self.attention_window if kind == "sliding_attention" else None
         rope = None
-        if self.position_type == "rope" and not (self.rope_layers and origin is not None and not self.rope_layers[origin]):
+        if self.position_type == "rope" and not (
+            self.rope_layers and origin is not None and not self.rope_layers[origin]
+        ):
             rope = kind if self.rope_per_type else "default"
         scale = self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
         if self.attn_scale_by_layer and origin is not None:

@@ -12,6 +12,7 @@ temperature T. Per step, for every token:
     MHA router -> top-K modules -> x += sum_k w_k W^O_k(attn(sum_k Q_k, sum_k K_k, sum_k V_k))
     FFN router -> top-K modules -> x += sum_k w_k FFN_k(x)
 """
+
 from __future__ import annotations
 
 import functools
@@ -324,7 +325,11 @@ class Routing:
     def key_valid(self) -> torch.Tensor | None:
         """Tokens that chose more than SKIP (their keys may be attended to); None when all did."""
         if self.picks is not None:
-            return None if any(m != self.skip_id for m in self.picks) else self.idx.new_zeros(self.idx.shape[0], dtype=torch.bool)
+            return (
+                None
+                if any(m != self.skip_id for m in self.picks)
+                else self.idx.new_zeros(self.idx.shape[0], dtype=torch.bool)
+            )
         valid = (self.idx != self.skip_id).any(-1)
         return None if _all_on_host(valid) else valid
 
@@ -348,8 +353,9 @@ def route(logits: torch.Tensor, k: int, temperature: float, skip_id: int, remap:
     return Routing(idx=idx, weight=weight, n_modules=skip_id + 1, skip_id=skip_id)
 
 
-def route_constant(bias: torch.Tensor, picks: list[int], n: int, temperature: float, skip_id: int,
-                   remap: list[int] | None) -> Routing:
+def route_constant(
+    bias: torch.Tensor, picks: list[int], n: int, temperature: float, skip_id: int, remap: list[int] | None
+) -> Routing:
     """`route` for a constant router (logits = `bias` for all n tokens), built from its host-side picks."""
     top = bias[picks]
     weight = torch.softmax(top.float() / temperature, dim=-1).to(bias.dtype).expand(n, -1)
@@ -370,7 +376,9 @@ def aux_load_balancing(logits: torch.Tensor, r: Routing, temperature: float) -> 
     probs = torch.softmax(logits.float() / temperature, dim=-1).mean(0)
     flat = r.idx.reshape(-1)
     # Counted by index_add, not bincount, which would ask the host for the output size.
-    counts = torch.zeros(r.n_modules, device=flat.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+    counts = torch.zeros(r.n_modules, device=flat.device).index_add_(
+        0, flat, torch.ones(flat.shape, device=flat.device)
+    )
     return n * (counts[:n] / flat.numel() * probs).sum()
 
 
@@ -639,8 +647,10 @@ def _norm_parts(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None
 
 
 _MHA_PARTS = {"norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_norm"}
-_FFN_PARTS = {True: {"norm", "gate_proj", "up_proj", "down_proj", "post_norm"},
-              False: {"norm", "fc_in", "fc_out", "post_norm"}}
+_FFN_PARTS = {
+    True: {"norm", "gate_proj", "up_proj", "down_proj", "post_norm"},
+    False: {"norm", "fc_in", "fc_out", "post_norm"},
+}
 
 
 def groupable(module: nn.Module) -> bool:
@@ -712,7 +722,11 @@ class StackedPool:
             ins = [[m.fc_in] for m in mods]
             outs = [m.fc_out for m in mods]
         w_in = torch.stack([torch.cat([p.weight for p in ps]) for ps in ins])
-        b_in = _pad_rows(torch.stack([torch.cat([p.bias for p in ps]) for ps in ins])) if ins[0][0].bias is not None else None
+        b_in = (
+            _pad_rows(torch.stack([torch.cat([p.bias for p in ps]) for ps in ins]))
+            if ins[0][0].bias is not None
+            else None
+        )
         w_out = torch.stack([p.weight for p in outs])
         b_out = _pad_rows(torch.stack([p.bias for p in outs])) if outs[0].bias is not None else None
         group_of = torch.tensor(table, device=w_in.device)
@@ -721,8 +735,22 @@ class StackedPool:
         if w_in.requires_grad and not torch.compiler.is_compiling():
             pending_in, pending_out = [], []
             w_in, w_out = _DeferredWeightGrad.apply(w_in, pending_in), _DeferredWeightGrad.apply(w_out, pending_out)
-        return cls(slots, group_of, kind, eps, scale, shift, w_in, b_in, w_out, b_out,
-                   first.act if ffn else None, ffn and first.gated, pending_in, pending_out)
+        return cls(
+            slots,
+            group_of,
+            kind,
+            eps,
+            scale,
+            shift,
+            w_in,
+            b_in,
+            w_out,
+            b_out,
+            first.act if ffn else None,
+            ffn and first.gated,
+            pending_in,
+            pending_out,
+        )
 
     def normed_rows(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """Each row's token through its own module's pre-norm: statistics once per token."""
@@ -870,8 +898,9 @@ class Attention(nn.Module):
             out = self._kernel(q, k, v, ctx.mask(valid, k.shape[-2], window), scale)
         return out.reshape(b * t, self.n_heads * self.head_dim)
 
-    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                scale: float | None) -> torch.Tensor:
+    def _kernel(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+    ) -> torch.Tensor:
         """(B, H, T, D) queries over (B, KV, S, D) keys -> (B, T, H, D). `eager` is the reference;
         any other `attn_implementation` (sdpa by default) is transformers' registered kernel, which
         takes the same boolean mask (True = may attend) and, without one, causal attention."""
@@ -923,7 +952,10 @@ class StepContext:
     dispatch: str = "grouped"  # or "modules" (MomModel.dispatch)
 
     def mask(
-        self, key_valid: torch.Tensor | None, n_keys: int, window: int | torch.Tensor | None = None,
+        self,
+        key_valid: torch.Tensor | None,
+        n_keys: int,
+        window: int | torch.Tensor | None = None,
         always: bool = False,
     ) -> torch.Tensor | None:
         """Boolean (B or 1, 1, T, n_keys) mask, or None when plain causal attention is exact.
@@ -1083,7 +1115,9 @@ class MomBlock(nn.Module):
         picks = router.host_picks(k)
         if picks is not None:
             bias = router.step_bias[step].to(x.dtype)
-            r = route_constant(bias, picks[step], x.shape[0], self.temperature, self.slots[kind], self._remap_table(kind))
+            r = route_constant(
+                bias, picks[step], x.shape[0], self.temperature, self.slots[kind], self._remap_table(kind)
+            )
             return r, state, None
         logits, state = router(x, state, step)
         r = route(logits, k, self.temperature, self.slots[kind], self._remap(kind, x.device))
@@ -1104,15 +1138,31 @@ class MomBlock(nn.Module):
         out.hidden = x
         return out
 
-    def mha_step(self, x: torch.Tensor, state: Any, h: int, ctx: StepContext, layer_idx: int,
-                 record: bool = False, fresh: dict | None = None) -> StepOutput:
+    def mha_step(
+        self,
+        x: torch.Tensor,
+        state: Any,
+        h: int,
+        ctx: StepContext,
+        layer_idx: int,
+        record: bool = False,
+        fresh: dict | None = None,
+    ) -> StepOutput:
         """Step h's attention half: route, attend, add to the residual stream."""
         r, state, aux = self._route("mha", x, state, h)
         y = x + self._attend(x, r, ctx, layer_idx, {} if fresh is None else fresh)
         return StepOutput(y, state, aux, StepRecord("mha", h, r, x, y) if record else None)
 
-    def ffn_step(self, y: torch.Tensor, state: Any, h: int, ctx: StepContext, record: bool = False,
-                 fresh: dict | None = None, step_input: torch.Tensor | None = None) -> StepOutput:
+    def ffn_step(
+        self,
+        y: torch.Tensor,
+        state: Any,
+        h: int,
+        ctx: StepContext,
+        record: bool = False,
+        fresh: dict | None = None,
+        step_input: torch.Tensor | None = None,
+    ) -> StepOutput:
         """Step h's feed-forward half: route, run the chosen FFN modules, add to the residual stream.
         With GPT-NeoX's parallel residual, the FFN reads the step's input (before attention)."""
         f = step_input if self.parallel and step_input is not None else y
@@ -1120,8 +1170,16 @@ class MomBlock(nn.Module):
         x = y + self._feed_forward(f, r, ctx, {} if fresh is None else fresh)
         return StepOutput(x, state, aux, StepRecord("ffn", h, r, y, x) if record else None)
 
-    def step(self, x: torch.Tensor, ctx: StepContext, first_layer: int, h: int, states: tuple,
-             recorder: Any = None, block_id: int = 0) -> tuple[torch.Tensor, tuple]:
+    def step(
+        self,
+        x: torch.Tensor,
+        ctx: StepContext,
+        first_layer: int,
+        h: int,
+        states: tuple,
+        recorder: Any = None,
+        block_id: int = 0,
+    ) -> tuple[torch.Tensor, tuple]:
         """Step h alone; `states` are the routers' states before it (a caller may resume here), and
         `recorder` sees its routing."""
         a = self.mha_step(x, states[0], h, ctx, first_layer + h, recorder is not None)
@@ -1304,7 +1362,11 @@ class MomModel(MomPreTrainedModel):
             h = self._gradient_checkpointing_func(plain, h, ctx, layer) if checkpointed else plain(h, ctx, layer)
             layer += 1
         for i, block in enumerate(self.blocks):
-            out = self._checkpointed_block(block, h, ctx, layer) if checkpointed else block(h, ctx, layer, self.recorder is not None)
+            out = (
+                self._checkpointed_block(block, h, ctx, layer)
+                if checkpointed
+                else block(h, ctx, layer, self.recorder is not None)
+            )
             h = out.hidden
             aux += out.aux
             self._record(i, out.records)
@@ -1329,12 +1391,26 @@ class MomModel(MomPreTrainedModel):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         return x if self.embed_positions is None else x + self.embed_positions(position_ids)
 
-    def context(self, x: torch.Tensor, position_ids: torch.Tensor, past: int = 0, cache: Cache | None = None,
-                pad: torch.Tensor | None = None) -> StepContext:
+    def context(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: int = 0,
+        cache: Cache | None = None,
+        pad: torch.Tensor | None = None,
+    ) -> StepContext:
         """What every layer of a pass over x (B, T, d) shares: positions, cache, padding."""
         rope = self.rope_tables(x, position_ids) if self.rotary_emb is not None else {}
-        return StepContext(batch=x.shape[0], seq=x.shape[1], past=past, cache=cache, rope=rope, pad_mask=pad,
-                           device=x.device, dispatch=self.dispatch)
+        return StepContext(
+            batch=x.shape[0],
+            seq=x.shape[1],
+            past=past,
+            cache=cache,
+            rope=rope,
+            pad_mask=pad,
+            device=x.device,
+            dispatch=self.dispatch,
+        )
 
     def _record(self, block_id: int, records: list[StepRecord]) -> None:
         if self.recorder is None:

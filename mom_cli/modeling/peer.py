@@ -18,6 +18,7 @@ halves of d_key/2), d the model width. An expert is one neuron of a dense FFN:
     SwiGLU        e_i(x) = act(g_i.x) (u_i.x) v_i               (tables w_gate, w_in, w_out)
     f(x) = b_out + sum_heads sum_{i in TopK_head} s(q_head(x).k_i) e_i(x)
 """
+
 from __future__ import annotations
 
 import functools
@@ -128,8 +129,9 @@ def _act_grad(act: nn.Module, pre: torch.Tensor, grad: torch.Tensor) -> torch.Te
         return torch.autograd.grad(act(p), p, grad)[0]
 
 
-def _rows_grad(idx: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor,
-               coef: torch.Tensor) -> torch.Tensor:
+def _rows_grad(
+    idx: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
     """(N, d) table gradient G[n] = sum over (t, j) with idx[t, j] = n of coef[t, j] src[t].
 
     The transposed problem of the forward gather-sum: bags are experts, members are tokens. With
@@ -139,8 +141,9 @@ def _rows_grad(idx: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, sr
     return F.embedding_bag(order // m, src, offsets, per_sample_weights=coef.reshape(-1)[order], mode="sum")
 
 
-def _sort_by_row(idx: torch.Tensor, n_rows: int, sparse: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _sort_by_row(
+    idx: torch.Tensor, n_rows: int, sparse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The (t, j) pairs sorted by table row, and each row's start in that order (bag offsets).
 
     sparse=False: one bag per table row (empty for rows nobody retrieved), rows = None.
@@ -162,8 +165,9 @@ def _table_grad(rows: torch.Tensor | None, values: torch.Tensor, n_rows: int) ->
     nn.Embedding(sparse=True)), so a step never holds a dense N x d gradient."""
     if rows is None:
         return values
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, (n_rows, values.shape[1]), is_coalesced=True,
-                                   check_invariants=False)
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0), values, (n_rows, values.shape[1]), is_coalesced=True, check_invariants=False
+    )
 
 
 class _GatheredDot(torch.autograd.Function):
@@ -333,11 +337,22 @@ class PeerLayer(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """The constructor's arguments: `PeerLayer(**layer.config_dict())` rebuilds the same shapes."""
-        return dict(d_model=self.d_model, n_experts=self.n_experts, heads=self.heads, topk=self.topk,
-                    key_dim=self.key_dim, gated=self.gated, activation=self.activation, gate=self.gate,
-                    query_bn=self.query_bn is not None, shared_keys=self.shared_keys, in_bias=self.in_bias,
-                    out_bias=self.out_bias, chunk_size=self.chunk_size,
-                    sparse_grad=self.sparse_grad)
+        return dict(
+            d_model=self.d_model,
+            n_experts=self.n_experts,
+            heads=self.heads,
+            topk=self.topk,
+            key_dim=self.key_dim,
+            gated=self.gated,
+            activation=self.activation,
+            gate=self.gate,
+            query_bn=self.query_bn is not None,
+            shared_keys=self.shared_keys,
+            in_bias=self.in_bias,
+            out_bias=self.out_bias,
+            chunk_size=self.chunk_size,
+            sparse_grad=self.sparse_grad,
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -389,8 +404,19 @@ class PeerLayer(nn.Module):
         x = x.reshape(-1, self.d_model).contiguous()
         scores, idx = self.retrieve(x)
         w = self.gate_weights(scores).flatten(1).to(x.dtype)
-        out = _ExpertMix.apply(x, idx.flatten(1), w, self.w_out, self.w_in, self.b_in, self.w_gate,
-                               self.b_gate, self.act, self.chunk_size, self.sparse_grad)
+        out = _ExpertMix.apply(
+            x,
+            idx.flatten(1),
+            w,
+            self.w_out,
+            self.w_in,
+            self.b_in,
+            self.w_gate,
+            self.b_gate,
+            self.act,
+            self.chunk_size,
+            self.sparse_grad,
+        )
         if self.b_out is not None:
             out = out + self.b_out
         return out.view(shape)

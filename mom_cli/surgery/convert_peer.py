@@ -16,6 +16,7 @@ Built as a plan, validated, then executed (like `decompose`):
             write the checkpoint: converted modules' tensors from the built layers, all others
             copied lazily from the input.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,11 +27,11 @@ from typing import Any
 
 import torch
 
-from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
-from mom_cli.io.text import check_seq_len
 from mom_cli.io.atomic import releases_locks
+from mom_cli.io.text import check_seq_len
+from mom_cli.modeling.configuration_mom import MomConfig
 
 INITS = ("neurons", "random")
 ACTIVE_SHARE = 0.5  # default h*k: half of the FFN's neurons per token
@@ -104,14 +105,22 @@ def _ints(spec: str, what: str, limit: int) -> list[int]:
 def _num_layers(config: MomConfig) -> int:
     src = config.source_config
     n = src.get("num_hidden_layers") or src.get("n_layer")
-    origins = [*config.bottom_layers, *config.top_layers, *(o for b in config.blocks for o in b["ffn"] if o is not None)]
+    origins = [
+        *config.bottom_layers,
+        *config.top_layers,
+        *(o for b in config.blocks for o in b["ffn"] if o is not None),
+    ]
     return int(n) if n else max(origins) + 1
 
 
 def _check_dense_ffn(config: MomConfig) -> None:
     """A PEER module is a pre-norm and one dense FFN: refuse the families whose FFN modules are more."""
-    quirks = {"moe_block": config.moe_block, "post_norm": config.post_norm, "pre_norm": not config.pre_norm,
-              "residual_multiplier": config.residual_multiplier != 1.0}
+    quirks = {
+        "moe_block": config.moe_block,
+        "post_norm": config.post_norm,
+        "pre_norm": not config.pre_norm,
+        "residual_multiplier": config.residual_multiplier != 1.0,
+    }
     for name, on in quirks.items():
         if on:
             raise UsageError(f"convert-peer: {config.source_model_type} FFN modules ({name}) are not supported yet")
@@ -136,10 +145,14 @@ def select_modules(config: MomConfig, spec: str) -> list[tuple[int, int, int]]:
     for o in _ints(spec, "--layers", n):
         if o in config.bottom_layers or o in config.top_layers:
             where = "bottom" if o in config.bottom_layers else "top"
-            raise UsageError(f"--layers: layer {o} is a plain ({where}) layer; only FFN modules in MoM blocks can "
-                             f"become PEER: choose among {_ranges(dense)}")
+            raise UsageError(
+                f"--layers: layer {o} is a plain ({where}) layer; only FFN modules in MoM blocks can "
+                f"become PEER: choose among {_ranges(dense)}"
+            )
         if o not in pooled:
-            raise UsageError(f"--layers: the FFN module of layer {o} was pruned from this checkpoint; choose among {_ranges(dense)}")
+            raise UsageError(
+                f"--layers: the FFN module of layer {o} was pruned from this checkpoint; choose among {_ranges(dense)}"
+            )
         if f"{pooled[o][0]}.{pooled[o][1]}" in config.peer:
             raise UsageError(f"--layers: the FFN module of layer {o} is already PEER; choose among {_ranges(dense)}")
         out.append((o, *pooled[o]))
@@ -190,9 +203,20 @@ def plan_layers(config: MomConfig, opts: ConvertOptions) -> list[LayerPlan]:
         raise UsageError(f"--topk {k} must be between 1 and --experts {n}")
     if opts.init == "neurons":
         _check_neuron_init(kept, n, opts.heads, k, opts.key_dim)
-    peer = dict(d_model=config.hidden_size, n_experts=n, heads=opts.heads, topk=k, key_dim=opts.key_dim,
-                gated=config.gated_mlp, activation=config.hidden_act, gate=gate, query_bn=opts.query_bn,
-                shared_keys=opts.shared_keys, in_bias=config.mlp_bias, out_bias=config.mlp_bias)
+    peer = dict(
+        d_model=config.hidden_size,
+        n_experts=n,
+        heads=opts.heads,
+        topk=k,
+        key_dim=opts.key_dim,
+        gated=config.gated_mlp,
+        activation=config.hidden_act,
+        gate=gate,
+        query_bn=opts.query_bn,
+        shared_keys=opts.shared_keys,
+        in_bias=config.mlp_bias,
+        out_bias=config.mlp_bias,
+    )
     return [LayerPlan(o, b, m, drop or None, dict(peer)) for o, b, m in select_modules(config, opts.layers)]
 
 
@@ -210,8 +234,10 @@ def _experts(opts: ConvertOptions, d_ff: int, kept: int) -> tuple[int, int]:
     if opts.drop_neurons == "weakest":
         kept = min(n, d_ff)
     if n < kept:
-        raise UsageError(f"--experts {n} is fewer than the {kept} neurons of each FFN: pass --drop-neurons weakest "
-                         f"(or a list of neurons) to say which to leave out, or use --experts {_smallest_square(kept)}")
+        raise UsageError(
+            f"--experts {n} is fewer than the {kept} neurons of each FFN: pass --drop-neurons weakest "
+            f"(or a list of neurons) to say which to leave out, or use --experts {_smallest_square(kept)}"
+        )
     return n, kept
 
 
@@ -231,15 +257,21 @@ def _check_neuron_init(kept: int, n: int, heads: int, k: int, key_dim: int) -> N
 
     n_sub = math.isqrt(n)
     if key_dim // 2 <= heads:
-        raise UsageError(f"--key-dim {key_dim} is too small for {heads} heads: neuron init needs key-dim/2 > heads; "
-                         f"use --key-dim {2 * heads + 2} or more")
+        raise UsageError(
+            f"--key-dim {key_dim} is too small for {heads} heads: neuron init needs key-dim/2 > heads; "
+            f"use --key-dim {2 * heads + 2} or more"
+        )
     if n_sub < heads:
-        raise UsageError(f"--experts {n} has sqrt(N) = {n_sub} < --heads {heads}; neuron init gives each head its own "
-                         f"rows of the key grid: use fewer heads or --experts {heads * heads} or more")
+        raise UsageError(
+            f"--experts {n} has sqrt(N) = {n_sub} < --heads {heads}; neuron init gives each head its own "
+            f"rows of the key grid: use fewer heads or --experts {heads * heads} or more"
+        )
     rows, cols = grid_size(kept, n_sub, heads, 1.0)
     if heads > 1 and (rows // heads) * cols < k:
-        raise UsageError(f"--topk {k} is more than the {(rows // heads) * cols} experts each of the {heads} heads owns; "
-                         f"use fewer --heads or a smaller --topk")
+        raise UsageError(
+            f"--topk {k} is more than the {(rows // heads) * cols} experts each of the {heads} heads owns; "
+            f"use fewer --heads or a smaller --topk"
+        )
 
 
 # ----------------------------------------------------------------------------- activations
@@ -254,7 +286,9 @@ class Captured:
 
 
 @torch.inference_mode()
-def capture(model: Any, plans: list[LayerPlan], batches: torch.Tensor, batch_size: int, device: str, label: str) -> Captured:
+def capture(
+    model: Any, plans: list[LayerPlan], batches: torch.Tensor, batch_size: int, device: str, label: str
+) -> Captured:
     """Run the (unconverted) model over `batches`, recording each selected module's x and y.
 
     Layers are recorded in groups that fit CAPTURE_BUDGET, one pass over the data per group.
@@ -297,14 +331,27 @@ def ffn_dtype(reader: Any, config: MomConfig, prefix: str) -> torch.dtype:
 
 def dense_rows(reader: Any, config: MomConfig, prefix: str) -> dict[str, torch.Tensor | None]:
     """The dense FFN at `prefix` as one row per neuron (peer_from_dense's arguments)."""
+
     def get(name: str) -> torch.Tensor | None:
         return reader.get(prefix + name) if config.mlp_bias or not name.endswith("bias") else None
 
     if config.gated_mlp:
-        return dict(w_in=get("up_proj.weight"), b_in=get("up_proj.bias"), w_gate=get("gate_proj.weight"),
-                    b_gate=get("gate_proj.bias"), w_out=get("down_proj.weight").t(), out_bias=get("down_proj.bias"))
-    return dict(w_in=get("fc_in.weight"), b_in=get("fc_in.bias"), w_gate=None, b_gate=None,
-                w_out=get("fc_out.weight").t(), out_bias=get("fc_out.bias"))
+        return dict(
+            w_in=get("up_proj.weight"),
+            b_in=get("up_proj.bias"),
+            w_gate=get("gate_proj.weight"),
+            b_gate=get("gate_proj.bias"),
+            w_out=get("down_proj.weight").t(),
+            out_bias=get("down_proj.bias"),
+        )
+    return dict(
+        w_in=get("fc_in.weight"),
+        b_in=get("fc_in.bias"),
+        w_gate=None,
+        b_gate=None,
+        w_out=get("fc_out.weight").t(),
+        out_bias=get("fc_out.bias"),
+    )
 
 
 @torch.no_grad()
@@ -329,8 +376,14 @@ def neuron_strength(rows: dict[str, torch.Tensor | None], act: str, x: torch.Ten
     return total / x.shape[0] * v.norm(dim=1)
 
 
-def build_layer(plan: LayerPlan, rows: dict[str, torch.Tensor | None], calib_x: torch.Tensor | None,
-                keep: torch.Tensor | None, init: str, seed: int) -> Any:
+def build_layer(
+    plan: LayerPlan,
+    rows: dict[str, torch.Tensor | None],
+    calib_x: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    init: str,
+    seed: int,
+) -> Any:
     """The PeerLayer of one module, in float32 on CPU (neuron init fits keys to calib_x when given)."""
     from mom_cli.surgery.peer_init import peer_from_dense
 
@@ -338,11 +391,26 @@ def build_layer(plan: LayerPlan, rows: dict[str, torch.Tensor | None], calib_x: 
     try:
         with torch.random.fork_rng(devices=[]):  # --init random: reproducible per layer, caller's RNG untouched
             torch.manual_seed(seed + 7919 * plan.origin)
-            return peer_from_dense(rows["w_in"], rows["b_in"], rows["w_gate"], rows["w_out"], rows["out_bias"],
-                                   p["n_experts"], p["heads"], p["topk"], p["key_dim"], b_gate=rows["b_gate"],
-                                   activation=p["activation"], gate=p["gate"], query_bn=p["query_bn"],
-                                   shared_keys=p["shared_keys"], keep=keep, init=init, calib_x=calib_x,
-                                   seed=seed + plan.origin)
+            return peer_from_dense(
+                rows["w_in"],
+                rows["b_in"],
+                rows["w_gate"],
+                rows["w_out"],
+                rows["out_bias"],
+                p["n_experts"],
+                p["heads"],
+                p["topk"],
+                p["key_dim"],
+                b_gate=rows["b_gate"],
+                activation=p["activation"],
+                gate=p["gate"],
+                query_bn=p["query_bn"],
+                shared_keys=p["shared_keys"],
+                keep=keep,
+                init=init,
+                calib_x=calib_x,
+                seed=seed + plan.origin,
+            )
     except ValueError as e:  # a limit of the layer or its init that the plan could not see
         raise UsageError(f"layer {plan.origin}: {e}") from e
 
@@ -409,8 +477,8 @@ class ConvertReport:
 @torch.no_grad()
 def measure(layer: Any, x: torch.Tensor, y: torch.Tensor, rep: LayerReport) -> None:
     """Held-out quality of a built layer (eval mode): oracle mass found, output error, usage."""
-    from mom_cli.surgery.peer_init import oracle_mass_fraction, usage_stats
     from mom_cli.surgery.peer_calibrate import relative_error
+    from mom_cli.surgery.peer_init import oracle_mass_fraction, usage_stats
 
     layer.eval()
     rep.output_error = relative_error(layer, x, y)
@@ -470,16 +538,25 @@ def _ppl(model: Any, batches: torch.Tensor, batch_size: int, device: str) -> flo
 
 def _load_data(ckpt: Path, opts: ConvertOptions) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
     """(model, calibration blocks, held-out blocks); every data error comes before any log line."""
-    from mom_cli.io.text import calibration_split
     from mom_cli.io.loading import load_model
+    from mom_cli.io.text import calibration_split
 
     model, tokenizer = load_model(str(ckpt), opts.device, opts.dtype)
-    return (model, *calibration_split(tokenizer, opts.calibrate, opts.calib_tokens, opts.seq_len,
-                                      opts.eval_data, opts.eval_tokens))
+    return (
+        model,
+        *calibration_split(
+            tokenizer, opts.calibrate, opts.calib_tokens, opts.seq_len, opts.eval_data, opts.eval_tokens
+        ),
+    )
 
 
-def _record(model: Any, calib_blocks: torch.Tensor | None, held_blocks: torch.Tensor | None,
-            plans: list[LayerPlan], opts: ConvertOptions) -> Measured:
+def _record(
+    model: Any,
+    calib_blocks: torch.Tensor | None,
+    held_blocks: torch.Tensor | None,
+    plans: list[LayerPlan],
+    opts: ConvertOptions,
+) -> Measured:
     """Record the selected modules' activations, and the held-out perplexity, before conversion."""
     m = Measured(model, None, None, held_blocks)
     if calib_blocks is not None:
@@ -504,26 +581,30 @@ def _swap_in(model: Any, plans: list[LayerPlan], layers: dict[str, Any], device:
 
 @releases_locks
 def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = False) -> ConvertReport:
-    from mom_cli.io import provenance
-    from mom_cli.io.checkpoint import copy_extras, read_mom, write_checkpoint
     from mom_cli.analysis.info import summary
+    from mom_cli.io import provenance
     from mom_cli.io.atomic import atomic_dir, check_output
+    from mom_cli.io.checkpoint import copy_extras, read_mom, write_checkpoint
 
     check_output(out, force)  # fail before calibrating for minutes
     if opts.seq_len < 2 or opts.batch_size < 1 or opts.calib_steps < 0:
         raise UsageError("--seq-len must be >= 2, --batch-size >= 1 and --calib-steps >= 0")
     if opts.calibrate and opts.calib_tokens < opts.seq_len:
-        raise UsageError(f"--calib-tokens {opts.calib_tokens} is less than one --seq-len {opts.seq_len}; "
-                         f"give more tokens or a shorter --seq-len")
+        raise UsageError(
+            f"--calib-tokens {opts.calib_tokens} is less than one --seq-len {opts.seq_len}; "
+            f"give more tokens or a shorter --seq-len"
+        )
     config, reader = read_mom(ckpt)
     plans = plan_layers(config, opts)
     if opts.calibrate or opts.eval_data:
         check_seq_len(opts.seq_len, config.max_position_embeddings)
     data = _load_data(ckpt, opts) if opts.calibrate or opts.eval_data else None
     first = plans[0].peer
-    log(f"convert-peer {ckpt}: {len(plans)} FFN module(s) (layers {_ranges([p.origin for p in plans])}) -> PEER "
+    log(
+        f"convert-peer {ckpt}: {len(plans)} FFN module(s) (layers {_ranges([p.origin for p in plans])}) -> PEER "
         f"N={first['n_experts']}, h={first['heads']}, k={first['topk']}, d_key={first['key_dim']}, "
-        f"gate {first['gate']}, init {opts.init}")
+        f"gate {first['gate']}, init {opts.init}"
+    )
     m = None if data is None else _record(*data, plans, opts)
 
     layers: dict[str, Any] = {}
@@ -537,11 +618,16 @@ def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = Fals
         ppl = (m.ppl_before, _ppl(m.model, m.held_blocks, opts.batch_size, opts.device))
 
     layers = {k: v.cpu() for k, v in layers.items()}
-    record = provenance.record("convert-peer", {
-        **{k: v for k, v in asdict(opts).items() if k != "device"},
-        "layers": [p.origin for p in plans], "modules": [p.key for p in plans],
-        "heldout_perplexity": None if ppl is None else list(ppl),
-    }, str(ckpt))
+    record = provenance.record(
+        "convert-peer",
+        {
+            **{k: v for k, v in asdict(opts).items() if k != "device"},
+            "layers": [p.origin for p in plans],
+            "modules": [p.key for p in plans],
+            "heldout_perplexity": None if ppl is None else list(ppl),
+        },
+        str(ckpt),
+    )
     new = converted_config(config, plans, layers, record)
     with atomic_dir(out, force) as tmp, progress() as bar:
         tensors = output_tensors(reader, new, plans, layers)
@@ -549,7 +635,11 @@ def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = Fals
         write_checkpoint(tmp, new, tensors, lambda d: copy_extras(ckpt, d), on_tensor=lambda t: bar.advance(task))
     before, after = summary(config, get=reader.get), summary(new, get=reader.get)
     return ConvertReport(
-        out, opts.init, m is not None and m.calib is not None, reports, ppl,
+        out,
+        opts.init,
+        m is not None and m.calib is not None,
+        reports,
+        ppl,
         0 if ppl is None else m.held_blocks.numel(),
         (before["params_total"], after["params_total"]),
         (before["params_active_per_token"], after["params_active_per_token"]),
@@ -557,8 +647,9 @@ def convert_peer(ckpt: Path, out: Path, opts: ConvertOptions, force: bool = Fals
     )
 
 
-def _convert_one(p: LayerPlan, reader: Any, config: MomConfig, opts: ConvertOptions,
-                 m: Measured | None) -> tuple[Any, LayerReport]:
+def _convert_one(
+    p: LayerPlan, reader: Any, config: MomConfig, opts: ConvertOptions, m: Measured | None
+) -> tuple[Any, LayerReport]:
     """Build (and calibrate) one layer on opts.device, in float32, and measure it."""
     from mom_cli.analysis.info import peer_costs
 
@@ -568,9 +659,18 @@ def _convert_one(p: LayerPlan, reader: Any, config: MomConfig, opts: ConvertOpti
     keep = _kept_neurons(p, rows, config, x) if opts.init == "neurons" else None
     layer = build_layer(p, rows, x, keep, opts.init, opts.seed)
     costs = peer_costs(layer.config_dict())
-    rep = LayerReport(p.key, p.origin, layer.n_experts, layer.heads, layer.topk, layer.key_dim, layer.gate,
-                      config.intermediate_size if keep is None else keep.numel(), costs["params_total"],
-                      costs["params_active"])
+    rep = LayerReport(
+        p.key,
+        p.origin,
+        layer.n_experts,
+        layer.heads,
+        layer.topk,
+        layer.key_dim,
+        layer.gate,
+        config.intermediate_size if keep is None else keep.numel(),
+        costs["params_total"],
+        costs["params_active"],
+    )
     layer = layer.to(opts.device)
     if x is not None and opts.calib_steps > 0:
         _calibrate(layer, x.to(opts.device), y.to(opts.device), p.origin, opts, rep)
@@ -581,7 +681,9 @@ def _convert_one(p: LayerPlan, reader: Any, config: MomConfig, opts: ConvertOpti
     return layer, rep
 
 
-def _calibrate(layer: Any, x: torch.Tensor, y: torch.Tensor, origin: int, opts: ConvertOptions, rep: LayerReport) -> None:
+def _calibrate(
+    layer: Any, x: torch.Tensor, y: torch.Tensor, origin: int, opts: ConvertOptions, rep: LayerReport
+) -> None:
     """Train the layer's retrieval to reproduce the dense outputs y, with a progress bar."""
     from mom_cli.surgery.peer_calibrate import calibrate
 

@@ -8,6 +8,7 @@ Layer i of the source gives MHA module i and FFN module i. The default plan puts
 one block with H = M steps, top-1, and routers whose step bias picks module h at step h: the same
 function as the source model.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,12 +18,12 @@ from typing import Any
 
 import torch
 
-from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.errors import UsageError
 from mom_cli.families import Derived, Family, check_supported, family_for
+from mom_cli.io.atomic import releases_locks
 from mom_cli.io.checkpoint import module_prefix, router_key
 from mom_cli.io.sources import Source
-from mom_cli.io.atomic import releases_locks
+from mom_cli.modeling.configuration_mom import MomConfig
 
 ROUTER_PREFERRED_BIAS = 1.0  # logit margin of the module a step starts with; / T gives the softmax margin
 
@@ -46,18 +47,24 @@ def check_plan(cfg: Any, family: Family, opts: PlanOptions) -> tuple[int, int, i
     n = family.num_layers(cfg)
     middle = n - opts.bottom - opts.top
     if opts.bottom < 0 or opts.top < 0 or middle < 1:
-        raise UsageError(f"impossible plan: --bottom {opts.bottom} + --top {opts.top} leave no layers of {n} for MoM blocks")
+        raise UsageError(
+            f"impossible plan: --bottom {opts.bottom} + --top {opts.top} leave no layers of {n} for MoM blocks"
+        )
     if opts.pool_size is not None and opts.pool_size < 1:
         raise UsageError(f"--pool-size must be >= 1, got {opts.pool_size}")
     if opts.depth is not None and opts.depth < 1:
         raise UsageError(f"--depth must be >= 1 (routed steps per block), got {opts.depth}")
     m = opts.pool_size or middle
     if middle % m:
-        raise UsageError(f"impossible plan: {middle} middle layers do not split into pools of --pool-size {m}; use a divisor of {middle}")
+        raise UsageError(
+            f"impossible plan: {middle} middle layers do not split into pools of --pool-size {m}; use a divisor of {middle}"
+        )
     h = opts.depth or m
     choices = m + opts.skip
     if opts.top_k < 1 or opts.top_k > choices:
-        raise UsageError(f"impossible plan: --top-k must be between 1 and {choices} (M modules{' + SKIP' if opts.skip else ''})")
+        raise UsageError(
+            f"impossible plan: --top-k must be between 1 and {choices} (M modules{' + SKIP' if opts.skip else ''})"
+        )
     if opts.router not in ("gru", "mlp"):
         raise UsageError(f"unknown router {opts.router!r}: use gru or mlp")
     if not 1 <= opts.router_hidden <= 2**16:
@@ -176,8 +183,10 @@ def check_source_shapes(source: Source, family: Family, config: MomConfig, shape
             continue
         got = tuple(source.reader.shape(r.keys[0]))
         if got != shapes[name]:
-            raise MomError(f"source tensor {r.keys[0]} has shape {list(got)}, but the source config implies "
-                           f"{list(shapes[name])}: config.json does not match the weights")
+            raise MomError(
+                f"source tensor {r.keys[0]} has shape {list(got)}, but the source config implies "
+                f"{list(shapes[name])}: config.json does not match the weights"
+            )
 
 
 def default_output(ref: str, suffix: str) -> Path:
@@ -206,11 +215,11 @@ def decompose(
     shard_bytes: int | None = None,
     verify: bool = True,
 ) -> Path:
-    from mom_cli.io import provenance
-    from mom_cli.io.checkpoint import DEFAULT_SHARD, param_shapes, write_checkpoint
     from mom_cli.console import log, progress
     from mom_cli.errors import MomError
+    from mom_cli.io import provenance
     from mom_cli.io.atomic import atomic_dir, check_output
+    from mom_cli.io.checkpoint import DEFAULT_SHARD, param_shapes, write_checkpoint
     from mom_cli.io.sources import open_source
     from mom_cli.io.tensorio import PlannedTensor
 
@@ -228,12 +237,16 @@ def decompose(
     keys = source.reader.keys()
     absent = sorted({k for r in derived.values() if isinstance(r, Derived) for k in r.keys} - keys)
     if absent:
-        raise MomError(f"source {source_ref} lacks tensor {absent[0]} (and {len(absent) - 1} more); the checkpoint is incomplete")
+        raise MomError(
+            f"source {source_ref} lacks tensor {absent[0]} (and {len(absent) - 1} more); the checkpoint is incomplete"
+        )
     embed = next(k for r in derived.values() if isinstance(r, Derived) for k in r.keys)
     stored = source.reader.get(embed).dtype
     if not stored.is_floating_point:
-        raise MomError(f"source tensor {embed} is stored as {str(stored).removeprefix('torch.')}, not a floating type: "
-                       "the file's header does not tell the truth about its dtype")
+        raise MomError(
+            f"source tensor {embed} is stored as {str(stored).removeprefix('torch.')}, not a floating type: "
+            "the file's header does not tell the truth about its dtype"
+        )
     out_dtype = dtype or stored
     stored_dtype = stored
     config.mom_provenance = [provenance.record("decompose", {**asdict(opts), "dtype": str(out_dtype)}, source_ref)]
@@ -244,18 +257,33 @@ def decompose(
         return (lambda: r) if isinstance(r, torch.Tensor) else (lambda: r.build(source.reader.get))
 
     planned = [PlannedTensor(n, s, out_dtype, producer(n)) for n, s in shapes.items()]
-    log(f"decompose {source_ref}: {family.name} family, {len(config.blocks)} block(s), "
-        f"{sum(len(b['mha']) for b in config.blocks)} MHA + {sum(len(b['ffn']) for b in config.blocks)} FFN modules")
+    log(
+        f"decompose {source_ref}: {family.name} family, {len(config.blocks)} block(s), "
+        f"{sum(len(b['mha']) for b in config.blocks)} MHA + {sum(len(b['ffn']) for b in config.blocks)} FFN modules"
+    )
     with atomic_dir(out, force) as tmp, progress() as bar:
         task = bar.add_task("writing tensors", total=len(planned))
-        write_checkpoint(tmp, config, planned, source.copy_extras, shard_bytes or DEFAULT_SHARD,
-                         on_tensor=lambda t: bar.advance(task))
-        record_verdict(tmp, config, verify_written(source, tmp, config, out_dtype == stored_dtype, out_dtype)
-                       if verify else {"method": "skipped", "note": "--no-verify"})
+        write_checkpoint(
+            tmp,
+            config,
+            planned,
+            source.copy_extras,
+            shard_bytes or DEFAULT_SHARD,
+            on_tensor=lambda t: bar.advance(task),
+        )
+        record_verdict(
+            tmp,
+            config,
+            verify_written(source, tmp, config, out_dtype == stored_dtype, out_dtype)
+            if verify
+            else {"method": "skipped", "note": "--no-verify"},
+        )
     return out
 
 
-def verify_written(source: Source, ckpt: Path, config: MomConfig, exact_copy: bool, dtype: torch.dtype) -> dict[str, Any]:
+def verify_written(
+    source: Source, ckpt: Path, config: MomConfig, exact_copy: bool, dtype: torch.dtype
+) -> dict[str, Any]:
     from mom_cli.surgery.verify import tolerance_for, verify
 
     return verify(source, ckpt, config, tolerance_for(exact_copy, dtype)).as_dict()

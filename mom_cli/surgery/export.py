@@ -9,6 +9,7 @@
 
 Tensors stream one at a time from the memory-mapped checkpoint; the model is never held whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,14 @@ from pathlib import Path
 
 import torch
 
-from mom_cli.io.checkpoint import copy_extras, copy_plan, module_prefix, read_mom, router_key, self_describing
-from mom_cli.io.provenance import model_card
-from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
 from mom_cli.families import Derived, family_named
-from mom_cli.io.atomic import atomic_dir, atomic_file
+from mom_cli.io.atomic import atomic_dir, atomic_file, releases_locks
+from mom_cli.io.checkpoint import copy_extras, copy_plan, module_prefix, read_mom, router_key, self_describing
+from mom_cli.io.provenance import model_card
 from mom_cli.io.tensorio import PlannedTensor, SafetensorsReader, write_file, write_safetensors
-from mom_cli.io.atomic import releases_locks
+from mom_cli.modeling.configuration_mom import MomConfig
 
 FORMATS = ("hf", "safetensors")
 
@@ -38,7 +38,9 @@ def plain_layer_order(config: MomConfig, reader: SafetensorsReader) -> list[tupl
     """
     if config.peer:
         return None
-    layers = [(module_prefix("bottom", i, "mha"), module_prefix("bottom", i, "ffn")) for i in range(len(config.bottom_layers))]
+    layers = [
+        (module_prefix("bottom", i, "mha"), module_prefix("bottom", i, "ffn")) for i in range(len(config.bottom_layers))
+    ]
     for b, spec in enumerate(config.blocks):
         if config.router_top_k != 1:
             return None
@@ -84,7 +86,9 @@ def _constant_choice(reader: SafetensorsReader, block: int, kind: str, origins: 
 
 
 @releases_locks
-def export(ckpt: Path, out: Path, fmt: str, dtype: torch.dtype | None, shard_bytes: int, force: bool) -> tuple[Path, str]:
+def export(
+    ckpt: Path, out: Path, fmt: str, dtype: torch.dtype | None, shard_bytes: int, force: bool
+) -> tuple[Path, str]:
     """Returns the output path and what was written ("standard", "remote-code" or "safetensors")."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}: use {' or '.join(FORMATS)}")
@@ -113,7 +117,9 @@ def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, forc
         derived.update(family.layer_to_source(i, mha, ffn, config))
     cfg_dict = family.source_config(config, layer_origins(config, layers))
     cfg_dict.pop("model_type", None)
-    cfg_dict.pop("quantization_config", None)  # a GGUF source's, made before it was dropped on reading: the weights are float
+    cfg_dict.pop(
+        "quantization_config", None
+    )  # a GGUF source's, made before it was dropped on reading: the weights are float
     src_cfg = AutoConfig.for_model(config.source_model_type, **cfg_dict)
     if dtype is not None:
         src_cfg.dtype = str(dtype).removeprefix("torch.")
@@ -122,7 +128,9 @@ def _export_standard(ckpt, config, reader, layers, out, dtype, shard_bytes, forc
     # per-expert w1/w2/w3), which transformers converts on load to its in-memory layout.
     meta = lambda k: torch.empty(reader.shape(k), dtype=reader.dtype(k), device="meta")  # noqa: E731
     planned = [
-        PlannedTensor(name, tuple(r.build(meta).shape), dtype or reader.dtype(r.keys[0]), lambda r=r: r.build(reader.get))
+        PlannedTensor(
+            name, tuple(r.build(meta).shape), dtype or reader.dtype(r.keys[0]), lambda r=r: r.build(reader.get)
+        )
         for name, r in derived.items()
     ]
     log(f"export {ckpt}: plain stack of {len(layers)} layers -> standard {config.source_model_type} format")
@@ -176,10 +184,16 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                 commit_message=f"Upload {Path(folder).name} with mom")
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"Upload {Path(folder).name} with mom",
+        )
     except Exception as e:  # network, authentication, permissions: one line, the hub's own words
-        raise MomError(f"pushing {folder} to the hub as {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise MomError(
+            f"pushing {folder} to the hub as {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     return str(getattr(info, "commit_url", None) or info)
 
 

@@ -26,6 +26,7 @@ The loss needs no expert forward pass: the owners' scores (tokens x N, from 2 sq
 per head) and the contributions (two matmuls with the frozen tables). The output error is reported before
 and after, as the relative error ||f(x) - y||^2 / ||y||^2 averaged over tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -137,8 +138,14 @@ def _owner_table(owner: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.T
     return table, mask
 
 
-def retrieval_loss(layer: PeerLayer, x: torch.Tensor, contrib: torch.Tensor, owner: torch.Tensor,
-                   log_beta: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def retrieval_loss(
+    layer: PeerLayer,
+    x: torch.Tensor,
+    contrib: torch.Tensor,
+    owner: torch.Tensor,
+    log_beta: torch.Tensor,
+    table: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Contribution-weighted binary cross-entropy of "retrieved" against the oracle (module docstring).
 
     Only the owner head's scores are formed ((tokens, N), not (tokens, h, N)), and each head's

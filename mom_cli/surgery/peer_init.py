@@ -8,6 +8,7 @@ checkpoints (the runtime layer needs none of it). Read top to bottom:
    `peer_from_ffn`      keys are fitted to the neurons' input vectors (k-means on a grid of cells)
 3. analysis helpers     oracle contribution mass, expert usage and its unevenness (paper Table 2)
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,14 @@ from mom_cli.modeling.peer import PeerLayer
 # ----------------------------------------------------------------------------- 1. activations
 
 
-def neuron_activations(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_gate: torch.Tensor | None,
-                       b_gate: torch.Tensor | None, act: nn.Module) -> torch.Tensor:
+def neuron_activations(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_gate: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    act: nn.Module,
+) -> torch.Tensor:
     """a_i(x) for every neuron (one row of the tables each): (tokens, neurons).
 
     GPT-2 style act(u_i.x + b_i); SwiGLU act(g_i.x + c_i) (u_i.x + b_i).
@@ -41,8 +48,9 @@ def neuron_activations(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor |
 
 def layer_activations(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
     """a_i(x) for every expert of a PEER layer: (tokens, N). Dense over N: small batches only."""
-    return neuron_activations(x.reshape(-1, layer.d_model), layer.w_in, layer.b_in, layer.w_gate, layer.b_gate,
-                              layer.act)
+    return neuron_activations(
+        x.reshape(-1, layer.d_model), layer.w_in, layer.b_in, layer.w_gate, layer.b_gate, layer.act
+    )
 
 
 @torch.no_grad()
@@ -56,6 +64,7 @@ def peer_from_ffn(fc_in: nn.Module, fc_out: nn.Module, gate_proj: nn.Module | No
 
     fc_in is GPT-2's c_fc or Llama's up_proj, fc_out c_proj / down_proj, gate_proj Llama's gate_proj.
     """
+
     def rows(m: nn.Module, fan_in_side: bool) -> torch.Tensor:
         # nn.Linear stores (out, in); Conv1D (in, out). We want one row per neuron.
         w = m.weight.detach()
@@ -65,8 +74,15 @@ def peer_from_ffn(fc_in: nn.Module, fc_out: nn.Module, gate_proj: nn.Module | No
     def bias(m: nn.Module | None) -> torch.Tensor | None:
         return None if m is None or getattr(m, "bias", None) is None else m.bias.detach()
 
-    return peer_from_dense(rows(fc_in, True), bias(fc_in), None if gate_proj is None else rows(gate_proj, True),
-                           rows(fc_out, False), bias(fc_out), b_gate=bias(gate_proj), **kwargs)
+    return peer_from_dense(
+        rows(fc_in, True),
+        bias(fc_in),
+        None if gate_proj is None else rows(gate_proj, True),
+        rows(fc_out, False),
+        bias(fc_out),
+        b_gate=bias(gate_proj),
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------- 2. neuron init
@@ -203,9 +219,21 @@ def peer_from_dense(
     """
     gated = w_gate is not None
     d_ff, d = w_in.shape
-    layer = PeerLayer(d, n_experts, heads, topk, key_dim, gated=gated, activation=activation, gate=gate,
-                      query_bn=query_bn, shared_keys=shared_keys, in_bias=b_in is not None or b_gate is not None,
-                      out_bias=out_bias is not None, chunk_size=chunk_size)
+    layer = PeerLayer(
+        d,
+        n_experts,
+        heads,
+        topk,
+        key_dim,
+        gated=gated,
+        activation=activation,
+        gate=gate,
+        query_bn=query_bn,
+        shared_keys=shared_keys,
+        in_bias=b_in is not None or b_gate is not None,
+        out_bias=out_bias is not None,
+        chunk_size=chunk_size,
+    )
     if init == "random":
         return layer
     if init != "neurons":
@@ -227,8 +255,10 @@ def peer_from_dense(
         raise ValueError(f"neuron init needs sqrt(N) >= heads, got sqrt(N)={n_sub}, heads={heads}")
     n_rows, n_cols = grid_size(n, n_sub, heads, slack)
     if heads > 1 and (n_rows // heads) * n_cols < topk:  # else a head reaches into another's rows
-        raise ValueError(f"neuron init: each head owns {n_rows // heads}x{n_cols} cells, fewer than "
-                         f"topk={topk}; use fewer heads or a smaller topk")
+        raise ValueError(
+            f"neuron init: each head owns {n_rows // heads}x{n_cols} cells, fewer than "
+            f"topk={topk}; use fewer heads or a smaller topk"
+        )
 
     f32 = dict(dtype=torch.float32, device="cpu")  # fitted and built on CPU in float32; move it after
     u = w_in[keep_t.to(w_in.device)].to(**f32)
@@ -281,8 +311,10 @@ def peer_from_dense(
         margin = 8 * y.norm(dim=1).max().item() + 1.0
     else:
         qp = torch.cat([xs, torch.ones(xs.shape[0], 1)], 1) @ proj_q.t()
-        margin = 1.0 + 2 * sum(qp[:, sl].norm(dim=1).max().item() * y[:, sl].norm(dim=1).max().item()
-                               for sl in (slice(0, dc1), slice(dc1, None)))
+        margin = 1.0 + 2 * sum(
+            qp[:, sl].norm(dim=1).max().item() * y[:, sl].norm(dim=1).max().item()
+            for sl in (slice(0, dc1), slice(dc1, None))
+        )
     gm = math.sqrt(margin)
     group = torch.arange(n_rows) * heads // n_rows  # rows dealt to heads in equal bands
     keys1 = torch.zeros(n_sub, half)
@@ -293,8 +325,9 @@ def peer_from_dense(
     keys1[torch.arange(n_rows), dc1 + group] = gm  # in-group rows: +margin for their head
     keys2[:, dc2] = -2 * gm  # unused columns: -2 margin; used ones: -margin (cancels the row's +margin)
     keys2[:n_cols, dc2] = -gm
-    layer.sub_keys.copy_(torch.stack([keys1, keys2]) if shared_keys
-                         else torch.stack([keys1, keys2]).expand(heads, -1, -1, -1))
+    layer.sub_keys.copy_(
+        torch.stack([keys1, keys2]) if shared_keys else torch.stack([keys1, keys2]).expand(heads, -1, -1, -1)
+    )
 
     w_q = torch.zeros(heads, key_dim, d + 1)
     w_q[:, :dc1] = proj_q[:dc1]

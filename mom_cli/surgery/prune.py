@@ -14,6 +14,7 @@ Metrics score every pooled module; the lowest scores go first.
 Plans are measured on calibration text, then checked on held-out text (`--eval-data`, or the text
 that follows the calibration tokens in DATA).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,11 +25,11 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from mom_cli.modeling.configuration_mom import MomConfig
 from mom_cli.console import log, progress
 from mom_cli.errors import UsageError
-from mom_cli.io.text import check_seq_len
 from mom_cli.io.atomic import releases_locks
+from mom_cli.io.text import check_seq_len
+from mom_cli.modeling.configuration_mom import MomConfig
 
 METRICS = ("greedy", "loss", "cosine", "block-influence", "usage")
 KINDS = ("mha", "ffn")
@@ -73,7 +74,9 @@ def parse_keep(value: str | None, total: int, kind: str) -> int:
     except ValueError:
         raise UsageError(f"{flag} {value!r}: give a count (10) or a share (50%)") from None
     if keep > total:
-        raise UsageError(f"{flag} {value} asks for more {kind.upper()} modules than the {total} the checkpoint has; use at most {total}")
+        raise UsageError(
+            f"{flag} {value} asks for more {kind.upper()} modules than the {total} the checkpoint has; use at most {total}"
+        )
     if keep < 1:
         raise UsageError(f"{flag} {value} would remove every {kind.upper()} module; keep at least 1 (or 1%)")
     return keep
@@ -210,8 +213,13 @@ def usage_scores(stats: dict, refs: list[ModuleRef]) -> dict[ModuleRef, float]:
     return out
 
 
-def loss_scores(measurer: Any, refs: list[ModuleRef], base: float, off: tuple[ModuleRef, ...] = (),
-                label: str = "removing one module at a time") -> dict[ModuleRef, float]:
+def loss_scores(
+    measurer: Any,
+    refs: list[ModuleRef],
+    base: float,
+    off: tuple[ModuleRef, ...] = (),
+    label: str = "removing one module at a time",
+) -> dict[ModuleRef, float]:
     """Calibration loss increase when each module is removed (on top of `off`), measured together."""
     log(f"{label}: {len(refs)} candidates")
     losses = measurer.losses([(*off, ref) for ref in refs])
@@ -246,8 +254,14 @@ def greedy_passes(n: dict[str, int], n_remove: dict[str, int], width: int) -> in
     return 1 + total + max(rounds - 1, 0) * width + 1  # + base and the one-shot check
 
 
-def greedy_plan(measurer: Any, refs: list[ModuleRef], n_remove: dict[str, int], base: float, width: int,
-                first: dict[ModuleRef, float] | None = None) -> PrunePlan:
+def greedy_plan(
+    measurer: Any,
+    refs: list[ModuleRef],
+    n_remove: dict[str, int],
+    base: float,
+    width: int,
+    first: dict[ModuleRef, float] | None = None,
+) -> PrunePlan:
     """Remove the least harmful module, re-measure the best-ranked candidates, repeat.
 
     The first round is the one-shot `loss` ranking. Later rounds re-measure the `width` candidates
@@ -294,8 +308,15 @@ def trace_of(measurer: Any, order: list[ModuleRef], base: float) -> list[float]:
     return [base, *measurer.losses([order[:i] for i in range(1, len(order) + 1)])]
 
 
-def make_plan(metric: str, measurer: Any, refs: list[ModuleRef], n_remove: dict[str, int],
-              stats: dict | None, width: int, want_trace: bool) -> PrunePlan:
+def make_plan(
+    metric: str,
+    measurer: Any,
+    refs: list[ModuleRef],
+    n_remove: dict[str, int],
+    stats: dict | None,
+    width: int,
+    want_trace: bool,
+) -> PrunePlan:
     candidates = [r for r in refs if n_remove.get(r.kind, 0) > 0]
     base = measurer.loss()
     if metric == "greedy":
@@ -319,8 +340,10 @@ def pick_metric(metric: str | None, stats: dict | None, n: dict[str, int], n_rem
     if metric not in METRICS:
         raise UsageError(f"unknown --metric {metric!r}: use one of {', '.join(METRICS)}")
     if metric == "usage" and stats is None:
-        raise UsageError("--metric usage needs routing statistics, and this checkpoint has none; "
-                         "run `mom train-routers` on it first, or choose another --metric")
+        raise UsageError(
+            "--metric usage needs routing statistics, and this checkpoint has none; "
+            "run `mom train-routers` on it first, or choose another --metric"
+        )
     return metric
 
 
@@ -370,13 +393,21 @@ class PruneReport:
             "path": str(self.path),
             "metric": self.plan.metric,
             "modules": [
-                {"module": r.name, "kind": r.kind, "block": r.block, "slot": r.slot, "origin": r.origin,
-                 "score": s, "removed": r in removed}
+                {
+                    "module": r.name,
+                    "kind": r.kind,
+                    "block": r.block,
+                    "slot": r.slot,
+                    "origin": r.origin,
+                    "score": s,
+                    "removed": r in removed,
+                }
                 for r, s in sorted(self.plan.scores.items())
             ],
             "removed": [r.name for r in self.plan.removed],
             "calibration_perplexity": {"before": self.calib_ppl[0], "after": self.calib_ppl[1]},
-            "heldout_perplexity": None if self.heldout_ppl is None
+            "heldout_perplexity": None
+            if self.heldout_ppl is None
             else {"before": self.heldout_ppl[0], "after": self.heldout_ppl[1]},
             "params_total": {"before": self.params[0], "after": self.params[1]},
             "params_active_per_token": {"before": self.active_params[0], "after": self.active_params[1]},
@@ -400,10 +431,12 @@ def pruned_config(config: MomConfig, removed: Iterable[ModuleRef], record: dict[
     return new
 
 
-def remove_modules(ckpt: Path, out: Path, removed: Iterable[ModuleRef], record: dict[str, Any], force: bool = False) -> MomConfig:
+def remove_modules(
+    ckpt: Path, out: Path, removed: Iterable[ModuleRef], record: dict[str, Any], force: bool = False
+) -> MomConfig:
     """Write `ckpt` without the `removed` modules: their slots become None, their weights go."""
-    from mom_cli.io.checkpoint import copy_extras, copy_plan, read_mom, write_checkpoint
     from mom_cli.io.atomic import atomic_dir
+    from mom_cli.io.checkpoint import copy_extras, copy_plan, read_mom, write_checkpoint
 
     config, reader = read_mom(ckpt)
     new = pruned_config(config, removed, record)
@@ -416,14 +449,14 @@ def remove_modules(ckpt: Path, out: Path, removed: Iterable[ModuleRef], record: 
 
 @releases_locks
 def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> PruneReport:
-    from mom_cli.io import provenance
-    from mom_cli.io.checkpoint import read_mom
-    from mom_cli.io.text import calibration_split
     from mom_cli.analysis.info import summary
-    from mom_cli.io.loading import load_tokenizer
-    from mom_cli.io.atomic import check_output
-    from mom_cli.surgery.sequential import StreamedMeasurer
     from mom_cli.analysis.routing_stats import load as load_stats
+    from mom_cli.io import provenance
+    from mom_cli.io.atomic import check_output
+    from mom_cli.io.checkpoint import read_mom
+    from mom_cli.io.loading import load_tokenizer
+    from mom_cli.io.text import calibration_split
+    from mom_cli.surgery.sequential import StreamedMeasurer
 
     check_output(out, force)  # fail before measuring for minutes
     if opts.plot is not None:
@@ -444,12 +477,17 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
     check_seq_len(opts.seq_len, config.max_position_embeddings)
 
     tokenizer = load_tokenizer(ckpt)
-    calib, heldout = calibration_split(tokenizer, opts.data, calib_tokens, opts.seq_len, opts.eval_data,
-                                       opts.eval_tokens)
-    log(f"prune {ckpt}: {n['mha']} MHA + {n['ffn']} FFN modules, removing {n_remove['mha']} MHA and "
-        f"{n_remove['ffn']} FFN by {metric}, on {calib.numel()} calibration tokens")
+    calib, heldout = calibration_split(
+        tokenizer, opts.data, calib_tokens, opts.seq_len, opts.eval_data, opts.eval_tokens
+    )
+    log(
+        f"prune {ckpt}: {n['mha']} MHA + {n['ffn']} FFN modules, removing {n_remove['mha']} MHA and "
+        f"{n_remove['ffn']} FFN by {metric}, on {calib.numel()} calibration tokens"
+    )
     measurer = StreamedMeasurer(ckpt, calib, opts.batch_size, opts.device, opts.dtype)
-    plan = make_plan(metric, measurer, refs, n_remove, stats[0] if stats else None, opts.greedy_width, opts.plot is not None)
+    plan = make_plan(
+        metric, measurer, refs, n_remove, stats[0] if stats else None, opts.greedy_width, opts.plot is not None
+    )
     calib_after = measurer.loss(plan.removed)
     held = None
     if heldout is not None:
@@ -457,18 +495,30 @@ def prune(ckpt: Path, out: Path, opts: PruneOptions, force: bool = False) -> Pru
         check = StreamedMeasurer(ckpt, heldout, opts.batch_size, opts.device, opts.dtype)
         held = (math.exp(check.loss()), math.exp(check.loss(plan.removed)))
 
-    record = provenance.record("prune", {
-        "metric": metric, "keep_mha": keep_mha, "keep_ffn": keep_ffn, "data": opts.data,
-        "calib_tokens": calib.numel(), "removed": [r.name for r in plan.removed],
-        "scores": {r.name: s for r, s in sorted(plan.scores.items())},
-    }, str(ckpt))
+    record = provenance.record(
+        "prune",
+        {
+            "metric": metric,
+            "keep_mha": keep_mha,
+            "keep_ffn": keep_ffn,
+            "data": opts.data,
+            "calib_tokens": calib.numel(),
+            "removed": [r.name for r in plan.removed],
+            "scores": {r.name: s for r, s in sorted(plan.scores.items())},
+        },
+        str(ckpt),
+    )
     new = remove_modules(ckpt, out, plan.removed, record, force)
     after = summary(new, get=reader.get)
     report = PruneReport(
-        out, plan, (math.exp(plan.trace[0]), math.exp(calib_after)), held,
+        out,
+        plan,
+        (math.exp(plan.trace[0]), math.exp(calib_after)),
+        held,
         (before["params_total"], after["params_total"]),
         (before["params_active_per_token"], after["params_active_per_token"]),
-        (before["flops_per_token"], after["flops_per_token"]), measurer.passes,
+        (before["flops_per_token"], after["flops_per_token"]),
+        measurer.passes,
     )
     if opts.plot is not None:
         from mom_cli.analysis.plots import plot_prune

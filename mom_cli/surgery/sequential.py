@@ -10,6 +10,7 @@ modules switched off so far). A measurement that switches off more modules start
 step where a token chose one of them, from the kept states, and runs only the rest of the model.
 The measurements asked for together run together, so each layer is read once for all of them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -122,8 +123,9 @@ class StreamedMeasurer:
         for plain in inner.top:
             self.units.append(Unit(layer, plain=plain))
             layer += 1
-        self._plain_prefix = {id(m): f"model.{where}.{i}." for where in ("bottom", "top")
-                              for i, m in enumerate(getattr(inner, where))}
+        self._plain_prefix = {
+            id(m): f"model.{where}.{i}." for where in ("bottom", "top") for i, m in enumerate(getattr(inner, where))
+        }
         self._embed()
         self.base_off: frozenset = frozenset()
         self.first_use: dict[tuple[str, int, int], int] = {}
@@ -184,7 +186,9 @@ class StreamedMeasurer:
 
         first = min(j.start for j in jobs)
         with progress() as bar:
-            task = bar.add_task(f"{len(jobs)} pass{'es' * (len(jobs) > 1)}, layer by layer", total=len(self.units) - first)
+            task = bar.add_task(
+                f"{len(jobs)} pass{'es' * (len(jobs) > 1)}, layer by layer", total=len(self.units) - first
+            )
             for u in range(first, len(self.units)):
                 self._run_layer(u, jobs, switch_off)
                 bar.advance(task)
@@ -219,8 +223,10 @@ class StreamedMeasurer:
         from mom_cli.analysis.evaluate import heldout_loss
 
         self._fill(self.model.lm_head, "lm_head.")
-        out = [heldout_loss(_FromStates(self.model, states), self.batches, self.batch_size, self.device)[0]
-               for states in runs]
+        out = [
+            heldout_loss(_FromStates(self.model, states), self.batches, self.batch_size, self.device)[0]
+            for states in runs
+        ]
         empty(self.model.lm_head)
         return out
 

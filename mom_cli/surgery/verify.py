@@ -10,6 +10,7 @@ rounding is a mapping error, not precision.
 A family whose source layers cannot be filled from the checkpoint's own tensor names (transformers
 converts them when it loads) is checked on the whole model instead, when it is small enough.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,8 +57,10 @@ class _Worst:
         if rel > self.rel or not self.where:
             self.abs, self.rel, self.where = diff, rel, where
         if not rel <= self.tolerance:  # NaN fails too
-            raise MomError(f"verification failed at {where}: max |Δ| {diff:.3g} ({rel:.3g} of its scale) is beyond the "
-                           f"float tolerance {self.tolerance:.0e}; the family's tensor mapping is wrong, nothing was written")
+            raise MomError(
+                f"verification failed at {where}: max |Δ| {diff:.3g} ({rel:.3g} of its scale) is beyond the "
+                f"float tolerance {self.tolerance:.0e}; the family's tensor mapping is wrong, nothing was written"
+            )
 
 
 def tolerance_for(exact_copy: bool, dtype: torch.dtype) -> float:
@@ -86,8 +89,10 @@ def verify(source: Any, ckpt: Path, config: Any, tolerance: float) -> Verdict:
             return _full_model(source, ckpt, config, ids, _Worst(tolerance), f"the per-layer check disagreed ({e})")
         except MomError:
             raise e from None
-    log(f"verified: {len(trace.layers)} layers, embeddings and head equal the source's within {worst.abs:.2g} "
-        f"(max relative {worst.rel:.2g}, at {worst.where})")
+    log(
+        f"verified: {len(trace.layers)} layers, embeddings and head equal the source's within {worst.abs:.2g} "
+        f"(max relative {worst.rel:.2g}, at {worst.where})"
+    )
     return Verdict("per-layer", worst.abs, worst.rel, worst.where, tolerance, ids.shape[1])
 
 

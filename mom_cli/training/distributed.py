@@ -10,6 +10,7 @@ that do not fit one GPU. With FSDP the parameters are DTensors: saving gathers f
 rank 0 (`full_params`, `full_optim_state`, `full_state_dict`), so what is written is the same as
 with DDP, and loading scatters them back (`load_params`, `load_optim_state`).
 """
+
 from __future__ import annotations
 
 import os
@@ -192,8 +193,9 @@ def drop_unused_grads(named: list[tuple[str, nn.Parameter]], used: UsedParams) -
 
     with_grad = [(n, p) for n, p in named if p.grad is not None]
     if with_grad:
-        flags = torch.tensor([n in used.names for n, _ in with_grad], dtype=torch.int32,
-                             device=_local(with_grad[0][1].grad).device)
+        flags = torch.tensor(
+            [n in used.names for n, _ in with_grad], dtype=torch.int32, device=_local(with_grad[0][1].grad).device
+        )
         dist.all_reduce(flags)
         for (_, p), u in zip(with_grad, flags.tolist()):
             if not u:
@@ -264,8 +266,10 @@ def full_optim_state(d: Dist, model: nn.Module, opt: torch.optim.Optimizer) -> d
     if not d.main:  # the other ranks get nothing back
         return {}
     index = {n: i for i, n in enumerate(_param_names(model, opt))}
-    return {"state": {index[n]: s for n, s in sd["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+    return {
+        "state": {index[n]: s for n, s in sd["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]],
+    }
 
 
 def load_optim_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -276,6 +280,8 @@ def load_optim_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[s
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     names = _param_names(model, opt)
-    sd = {"state": {names[i]: s for i, s in state["state"].items()},
-          "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    sd = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
     set_optimizer_state_dict(model, opt, sd, options=_options(full_state_dict=True))

@@ -1,27 +1,28 @@
 """`mom heal`: win back the quality a lossy surgery cost, by distillation from the source model.
 
-    regions    what the surgeries changed, found in the checkpoint: converted PEER layers, pruned
-               modules, and blocks whose routing no longer follows the source layer by layer
-               (compressed, or trained routers). A region is a span of the residual stream between
-               two positions of the source model: position 2l is the input of layer l, 2l+1 the
-               input of its FFN, 2L the input of the final norm. Regions never overlap (overlaps merge).
-    trains     PEER: the layer's experts, queries and keys; a pruned module: the next FOLLOW live
-               modules of its block; a block: its routers and modules. `retrieval` trains only PEER
-               queries, keys and routers; `all` every parameter inside the region.
-    stage 1    local: the teacher runs once over the data; the residual stream at every region's
-               input and output is cached on disk (bf16, memory-mapped, at most `cache_size` bytes).
-               Each region then learns to map its cached input to its cached output (MSE; KL
-               through the final norm and head when the region ends at the top), one after another.
-    stage 2    global: end-to-end KL distillation to the teacher of the same parameters.
-    budget     tokens (2M, 500k, 131072) or wall time (30m, 90s, 2h); `local_share` of it goes to
-               stage 1, split evenly over the regions. Uppercase M is millions, lowercase m minutes.
-               A token budget fixes every step, so `resume` is bit-exact; a time budget continues
-               with the time that was left.
-    state      `OUT.heal-state/` beside the output: state.pt (atomic), the teacher cache and
-               heal_metrics.jsonl; removed when the output is written unless `keep_state`.
-    ranks      under torchrun: stage 1 gives region i to rank i mod world and then shares the
-               results; stage 2 is DDP (see `distributed`).
+regions    what the surgeries changed, found in the checkpoint: converted PEER layers, pruned
+           modules, and blocks whose routing no longer follows the source layer by layer
+           (compressed, or trained routers). A region is a span of the residual stream between
+           two positions of the source model: position 2l is the input of layer l, 2l+1 the
+           input of its FFN, 2L the input of the final norm. Regions never overlap (overlaps merge).
+trains     PEER: the layer's experts, queries and keys; a pruned module: the next FOLLOW live
+           modules of its block; a block: its routers and modules. `retrieval` trains only PEER
+           queries, keys and routers; `all` every parameter inside the region.
+stage 1    local: the teacher runs once over the data; the residual stream at every region's
+           input and output is cached on disk (bf16, memory-mapped, at most `cache_size` bytes).
+           Each region then learns to map its cached input to its cached output (MSE; KL
+           through the final norm and head when the region ends at the top), one after another.
+stage 2    global: end-to-end KL distillation to the teacher of the same parameters.
+budget     tokens (2M, 500k, 131072) or wall time (30m, 90s, 2h); `local_share` of it goes to
+           stage 1, split evenly over the regions. Uppercase M is millions, lowercase m minutes.
+           A token budget fixes every step, so `resume` is bit-exact; a time budget continues
+           with the time that was left.
+state      `OUT.heal-state/` beside the output: state.pt (atomic), the teacher cache and
+           heal_metrics.jsonl; removed when the output is written unless `keep_state`.
+ranks      under torchrun: stage 1 gives region i to rank i mod world and then shares the
+           results; stage 2 is DDP (see `distributed`).
 """
+
 from __future__ import annotations
 
 import json
@@ -232,8 +233,7 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
                 names = [n for n in names if "_router." in n or mode == "auto" or tr.group_of(n) == "peer_retrieval"]
             compressed = spec["steps"] != m or config.router_top_k != 1
             cause = "train-routers" if "train-routers" in ops and not compressed else "decompose"
-            regions.append(Region(f"block {i}", cause, i, 2 * s, 2 * (s + m),
-                                  [("block", 0)], names))
+            regions.append(Region(f"block {i}", cause, i, 2 * s, 2 * (s + m), [("block", 0)], names))
             continue
         live = [(kind, h) for h in range(m) for kind in ("mha", "ffn") if spec[kind][h] is not None]
         spans: list[tuple[int, int, str, list[tuple[str, int]]]] = []
@@ -245,8 +245,10 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
                     p = 2 * (s + h) + (kind == "ffn")
                     after = [u for u in live if 2 * (s + u[1]) + (u[0] == "ffn") > p][:FOLLOW]
                     if not after:
-                        warn(f"the pruned {kind.upper()} module of layer {s + h} has no live module after it in "
-                             f"block {i}: nothing learns to make up for it")
+                        warn(
+                            f"the pruned {kind.upper()} module of layer {s + h} has no live module after it in "
+                            f"block {i}: nothing learns to make up for it"
+                        )
                         continue
                     last = after[-1]
                     spans.append((p, 2 * (s + last[1]) + (last[0] == "ffn") + 1, "prune", after))
@@ -335,11 +337,21 @@ class TeacherCache:
         return meta.exists() and json.loads(meta.read_text()) == self.meta(key)
 
     def open(self, mode: str) -> None:
-        self.maps = {p: np.memmap(self.folder / f"pos{p}.bf16", dtype=np.int16, mode=mode, shape=self.shape)
-                     for p in self.positions}
+        self.maps = {
+            p: np.memmap(self.folder / f"pos{p}.bf16", dtype=np.int16, mode=mode, shape=self.shape)
+            for p in self.positions
+        }
 
-    def fill(self, teacher: nn.Module, family: Any, blocks: np.ndarray, batch_size: int, device: str,
-             key: dict[str, Any], autocast: Callable) -> None:
+    def fill(
+        self,
+        teacher: nn.Module,
+        family: Any,
+        blocks: np.ndarray,
+        batch_size: int,
+        device: str,
+        key: dict[str, Any],
+        autocast: Callable,
+    ) -> None:
         """One teacher pass over the blocks; hooks on the teacher's norms catch the residual stream."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
@@ -352,6 +364,7 @@ class TeacherCache:
                 if pos in self.maps:
                     h = args[0].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
                     self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
+
             return hook
 
         layers_path, attn_norm, ffn_norm, final = family.hf_norms
@@ -388,8 +401,9 @@ class TeacherCache:
 class Heal:
     """Model, teacher, regions, data, budget and state of one healing run."""
 
-    def __init__(self, ckpt: Path, out: Path, opts: HealOptions, budget: Budget | None, d: distributed.Dist,
-                 device: str) -> None:
+    def __init__(
+        self, ckpt: Path, out: Path, opts: HealOptions, budget: Budget | None, d: distributed.Dist, device: str
+    ) -> None:
         from mom_cli.families import family_for
         from mom_cli.io.checkpoint import read_mom
         from mom_cli.io.loading import load_model
@@ -397,18 +411,24 @@ class Heal:
         self.ckpt, self.out, self.opts, self.dist, self.device = ckpt, out, opts, d, device
         self.config, _ = read_mom(ckpt)
         if opts.teacher is None and not self.config.mom_provenance:
-            raise UsageError(f"{ckpt} records no provenance, so neither its changes nor its source are known; "
-                             "pass the model it was made from: --teacher MODEL")
+            raise UsageError(
+                f"{ckpt} records no provenance, so neither its changes nor its source are known; "
+                "pass the model it was made from: --teacher MODEL"
+            )
         if opts.seq_len > self.config.max_position_embeddings:
-            raise UsageError(f"--seq-len {opts.seq_len} is longer than the model's {self.config.max_position_embeddings} "
-                             f"positions; use --seq-len {self.config.max_position_embeddings} or less")
+            raise UsageError(
+                f"--seq-len {opts.seq_len} is longer than the model's {self.config.max_position_embeddings} "
+                f"positions; use --seq-len {self.config.max_position_embeddings} or less"
+            )
         self.teacher_ref = opts.teacher or tr.source_model(ckpt, self.config, "--teacher MODEL")
         self.amp = tr.amp_dtype(opts.dtype, device)
         self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
         self.family = family_for(self.config.source_model_type)
         if self.family.hf_norms is None:
-            raise UsageError(f"heal: {self.config.source_model_type} teachers are not supported yet "
-                             "(no pre-norm marks the residual stream)")
+            raise UsageError(
+                f"heal: {self.config.source_model_type} teachers are not supported yet "
+                "(no pre-norm marks the residual stream)"
+            )
         self.model.train()
         self.model.requires_grad_(False)
         self.regions = find_regions(self.model, self.config, opts.train)
@@ -424,12 +444,20 @@ class Heal:
 
     def _data(self, budget: Budget | None) -> None:
         o = self.opts
-        topts = tr.TrainOptions(data=o.data, seq_len=o.seq_len, batch_size=o.batch_size, eval_data=o.eval_data,
-                                eval_tokens=o.eval_tokens, seed=o.seed)
+        topts = tr.TrainOptions(
+            data=o.data,
+            seq_len=o.seq_len,
+            batch_size=o.batch_size,
+            eval_data=o.eval_data,
+            eval_tokens=o.eval_tokens,
+            seed=o.seed,
+        )
         self.blocks, self.heldout = tr.split_data(topts, self.tokenizer, self.dist)
         if self.blocks.shape[0] == 0:
-            raise UsageError(f"data {o.data} is shorter than one sequence of --seq-len {o.seq_len}; give more text "
-                             "or a smaller --seq-len")
+            raise UsageError(
+                f"data {o.data} is shorter than one sequence of --seq-len {o.seq_len}; give more text "
+                "or a smaller --seq-len"
+            )
         self.step_tokens = o.batch_size * o.seq_len
         self.budget = budget or Budget(tokens=int(self.blocks.size))
         d = self.config.hidden_size
@@ -453,10 +481,24 @@ class Heal:
 
         o = self.opts
         data = o.data if o.data.startswith("hf:") else tokencache.cache_path(o.data, self.tokenizer).name
-        return {"checkpoint": str(self.ckpt.resolve()), "data": data, "teacher": self.teacher_ref, "budget": str(self.budget),
-                "train": o.train, "local_share": o.local_share, "seq_len": o.seq_len, "batch_size": o.batch_size,
-                "lr": o.lr, "global_lr": o.global_lr, "schedule": o.schedule, "weight_decay": o.weight_decay,
-                "seed": o.seed, "dtype": str(self.amp), "ranks": self.dist.world, "regions": [r.name for r in self.regions]}
+        return {
+            "checkpoint": str(self.ckpt.resolve()),
+            "data": data,
+            "teacher": self.teacher_ref,
+            "budget": str(self.budget),
+            "train": o.train,
+            "local_share": o.local_share,
+            "seq_len": o.seq_len,
+            "batch_size": o.batch_size,
+            "lr": o.lr,
+            "global_lr": o.global_lr,
+            "schedule": o.schedule,
+            "weight_decay": o.weight_decay,
+            "seed": o.seed,
+            "dtype": str(self.amp),
+            "ranks": self.dist.world,
+            "regions": [r.name for r in self.regions],
+        }
 
     def prepare_state_dir(self, force: bool) -> None:
         state = self.work / STATE_FILE
@@ -465,8 +507,9 @@ class Heal:
                 raise UsageError(f"--resume: no saved healing state at {self.work}; run without --resume to start")
             self.load_state(state)
         elif state.exists() and not force:
-            raise UsageError(f"a saved healing state exists at {self.work}; pass --resume to continue it, "
-                             "or --force to start over")
+            raise UsageError(
+                f"a saved healing state exists at {self.work}; pass --resume to continue it, or --force to start over"
+            )
         elif self.dist.main:
             shutil.rmtree(self.work, ignore_errors=True)
         distributed.barrier(self.dist)
@@ -476,11 +519,15 @@ class Heal:
     def save_state(self, opts: list[torch.optim.Optimizer]) -> None:
         if not self.dist.main:
             return
-        state = {"cursor": dict(self.cursor), "fingerprint": self.fingerprint(),
-                 "params": {n: self.named[n].detach().cpu().clone() for n in self.trainable},
-                 "buffers": {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()},
-                 "opt": [o.state_dict() for o in opts], "regions": [r.report() for r in self.regions],
-                 "rng": tr.rng_state()}
+        state = {
+            "cursor": dict(self.cursor),
+            "fingerprint": self.fingerprint(),
+            "params": {n: self.named[n].detach().cpu().clone() for n in self.trainable},
+            "buffers": {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()},
+            "opt": [o.state_dict() for o in opts],
+            "regions": [r.report() for r in self.regions],
+            "rng": tr.rng_state(),
+        }
         tr.save_state_file(self.work / STATE_FILE, state)
 
     def load_state(self, path: Path) -> None:
@@ -491,8 +538,10 @@ class Heal:
         saved, now = state["fingerprint"], self.fingerprint()
         diff = [f"{k} ({saved.get(k)} saved, {now[k]} now)" for k in now if saved.get(k) != now[k]]
         if diff:
-            raise UsageError(f"--resume: the saved run differs in {', '.join(diff[:3])}; run with its options, "
-                             "or --force without --resume to start over")
+            raise UsageError(
+                f"--resume: the saved run differs in {', '.join(diff[:3])}; run with its options, "
+                "or --force without --resume to start over"
+            )
         with torch.no_grad():
             for n, v in state["params"].items():
                 self.named[n].copy_(v)
@@ -531,8 +580,9 @@ class Heal:
             self.opt_state = None
         return opts
 
-    def step(self, opts: list[torch.optim.Optimizer], params: list[nn.Parameter], loss: torch.Tensor,
-             lr: float) -> None:
+    def step(
+        self, opts: list[torch.optim.Optimizer], params: list[nn.Parameter], loss: torch.Tensor, lr: float
+    ) -> None:
         loss.backward()
         if self.opts.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.opts.max_grad_norm)
@@ -556,7 +606,9 @@ class Heal:
         model.eval()
         try:
             with self.autocast():
-                loss, _ = perplexity(model, torch.from_numpy(self.heldout.astype(np.int64)), self.opts.batch_size, self.device)
+                loss, _ = perplexity(
+                    model, torch.from_numpy(self.heldout.astype(np.int64)), self.opts.batch_size, self.device
+                )
         finally:
             model.train(was)
         return math.exp(loss)
@@ -590,8 +642,13 @@ def local_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: An
     if c["stage"] != "local":
         return
     mine = [r for r in run.regions if run._owns(r)]
-    cache = TeacherCache(run.work / f"cache-rank{run.dist.rank}", run.cache_positions, run.cache_blocks, o.seq_len,
-                         run.config.hidden_size)
+    cache = TeacherCache(
+        run.work / f"cache-rank{run.dist.rank}",
+        run.cache_positions,
+        run.cache_blocks,
+        o.seq_len,
+        run.config.hidden_size,
+    )
     key = {"fingerprint": run.fingerprint()}
     if mine and not cache.ready(key):
         cache.fill(run.teacher, run.family, run.blocks, o.batch_size, run.device, key, run.autocast)
@@ -614,8 +671,17 @@ def local_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: An
     c.update(stage="global", step=0)
 
 
-def _train_region(run: Heal, region: Region, cache: TeacherCache, order: tr.Batches, metrics: tr.Metrics,
-                  clock: Clock, stage_end: float, bar: Any, task: Any) -> None:
+def _train_region(
+    run: Heal,
+    region: Region,
+    cache: TeacherCache,
+    order: tr.Batches,
+    metrics: tr.Metrics,
+    clock: Clock,
+    stage_end: float,
+    bar: Any,
+    task: Any,
+) -> None:
     o, c = run.opts, run.cursor
     left = len(run.regions) - run.regions.index(region)
     # This region's share of what stage 1 has left; a token budget fixes it in advance.
@@ -637,7 +703,9 @@ def _train_region(run: Heal, region: Region, cache: TeacherCache, order: tr.Batc
         region.error_before = _region_error(run, region, cache)
     params = [run.named[n] for n in region.params]
     opts = run.optimizers(region.params, o.lr)
-    log(f"{region.name} ({region.cause}): {sum(p.numel() for p in params):,} parameters, error {region.error_before:.4g}")
+    log(
+        f"{region.name} ({region.cause}): {sum(p.numel() for p in params):,} parameters, error {region.error_before:.4g}"
+    )
     while not end():
         t0 = time.perf_counter()
         rows = next(order.micro_batches(c["step"])).reshape(-1)
@@ -657,8 +725,17 @@ def _train_region(run: Heal, region: Region, cache: TeacherCache, order: tr.Batc
         c["tokens"] = (done_before + c["step"] * run.step_tokens) if done_before is not None else c["tokens"] + tokens
         region.steps, region.tokens = c["step"], c["step"] * run.step_tokens
         tps = tokens / (time.perf_counter() - t0)
-        metrics.write({"step": c["global_step"], "tokens": c["tokens"], "stage": "local", "region": region.name,
-                       "loss": loss.item(), "lr": lr, "tokens_per_s": tps})
+        metrics.write(
+            {
+                "step": c["global_step"],
+                "tokens": c["tokens"],
+                "stage": "local",
+                "region": region.name,
+                "loss": loss.item(),
+                "lr": lr,
+                "tokens_per_s": tps,
+            }
+        )
         bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{loss.item():.4g}", tps=f"{tps:.0f}")
         if _checkpoint(run, opts, clock):
             return
@@ -699,7 +776,9 @@ def _share_regions(run: Heal) -> None:
                 p.copy_(buf)
 
 
-def global_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: Any) -> tuple[float | None, float | None]:
+def global_stage(
+    run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: Any
+) -> tuple[float | None, float | None]:
     """Stage 2: end-to-end KL to the teacher of every region's parameters together."""
     o, c, d = run.opts, run.cursor, run.dist
     first = last = None
@@ -728,8 +807,14 @@ def global_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: A
             parts = tr.step_losses(model, run.teacher, x, run.coef)
         lr = run.lr(o.global_lr, progress())
         run.step(opts, params, parts["loss"], lr)
-        m = dict(zip(("loss", "kl", "lm_loss"), distributed.mean(
-            d, torch.stack([parts["loss"].detach().float(), parts["kl"].float(), parts["lm_loss"].float()])).tolist()))
+        m = dict(
+            zip(
+                ("loss", "kl", "lm_loss"),
+                distributed.mean(
+                    d, torch.stack([parts["loss"].detach().float(), parts["kl"].float(), parts["lm_loss"].float()])
+                ).tolist(),
+            )
+        )
         if not math.isfinite(m["loss"]):
             raise MomError(f"the loss became {m['loss']} in the global stage; lower --global-lr")
         c["step"] += 1
@@ -738,8 +823,18 @@ def global_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: A
         first = m["kl"] if first is None else first
         last = m["kl"]
         tps = step_tokens / (time.perf_counter() - t0)
-        metrics.write({"step": c["global_step"], "tokens": c["tokens"], "stage": "global", "loss": m["loss"],
-                       "kl": m["kl"], "lm_loss": m["lm_loss"], "lr": lr, "tokens_per_s": tps})
+        metrics.write(
+            {
+                "step": c["global_step"],
+                "tokens": c["tokens"],
+                "stage": "global",
+                "loss": m["loss"],
+                "kl": m["kl"],
+                "lm_loss": m["lm_loss"],
+                "lr": lr,
+                "tokens_per_s": tps,
+            }
+        )
         bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{m['kl']:.4g}", tps=f"{tps:.0f}")
         if _checkpoint(run, opts, clock):
             break
@@ -787,8 +882,10 @@ def _run(run: Heal, force: bool) -> HealResult:
     c = run.cursor
     metrics = tr.Metrics(run.work, run.dist.main, c["global_step"], METRICS_FILE)
     n = sum(run.named[p].numel() for p in run.trainable)
-    log(f"heal {run.ckpt}: {len(run.regions)} region(s), {n:,} parameters, budget {run.budget}, teacher "
-        f"{run.teacher_ref}, {run.dist.world} process(es) on {run.device}, autocast {run.amp}")
+    log(
+        f"heal {run.ckpt}: {len(run.regions)} region(s), {n:,} parameters, budget {run.budget}, teacher "
+        f"{run.teacher_ref}, {run.dist.world} process(es) on {run.device}, autocast {run.amp}"
+    )
     for r in run.regions:
         log(f"  {r.name}: {r.cause}, {len(r.params)} tensors")
     if not run.regions:
@@ -808,18 +905,39 @@ def _run(run: Heal, force: bool) -> HealResult:
         if not run.stopped:
             first, last = global_stage(run, metrics, clock, bar, task)
     global_s = clock.elapsed() - local_t0 - local_s
-    result = HealResult(None, run.teacher_ref, str(run.budget), [r.report() for r in run.regions], n, local_tokens,
-                        local_s, c["step"] if c["stage"] == "global" else 0,
-                        c["tokens"] - start_tokens - local_tokens, global_s, first, last, teacher_ppl, before, None,
-                        0 if run.heldout is None else int(run.heldout.size) - run.heldout.shape[0], run.dist.main)
+    result = HealResult(
+        None,
+        run.teacher_ref,
+        str(run.budget),
+        [r.report() for r in run.regions],
+        n,
+        local_tokens,
+        local_s,
+        c["step"] if c["stage"] == "global" else 0,
+        c["tokens"] - start_tokens - local_tokens,
+        global_s,
+        first,
+        last,
+        teacher_ppl,
+        before,
+        None,
+        0 if run.heldout is None else int(run.heldout.size) - run.heldout.shape[0],
+        run.dist.main,
+    )
     if run.stopped:
         metrics.close()
         return result
     run.model.eval()
     result.eval_ppl_after = run.perplexity(run.model)
     if result.eval_ppl_after is not None:
-        metrics.write({"step": c["global_step"], "tokens": c["tokens"], "eval_loss": math.log(result.eval_ppl_after),
-                       "eval_ppl": result.eval_ppl_after})
+        metrics.write(
+            {
+                "step": c["global_step"],
+                "tokens": c["tokens"],
+                "eval_loss": math.log(result.eval_ppl_after),
+                "eval_ppl": result.eval_ppl_after,
+            }
+        )
     metrics.close()
     if run.dist.main:
         write_output(run, result, force)
@@ -836,8 +954,14 @@ def write_output(run: Heal, result: HealResult, force: bool) -> None:
     from mom_cli.modeling.configuration_mom import MomConfig
 
     args = {k: v for k, v in asdict(run.opts).items() if k != "stop_after"}
-    args.update(teacher=run.teacher_ref, budget=str(run.budget), regions=[r.name for r in run.regions],
-                ranks=run.dist.world, eval_ppl_before=result.eval_ppl_before, eval_ppl_after=result.eval_ppl_after)
+    args.update(
+        teacher=run.teacher_ref,
+        budget=str(run.budget),
+        regions=[r.name for r in run.regions],
+        ranks=run.dist.world,
+        eval_ppl_before=result.eval_ppl_before,
+        eval_ppl_after=result.eval_ppl_after,
+    )
     new = MomConfig.from_dict(run.config.to_dict())
     new.mom_provenance = [*run.config.mom_provenance, provenance.record("heal", args, str(run.ckpt))]
     weights = {k: v.detach() for k, v in run.model.state_dict().items()}

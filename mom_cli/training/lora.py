@@ -11,6 +11,7 @@ From Python, the same adapters on any MoM model (`peft` saves, loads and merges 
     from mom_cli.training.lora import lora_config
     model = get_peft_model(mom_cli.load(CKPT), lora_config(rank=8))
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,8 +34,13 @@ def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0) -> 
         from peft import LoraConfig
     except ImportError:
         raise UsageError(MISSING) from None
-    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                      target_modules=list(TARGETS), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=dropout,
+        target_modules=list(TARGETS),
+        task_type="CAUSAL_LM",
+    )
 
 
 def attach(model: nn.Module, rank: int) -> Any:

@@ -6,6 +6,7 @@ gradient is zero this step is left alone (parameters, moments and its own step c
 that was retrieved gets an ordinary AdamW update with bias correction by its own step count. A
 rarely retrieved expert is then not dragged by stale momentum or weight decay.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,14 @@ from torch import nn
 class RowSparseAdam(torch.optim.Optimizer):
     """AdamW that updates only the rows (first dimension) whose gradient is non-zero this step."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -45,8 +52,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                 state["exp_avg"].index_copy_(0, idx, m)
                 state["exp_avg_sq"].index_copy_(0, idx, v)
                 shape = (-1,) + (1,) * (p.dim() - 1)
-                bc1 = (1 - beta1 ** steps).view(shape)
-                bc2 = (1 - beta2 ** steps).view(shape)
+                bc1 = (1 - beta1**steps).view(shape)
+                bc2 = (1 - beta2**steps).view(shape)
                 w = p.index_select(0, idx)
                 w.mul_(1 - group["lr"] * group["weight_decay"])
                 w.sub_(group["lr"] * (m / bc1) / ((v / bc2).sqrt() + group["eps"]))
@@ -56,6 +63,7 @@ class RowSparseAdam(torch.optim.Optimizer):
 
 def schedule(kind: str, warmup: int, steps: int):
     """LR multiplier per step: linear warm-up, then constant or cosine down to 10% of the peak."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -63,6 +71,7 @@ def schedule(kind: str, warmup: int, steps: int):
             return 1.0
         progress = (step - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 

@@ -19,6 +19,7 @@ asked, its PEER experts or everything) on text.
     output     a normal MoM checkpoint at OUT (atomic), with provenance, train_metrics.jsonl and
                routing_stats.json recorded over the last steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,13 +40,12 @@ from torch import nn
 
 from mom_cli import console
 from mom_cli.analysis.evaluate import heldout_loss
-from mom_cli.training import distributed, lora
-from mom_cli.training import optim
-from mom_cli.io import tokencache
-from mom_cli.io.loading import DTYPES
 from mom_cli.console import log, warn
 from mom_cli.errors import MomError, UsageError, one_line
+from mom_cli.io import tokencache
 from mom_cli.io.atomic import releases_locks
+from mom_cli.io.loading import DTYPES
+from mom_cli.training import distributed, lora, optim
 
 TRAIN_MODES = ("routers", "routers+peer", "all")
 SCHEDULES = ("cosine", "constant")
@@ -90,8 +90,17 @@ class TrainOptions:
 
 # Options that --resume lets change: they decide where, how fast and what is logged or kept, not
 # the weights the run produces. Every other option is in the run's fingerprint.
-RESUME_SAFE = ("device", "compile", "grad_checkpointing", "eval_every", "save_every", "resume", "keep_state",
-               "stop_after", "strategy")
+RESUME_SAFE = (
+    "device",
+    "compile",
+    "grad_checkpointing",
+    "eval_every",
+    "save_every",
+    "resume",
+    "keep_state",
+    "stop_after",
+    "strategy",
+)
 
 
 @dataclass
@@ -134,15 +143,21 @@ def one_module_per_step(config) -> bool:
     then the opposite of what the model computes: with top-1 a step that moves off its module loses
     that layer (measured in the README's convert-peer section)."""
     blocks = config.blocks
-    return bool(blocks) and config.router_top_k == 1 and all(
-        b["steps"] == len(b["mha"]) == len(b["ffn"]) for b in blocks)
+    return (
+        bool(blocks) and config.router_top_k == 1 and all(b["steps"] == len(b["mha"]) == len(b["ffn"]) for b in blocks)
+    )
 
 
-def select_trainable(model: nn.Module, mode: str) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+def select_trainable(
+    model: nn.Module, mode: str
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """Set requires_grad per `mode` (LoRA adapters, where attached, always train); returns
     (dense AdamW params, row-sparse PEER expert params)."""
-    wanted = {"routers": {"router", "peer_retrieval"}, "routers+peer": {"router", "peer_retrieval", "peer_experts"},
-              "all": {"router", "peer_retrieval", "peer_experts", "other"}}[mode] | {"lora"}
+    wanted = {
+        "routers": {"router", "peer_retrieval"},
+        "routers+peer": {"router", "peer_retrieval", "peer_experts"},
+        "all": {"router", "peer_retrieval", "peer_experts", "other"},
+    }[mode] | {"lora"}
     dense, rows = [], []
     for name, p in model.named_parameters():
         g = group_of(name)
@@ -163,10 +178,20 @@ def check_options(opts: TrainOptions) -> None:
         raise UsageError(f"unknown --schedule {opts.schedule!r}: use cosine or constant")
     if opts.steps is not None and opts.tokens is not None:
         raise UsageError("give --steps or --tokens, not both")
-    small = [(n, v) for n, v in (("--batch-size", opts.batch_size), ("--grad-accum", opts.grad_accum),
-                                 ("--steps", opts.steps), ("--tokens", opts.tokens)) if v is not None and v < 1]
+    small = [
+        (n, v)
+        for n, v in (
+            ("--batch-size", opts.batch_size),
+            ("--grad-accum", opts.grad_accum),
+            ("--steps", opts.steps),
+            ("--tokens", opts.tokens),
+        )
+        if v is not None and v < 1
+    ]
     if small or opts.seq_len < 2:
-        raise UsageError(f"{small[0][0] if small else '--seq-len'} is too small: batch sizes, steps and tokens must be >= 1, --seq-len >= 2")
+        raise UsageError(
+            f"{small[0][0] if small else '--seq-len'} is too small: batch sizes, steps and tokens must be >= 1, --seq-len >= 2"
+        )
     if min(opts.eval_every, opts.save_every, opts.warmup or 0) < 0 or (opts.lr is not None and opts.lr <= 0):
         raise UsageError("--eval-every, --save-every and --warmup must be >= 0, and --lr > 0")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
@@ -174,20 +199,26 @@ def check_options(opts: TrainOptions) -> None:
     if opts.strategy not in distributed.STRATEGIES:
         raise UsageError(f"unknown --strategy {opts.strategy!r}: use ddp or fsdp")
     if opts.lora is not None and (opts.lora < 1 or opts.train == "all"):
-        raise UsageError("--lora RANK (>= 1) adapts the modules instead of training them whole: use it with "
-                         "--train routers or routers+peer, not --train all")
+        raise UsageError(
+            "--lora RANK (>= 1) adapts the modules instead of training them whole: use it with "
+            "--train routers or routers+peer, not --train all"
+        )
     if opts.lora is not None and opts.strategy == "fsdp":
         raise UsageError("--lora cannot run with --strategy fsdp (adapters are not sharded); use --strategy ddp")
     if opts.strategy == "fsdp" and opts.train == "routers+peer":
-        raise UsageError("--train routers+peer cannot run with --strategy fsdp (the row-sparse PEER optimizer "
-                         "needs whole expert tables); use --strategy ddp, or --train all")
+        raise UsageError(
+            "--train routers+peer cannot run with --strategy fsdp (the row-sparse PEER optimizer "
+            "needs whole expert tables); use --strategy ddp, or --train all"
+        )
 
 
 def check_strategy(opts: TrainOptions, d: distributed.Dist) -> None:
     """FSDP shards over torchrun's processes: alone it would only be slower than no sharding."""
     if opts.strategy == "fsdp" and not d.active:
-        raise UsageError("--strategy fsdp shards the model over processes: launch with "
-                         "torchrun --nproc-per-node N -m mom_cli train-routers ..., or drop --strategy fsdp")
+        raise UsageError(
+            "--strategy fsdp shards the model over processes: launch with "
+            "torchrun --nproc-per-node N -m mom_cli train-routers ..., or drop --strategy fsdp"
+        )
 
 
 def amp_dtype(name: str, device: str) -> torch.dtype:
@@ -231,7 +262,7 @@ class Batches:
     def micro_batches(self, step: int) -> Iterator[torch.Tensor]:
         n, g = self.blocks.shape[0], self.global_batch
         ids = [self._order(pos // n)[pos % n] for pos in range(step * g, (step + 1) * g)]
-        mine = ids[self.dist.rank * self.batch_size * self.grad_accum:][: self.batch_size * self.grad_accum]
+        mine = ids[self.dist.rank * self.batch_size * self.grad_accum :][: self.batch_size * self.grad_accum]
         for a in range(self.grad_accum):
             rows = sorted(mine[a * self.batch_size : (a + 1) * self.batch_size])  # sorted: sequential reads
             yield torch.from_numpy(np.stack([self.blocks[i] for i in rows]).astype(np.int64))
@@ -259,7 +290,9 @@ def split_data(opts: TrainOptions, tokenizer: Any, d: distributed.Dist) -> tuple
     if opts.eval_data is not None:
         held = load_blocks(opts.eval_data, tokenizer, opts.seq_len, d, n_eval * opts.seq_len)[:n_eval]
         if held.shape[0] == 0:
-            raise UsageError(f"--eval-data {opts.eval_data} is shorter than one sequence of --seq-len {opts.seq_len}; give more text")
+            raise UsageError(
+                f"--eval-data {opts.eval_data} is shorter than one sequence of --seq-len {opts.seq_len}; give more text"
+            )
         return train, held
     n_eval = min(n_eval, train.shape[0] // 10)
     global_batch = opts.batch_size * opts.grad_accum * d.world
@@ -288,8 +321,10 @@ def load_teacher(ref: str, config: Any, device: str, amp: torch.dtype, flag: str
     except UsageError as e:
         raise UsageError(f"cannot load the distillation teacher {ref}: {e}; pass {flag}") from e
     if teacher.config.vocab_size != config.vocab_size:
-        raise UsageError(f"teacher {ref} has a vocabulary of {teacher.config.vocab_size}, the model "
-                         f"{config.vocab_size}; distil from a model with the same tokenizer")
+        raise UsageError(
+            f"teacher {ref} has a vocabulary of {teacher.config.vocab_size}, the model "
+            f"{config.vocab_size}; distil from a model with the same tokenizer"
+        )
     teacher.requires_grad_(False)
     log(f"distilling from {ref}")
     return teacher
@@ -344,8 +379,10 @@ class Run:
             self.lora = lora.attach(self.model, opts.lora)  # in place: self.model keeps its class
         self.dense, self.rows = select_trainable(self.model, opts.train)
         if not self.dense and not self.rows:
-            raise UsageError(f"{ckpt} has nothing to train with --train {opts.train} (no routers or PEER layers: "
-                             "a plain stack); decompose with --depth/--top-k or use --train all")
+            raise UsageError(
+                f"{ckpt} has nothing to train with --train {opts.train} (no routers or PEER layers: "
+                "a plain stack); decompose with --depth/--top-k or use --train all"
+            )
         if opts.grad_checkpointing:
             self.model.activation_checkpointing_enable()
         if opts.compile:
@@ -367,9 +404,11 @@ class Run:
         train, self.heldout = split_data(opts, self.tokenizer, self.dist)
         self.batches = Batches(train, opts.batch_size, opts.grad_accum, self.dist, opts.seed)
         if train.shape[0] < self.batches.global_batch:
-            raise UsageError(f"data {opts.data} gives {train.shape[0]} blocks of --seq-len {opts.seq_len}, fewer than one "
-                             f"global batch ({self.batches.global_batch} = batch x accum x ranks); give more text or "
-                             "a smaller --batch-size/--seq-len")
+            raise UsageError(
+                f"data {opts.data} gives {train.shape[0]} blocks of --seq-len {opts.seq_len}, fewer than one "
+                f"global batch ({self.batches.global_batch} = batch x accum x ranks); give more text or "
+                "a smaller --batch-size/--seq-len"
+            )
         self.tokens_per_step = self.batches.global_batch * opts.seq_len
         self.steps = self._total_steps(train.shape[0])
 
@@ -379,8 +418,11 @@ class Run:
         self.lr = opts.lr or DEFAULT_LR[opts.train]
         self.warmup = opts.warmup if opts.warmup is not None else self.steps // 20
         self.opt = optim.adamw(self.dense, self.lr, opts.weight_decay, self.device) if self.dense else None
-        self.row_opt = (optim.RowSparseAdam([p for _, p in self.rows], lr=self.lr, weight_decay=opts.weight_decay)
-                        if self.rows else None)
+        self.row_opt = (
+            optim.RowSparseAdam([p for _, p in self.rows], lr=self.lr, weight_decay=opts.weight_decay)
+            if self.rows
+            else None
+        )
         factor = optim.schedule(opts.schedule, self.warmup, self.steps)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.opt, self.row_opt) if o is not None]
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=self.amp == torch.float16)
@@ -416,9 +458,16 @@ class Run:
         # grad_accum and the number of ranks enter through the global batch: one process with
         # accumulation 2 and two processes without it run the same micro-batches, the same steps.
         fp: dict[str, Any] = {k: v for k, v in asdict(o).items() if k not in (*RESUME_SAFE, "grad_accum")}
-        fp.update(checkpoint=str(self.ckpt.resolve()), data=tokencache.cache_path(o.data, self.tokenizer).name
-                  if not o.data.startswith("hf:") else o.data, steps=self.steps, global_batch=self.batches.global_batch,
-                  lr=self.lr, warmup=self.warmup, aux_loss_coef=self.coef, dtype=str(self.amp))
+        fp.update(
+            checkpoint=str(self.ckpt.resolve()),
+            data=tokencache.cache_path(o.data, self.tokenizer).name if not o.data.startswith("hf:") else o.data,
+            steps=self.steps,
+            global_batch=self.batches.global_batch,
+            lr=self.lr,
+            warmup=self.warmup,
+            aux_loss_coef=self.coef,
+            dtype=str(self.amp),
+        )
         return fp
 
     def prepare_state_dir(self, force: bool) -> None:
@@ -432,8 +481,9 @@ class Run:
                 raise UsageError(f"--resume: no saved training state at {self.work}; run without --resume to start")
             self.load_state(state)
         elif state.exists() and not force:
-            raise UsageError(f"a saved training state exists at {self.work}; pass --resume to continue it, "
-                             "or --force to start over")
+            raise UsageError(
+                f"a saved training state exists at {self.work}; pass --resume to continue it, or --force to start over"
+            )
         elif self.dist.main:
             shutil.rmtree(self.work, ignore_errors=True)
         distributed.barrier(self.dist)
@@ -446,9 +496,13 @@ class Run:
         if not self.dist.main:
             return
         state = {
-            "step": self.done, "fingerprint": self.fingerprint(), "params": params, "opt": opt,
+            "step": self.done,
+            "fingerprint": self.fingerprint(),
+            "params": params,
+            "opt": opt,
             "row_opt": self.row_opt.state_dict() if self.row_opt else None,
-            "scheds": [s.state_dict() for s in self.scheds], "scaler": self.scaler.state_dict(),
+            "scheds": [s.state_dict() for s in self.scheds],
+            "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
         }
         save_state_file(self.work / STATE_FILE, state)
@@ -461,16 +515,20 @@ class Run:
         try:
             self._restore(state)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            raise MomError(f"the training state {path} does not have the structure this run needs "
-                           f"({type(e).__name__}: {one_line(e, 80)}); start over with --force") from e
+            raise MomError(
+                f"the training state {path} does not have the structure this run needs "
+                f"({type(e).__name__}: {one_line(e, 80)}); start over with --force"
+            ) from e
         log(f"resuming {self.work} at step {self.done}/{self.steps}")
 
     def _restore(self, state: dict) -> None:
         saved, now = state["fingerprint"], self.fingerprint()
         diff = [f"{k} ({saved.get(k)} saved, {now[k]} now)" for k in now if saved.get(k) != now[k]]
         if diff:
-            raise UsageError(f"--resume: the saved run differs in {', '.join(diff[:3])}; run with its options, "
-                             "or --force without --resume to start over")
+            raise UsageError(
+                f"--resume: the saved run differs in {', '.join(diff[:3])}; run with its options, "
+                "or --force without --resume to start over"
+            )
         distributed.load_params(self.dense + self.rows, state["params"])
         if self.opt:
             distributed.load_optim_state(self.model, self.opt, state["opt"])
@@ -538,8 +596,11 @@ class Run:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
@@ -610,9 +671,15 @@ def progress_bar(label: str = "training"):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
-        console=console.stderr, disable=console.QUIET, transient=True,
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+        console=console.stderr,
+        disable=console.QUIET,
+        transient=True,
     )
 
 
@@ -621,16 +688,22 @@ def progress_bar(label: str = "training"):
 
 def write_output(run: Run, weights: dict[str, torch.Tensor], stats: dict | None, stat_tokens: int, force: bool) -> None:
     """The trained model as a normal MoM checkpoint (rank 0), with metrics and routing statistics."""
-    from mom_cli.io import provenance
     from mom_cli.analysis import routing_stats
+    from mom_cli.io import provenance
+    from mom_cli.io.atomic import atomic_dir
     from mom_cli.io.checkpoint import copy_extras, write_checkpoint
     from mom_cli.modeling.configuration_mom import MomConfig
-    from mom_cli.io.atomic import atomic_dir
 
     o = run.opts
     args = {k: v for k, v in asdict(o).items() if k not in ("stop_after",)}
-    args.update(steps=run.steps, tokens=run.steps * run.tokens_per_step, lr=run.lr, warmup=run.warmup,
-                aux_loss_coef=run.coef, ranks=run.dist.world)
+    args.update(
+        steps=run.steps,
+        tokens=run.steps * run.tokens_per_step,
+        lr=run.lr,
+        warmup=run.warmup,
+        aux_loss_coef=run.coef,
+        ranks=run.dist.world,
+    )
     new = MomConfig.from_dict(run.config.to_dict())
     new.mom_provenance = [*run.config.mom_provenance, provenance.record("train-routers", args, str(run.ckpt))]
     new.aux_loss_coef = run.coef
@@ -653,17 +726,22 @@ def planned_weights(ckpt: Path, config: Any, weights: dict[str, torch.Tensor]) -
 
     reader = SafetensorsReader(ckpt)
     stored = reader.keys()
-    return [PlannedTensor(name, shape, reader.dtype(name) if name in stored else torch.float32,
-                          lambda name=name: weights[name])
-            for name, shape in param_shapes(config).items()]
+    return [
+        PlannedTensor(
+            name, shape, reader.dtype(name) if name in stored else torch.float32, lambda name=name: weights[name]
+        )
+        for name, shape in param_shapes(config).items()
+    ]
 
 
 def reduced_stats(run: Run) -> dict | None:
     """The routing statistics of the recorded steps, summed over ranks."""
     if run.recorder is None:
         return None
-    return {key: (distributed.total(run.dist, c), distributed.total(run.dist, m))
-            for key, (c, m) in sorted(run.recorder.stats.items())}
+    return {
+        key: (distributed.total(run.dist, c), distributed.total(run.dist, m))
+        for key, (c, m) in sorted(run.recorder.stats.items())
+    }
 
 
 # ----------------------------------------------------------------------------- the command
@@ -672,8 +750,8 @@ def reduced_stats(run: Run) -> dict | None:
 @releases_locks
 def train(ckpt: Path, out: Path, opts: TrainOptions, force: bool = False) -> TrainResult:
     """Train `ckpt` per `opts` and write the result to `out` (see the module docstring)."""
-    from mom_cli.io.loading import pick_device
     from mom_cli.io.atomic import check_output
+    from mom_cli.io.loading import pick_device
 
     ckpt, out = Path(ckpt), Path(out)
     check_options(opts)
@@ -700,12 +778,16 @@ def _loop(run: Run, force: bool) -> TrainResult:
     record_from = run.steps - max(1, min(50, run.steps // 10))  # routing statistics over the last steps
     n_trainable = sum(p.numel() for _, p in (*run.dense, *run.rows))
     adapters = f" + LoRA rank {o.lora}" if o.lora else ""
-    log(f"train-routers {run.ckpt}: --train {o.train}{adapters} ({n_trainable:,} parameters), {run.steps} steps of "
-        f"{run.tokens_per_step} tokens, {d.world} process(es) on {run.device}, autocast {run.amp}")
+    log(
+        f"train-routers {run.ckpt}: --train {o.train}{adapters} ({n_trainable:,} parameters), {run.steps} steps of "
+        f"{run.tokens_per_step} tokens, {d.world} process(es) on {run.device}, autocast {run.amp}"
+    )
     if run.coef > 0 and one_module_per_step(run.config) and d.main:
-        warn(f"{run.ckpt} runs one module per step (depth = pool size, top-1, as decompose leaves it): the "
-             f"load-balancing loss (--aux-loss-coef {run.coef:g}) pushes every step off its own module, which can "
-             "wreck the model; pass --aux-loss-coef 0 to train with this routing kept")
+        warn(
+            f"{run.ckpt} runs one module per step (depth = pool size, top-1, as decompose leaves it): the "
+            f"load-balancing loss (--aux-loss-coef {run.coef:g}) pushes every step off its own module, which can "
+            "wreck the model; pass --aux-loss-coef 0 to train with this routing kept"
+        )
     before = run.evaluate() if run.done == 0 else None
     if before is not None:
         metrics.write({"step": 0, "tokens": 0, "eval_loss": math.log(before), "eval_ppl": before})
@@ -720,15 +802,26 @@ def _loop(run: Run, force: bool) -> TrainResult:
             t0 = time.perf_counter()
             m = run.train_step(step)
             if not math.isfinite(m["loss"]):
-                raise MomError(f"the loss became {m['loss']} at step {step + 1}; lower --lr (or use --dtype bf16/fp32), "
-                               f"and --resume from the last saved state if there is one")
+                raise MomError(
+                    f"the loss became {m['loss']} at step {step + 1}; lower --lr (or use --dtype bf16/fp32), "
+                    f"and --resume from the last saved state if there is one"
+                )
             run.done = step + 1
             tps = run.tokens_per_step / (time.perf_counter() - t0)
             first = m["loss"] if first is None else first
             last = m["loss"]
-            metrics.write({"step": run.done, "tokens": run.done * run.tokens_per_step, "loss": m["loss"],
-                           "lm_loss": m["lm_loss"], "aux_loss": m.get("aux_loss"), "kl": m.get("kl"),
-                           "lr": run.scheds[0].get_last_lr()[0], "tokens_per_s": tps})
+            metrics.write(
+                {
+                    "step": run.done,
+                    "tokens": run.done * run.tokens_per_step,
+                    "loss": m["loss"],
+                    "lm_loss": m["lm_loss"],
+                    "aux_loss": m.get("aux_loss"),
+                    "kl": m.get("kl"),
+                    "lr": run.scheds[0].get_last_lr()[0],
+                    "tokens_per_s": tps,
+                }
+            )
             bar.update(task, completed=run.done, loss=f"{m['loss']:.4f}", tps=f"{tps:.0f}")
             if o.eval_every and run.done % o.eval_every == 0 and run.done < run.steps:
                 _log_eval(run, metrics)
@@ -754,12 +847,25 @@ def _loop(run: Run, force: bool) -> TrainResult:
 def _log_eval(run: Run, metrics: Metrics) -> float | None:
     ppl = run.evaluate()
     if ppl is not None:
-        metrics.write({"step": run.done, "tokens": run.done * run.tokens_per_step, "eval_loss": math.log(ppl), "eval_ppl": ppl})
+        metrics.write(
+            {"step": run.done, "tokens": run.done * run.tokens_per_step, "eval_loss": math.log(ppl), "eval_ppl": ppl}
+        )
         log(f"step {run.done}: held-out perplexity {ppl:.4f}")
     return ppl
 
 
 def _result(run: Run, path: Path | None, first, last, before, after, seconds: float, start_step: int) -> TrainResult:
     tokens = (run.done - start_step) * run.tokens_per_step
-    return TrainResult(path, run.done, run.done * run.tokens_per_step, seconds, tokens / seconds if seconds else 0.0,
-                       first, last, before, after, sum(p.numel() for _, p in (*run.dense, *run.rows)), run.dist.main)
+    return TrainResult(
+        path,
+        run.done,
+        run.done * run.tokens_per_step,
+        seconds,
+        tokens / seconds if seconds else 0.0,
+        first,
+        last,
+        before,
+        after,
+        sum(p.numel() for _, p in (*run.dense, *run.rows)),
+        run.dist.main,
+    )
