@@ -501,20 +501,7 @@ class Heal:
         }
 
     def prepare_state_dir(self, force: bool) -> None:
-        state = self.work / STATE_FILE
-        if self.opts.resume:
-            if not state.exists():
-                raise UsageError(f"--resume: no saved healing state at {self.work}; run without --resume to start")
-            self.load_state(state)
-        elif state.exists() and not force:
-            raise UsageError(
-                f"a saved healing state exists at {self.work}; pass --resume to continue it, or --force to start over"
-            )
-        elif self.dist.main:
-            shutil.rmtree(self.work, ignore_errors=True)
-        distributed.barrier(self.dist)
-        if self.dist.main:
-            self.work.mkdir(exist_ok=True)
+        tr.prepare_state_dir(self.work, "healing", self.opts.resume, force, self.dist, self.load_state)
 
     def save_state(self, opts: list[torch.optim.Optimizer]) -> None:
         if not self.dist.main:

@@ -31,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -360,6 +360,31 @@ def step_losses(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, co
 # ----------------------------------------------------------------------------- the run
 
 
+def prepare_state_dir(
+    work: Path, what: str, resume: bool, force: bool, dist: Any, load_state: Callable[[Path], None]
+) -> None:
+    """A run's saved-state folder (train-routers, heal): locked against a second run, then resumed
+    from, refused (a state exists and neither --resume nor --force), or started afresh."""
+    from mom_cli.io.atomic import lock
+
+    if dist.main:
+        lock(work, f"{what} state")
+    state = work / STATE_FILE
+    if resume:
+        if not state.exists():
+            raise UsageError(f"--resume: no saved {what} state at {work}; run without --resume to start")
+        load_state(state)
+    elif state.exists() and not force:
+        raise UsageError(
+            f"a saved {what} state exists at {work}; pass --resume to continue it, or --force to start over"
+        )
+    elif dist.main:
+        shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier(dist)
+    if dist.main:
+        work.mkdir(exist_ok=True)
+
+
 class Run:
     """Everything one training run holds: model, teacher, data, optimizers, state dir, metrics."""
 
@@ -471,24 +496,7 @@ class Run:
         return fp
 
     def prepare_state_dir(self, force: bool) -> None:
-        from mom_cli.io.atomic import lock
-
-        if self.dist.main:
-            lock(self.work, "training state")
-        state = self.work / STATE_FILE
-        if self.opts.resume:
-            if not state.exists():
-                raise UsageError(f"--resume: no saved training state at {self.work}; run without --resume to start")
-            self.load_state(state)
-        elif state.exists() and not force:
-            raise UsageError(
-                f"a saved training state exists at {self.work}; pass --resume to continue it, or --force to start over"
-            )
-        elif self.dist.main:
-            shutil.rmtree(self.work, ignore_errors=True)
-        distributed.barrier(self.dist)
-        if self.dist.main:
-            self.work.mkdir(exist_ok=True)
+        prepare_state_dir(self.work, "training", self.opts.resume, force, self.dist, self.load_state)
 
     def save_state(self) -> None:
         params = distributed.full_params(self.dist, [*self.dense, *self.rows])  # collectives under FSDP
