@@ -326,3 +326,9 @@ HUB_CONFIGS = {
 @pytest.mark.parametrize("model_type", HUB_CONFIGS)
 def test_hub_configs_are_taken(model_type):
     check_supported(family_for(model_type), AutoConfig.for_model(model_type, **HUB_CONFIGS[model_type]))
+
+
+def test_special_token_ids_from_gguf_metadata_are_taken():
+    """A GGUF-read config names its unk/mask tokens (SmolLM2's sets unk_token_id=0): ids compute nothing."""
+    cfg = AutoConfig.for_model("llama", unk_token_id=0, mask_token_id=3)
+    check_supported(family_for("llama"), cfg)

@@ -192,6 +192,9 @@ def _ignored(field: str, value: Any) -> bool:
     if field == "quantization_config":  # a GGUF source is dequantised on reading; others are refused
         method = (value or {}).get("quant_method")
         return getattr(method, "value", method) == "gguf"
+    # Special tokens' ids (unk, mask, cls, ... as GGUF metadata sets them) name tokens; they compute nothing.
+    if field.endswith(("_token_id", "_token_ids")):
+        return True
     return field in IGNORED or "dropout" in field or field.endswith("pdrop") or field.startswith("summary_")
 
 
