@@ -1036,6 +1036,13 @@ class BlockOutput:
     records: list[StepRecord]  # filled only when asked for
 
 
+def record_steps(recorder: Any, block_id: int, records: list[StepRecord]) -> None:
+    """Hand a block's routed steps to a routing recorder (outside autograd)."""
+    with torch.no_grad():
+        for rec in records:
+            recorder.record(block_id, rec.kind, rec.step, rec.routing, rec.x_in, rec.x_out)
+
+
 class MomBlock(nn.Module):
     """An MHA pool, an FFN pool, SKIP, two routers, and H steps over them.
 
@@ -1185,8 +1192,7 @@ class MomBlock(nn.Module):
         a = self.mha_step(x, states[0], h, ctx, first_layer + h, recorder is not None)
         f = self.ffn_step(a.hidden, states[1], h, ctx, recorder is not None, step_input=x)
         if recorder is not None:
-            for rec in (a.record, f.record):
-                recorder.record(block_id, rec.kind, rec.step, rec.routing, rec.x_in, rec.x_out)
+            record_steps(recorder, block_id, [a.record, f.record])
         return f.hidden, (a.state, f.state)
 
     def _feed_forward(self, x: torch.Tensor, r: Routing, ctx: StepContext, fresh: dict) -> torch.Tensor:
@@ -1369,7 +1375,8 @@ class MomModel(MomPreTrainedModel):
             )
             h = out.hidden
             aux += out.aux
-            self._record(i, out.records)
+            if self.recorder is not None:
+                record_steps(self.recorder, i, out.records)
             layer += block.steps
         for plain in self.top:
             h = self._gradient_checkpointing_func(plain, h, ctx, layer) if checkpointed else plain(h, ctx, layer)
@@ -1411,13 +1418,6 @@ class MomModel(MomPreTrainedModel):
             device=x.device,
             dispatch=self.dispatch,
         )
-
-    def _record(self, block_id: int, records: list[StepRecord]) -> None:
-        if self.recorder is None:
-            return
-        with torch.no_grad():
-            for rec in records:
-                self.recorder.record(block_id, rec.kind, rec.step, rec.routing, rec.x_in, rec.x_out)
 
     def _checkpointed_block(self, block: MomBlock, h: torch.Tensor, ctx: StepContext, layer: int) -> BlockOutput:
         """A block whose activations are recomputed in backward. Its aux terms leave as a tensor
