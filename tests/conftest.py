@@ -76,6 +76,22 @@ def _llama(directory: Path, tied: bool = False) -> Path:
     return directory
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="where the device tests run (tests that take the `device` fixture): cpu, or cuda on a GPU machine",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.fail("--device cuda, but torch sees no GPU")
+    return name
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Every test runs tiny models: OpenMP threads only add contention on a 2-core machine, where

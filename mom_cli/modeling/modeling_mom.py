@@ -425,7 +425,7 @@ def scatter_modules(
         ys = ys if isinstance(ys, tuple) else (ys,)
         if weighted:
             ys = tuple(y * w[:, None] for y in ys)
-        outs = [o.index_add(0, tok, y) for o, y in zip(outs, ys)]
+        outs = [o.index_add(0, tok, y.to(o.dtype)) for o, y in zip(outs, ys)]  # autocast: bf16 y, float32 sums
     return tuple(outs)
 
 
@@ -566,10 +566,19 @@ class _DeferredWeightGrad(torch.autograd.Function):
         return gw, None
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a matmul on t's device, or None outside autocast."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def segment_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None = None) -> torch.Tensor:
     """Rows [offs[g-1], offs[g]) of `a` (R, in) times w[g].T, with w (G, out, in); rows past offs[-1]
     give zero. `offs` (G,) int32 stays on the device on the grouped_mm path. `pending`: see
-    `_DeferredWeightGrad`."""
+    `_DeferredWeightGrad`. Under autocast it runs in autocast's dtype, as nn.Linear does there."""
+    dt = autocast_dtype(a)
+    if dt is not None:
+        a, w = a.to(dt), w.to(dt)  # no-ops when StackedPool.build cast the weights already
     if torch.compiler.is_compiling():
         if _grouped_mm_ok(a, w):
             return _SegmentMM.apply(a, w, offs, None)
@@ -729,6 +738,10 @@ class StackedPool:
         )
         w_out = torch.stack([p.weight for p in outs])
         b_out = _pad_rows(torch.stack([p.bias for p in outs])) if outs[0].bias is not None else None
+        dt = autocast_dtype(w_in)
+        if dt is not None:  # once per forward, not once per step (segment_mm would cast each time)
+            w_in, w_out = w_in.to(dt), w_out.to(dt)
+            b_in, b_out = (None if b is None else b.to(dt) for b in (b_in, b_out))
         group_of = torch.tensor(table, device=w_in.device)
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = None

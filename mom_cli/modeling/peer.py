@@ -400,6 +400,15 @@ class PeerLayer(nn.Module):
         return torch.ones_like(scores) + (scores - scores.detach())  # exactly 1, straight-through grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # The gathers and embedding_bags (per-sample weights) need one dtype throughout, which
+            # autocast would break: the layer runs in its own parameters' dtype, its output in x's.
+            with torch.autocast(dev, enabled=False):
+                return self._forward(x.to(self.w_out.dtype)).to(x.dtype)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.d_model).contiguous()
         scores, idx = self.retrieve(x)

@@ -1,0 +1,52 @@
+"""Training and healing under bfloat16 autocast, as they run on a GPU (`--dtype auto` is bf16
+there): float32 weights, bf16 matmuls, in the grouped dispatch, the per-module dispatch (PEER
+modules in the pool) and the losses. On `pytest --device cuda` they run on the GPU."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mom_cli
+from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
+from mom_cli.training.heal import HealOptions, heal
+from mom_cli.training.train import TrainOptions, train
+from tests.helpers import decomposed
+
+SMALL = dict(seq_len=32, batch_size=2, dtype="bf16")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, models_dir) -> Path:
+    """A routed top-2 Llama MoM with two PEER layers (source: the tiny Llama), and the text."""
+    root = tmp_path_factory.mktemp("device")
+    decomposed(models_dir / "llama", root / "exact")
+    convert_peer(root / "exact", root / "peer", ConvertOptions(layers="1,2", heads=2, topk=16))
+    decomposed(models_dir / "llama", root / "c2", depth=2, top_k=2)
+    shutil.copy(models_dir / "text.txt", root / "text.txt")
+    return root
+
+
+def test_train_routers_everything_in_bf16_autocast(work, device):
+    r = train(
+        work / "c2",
+        work / "c2-trained",
+        TrainOptions(data=str(work / "text.txt"), train="all", steps=12, lr=3e-3, device=device, **SMALL),
+    )
+    assert math.isfinite(r.loss_first) and r.loss_last < r.loss_first
+    mom_cli.load(r.path)  # a float32 checkpoint again
+
+
+def test_heal_in_bf16_autocast_lowers_each_regions_error(work, device):
+    r = heal(
+        work / "peer",
+        work / "peer-healed",
+        HealOptions(data=str(work / "text.txt"), budget="12k", lr=3e-3, global_lr=1e-3, device=device, **SMALL),
+    )
+    assert len(r.regions) == 2 and r.global_steps > 0
+    for reg in r.regions:
+        assert reg["error_after"] < 0.95 * reg["error_before"], reg
+    assert r.eval_ppl_after < r.eval_ppl_before
