@@ -667,7 +667,7 @@ class Metrics:
             f.write(json.dumps(line) + "\n")
         if self.tb is not None:
             for k, v in line.items():
-                if k not in ("step", "tokens") and v is not None:
+                if k not in ("step", "tokens") and isinstance(v, (int, float)):  # not the stage or region names
                     self.tb.add_scalar(k, v, line["step"])
 
     def close(self) -> None:
