@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import decomposed
@@ -75,8 +76,9 @@ def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(work, models_dir
     student = load(work / "exact")
     teacher, _ = load_model(str(models_dir / "llama"))
     x = torch.randint(0, 320, (2, 16))
-    cache = H.TeacherCache(work / "cache-check", list(range(9)), 2, 16, 64)
-    cache.fill(teacher, family_for("llama"), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
+    cache = H.TeacherCache(work / "cache-check", list(range(9)), np.arange(2), 16, 64)
+    cache.open({})
+    cache.grow(2, teacher, family_for("llama"), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
     rows = torch.arange(2)
     for a, b in ((0, 3), (3, 4), (4, 8)):
         units = [u for u in H._units(0, 4) if a <= 2 * u[1] + (u[0] == "ffn") < b]
