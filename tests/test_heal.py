@@ -141,6 +141,47 @@ def test_resume_is_bit_exact(work):
     assert whole.path == work / "whole"
 
 
+@pytest.fixture(scope="module")
+def long_text(work) -> Path:
+    """Far more blocks than a few seconds of healing read."""
+    path = work / "long.txt"
+    path.write_text((work / "text.txt").read_text() * 40)
+    return path
+
+
+def cache_meta(state: Path) -> dict:
+    return json.loads((state / "cache-rank0" / "cache.json").read_text())
+
+
+def test_a_time_budget_fills_the_cache_on_demand(work, long_text):
+    """The teacher runs over the rows the region reads, not over the whole cache, and the region learns."""
+    opts = H.HealOptions(data=str(long_text), budget="5s", lr=3e-3, keep_state=True, **SMALL)
+    r = H.heal(work / "pruned", work / "timed", opts)
+    (reg,) = r.regions
+    assert reg["steps"] > 0 and reg["error_after"] < 0.95 * reg["error_before"], reg
+    meta = cache_meta(work / "timed.heal-state")
+    rows = meta["shape"][0]
+    assert rows > 2000  # the cache could hold the data...
+    assert H.LOCAL_EVAL_BLOCKS < meta["filled"] < rows / 2  # ...but the teacher only ran over what was read
+    assert meta["fill_seconds"] > 0
+    steps = [json.loads(x) for x in (work / "timed" / "heal_metrics.jsonl").read_text().splitlines()]
+    assert any(x.get("stage") == "local" for x in steps) and any(x.get("stage") == "global" for x in steps)
+
+
+def test_a_time_budget_resume_keeps_the_filled_rows(work, long_text, monkeypatch):
+    opts = dict(data=str(long_text), budget="20s", lr=3e-3, save_every=1, **SMALL)
+    out, state = work / "timed-resumed", work / "timed-resumed.heal-state"
+    H.heal(work / "pruned", out, H.HealOptions(**opts, stop_after=3))
+    filled = cache_meta(state)["filled"]
+    assert filled > H.LOCAL_EVAL_BLOCKS
+    starts = []
+    grow = H.TeacherCache.grow
+    monkeypatch.setattr(H.TeacherCache, "grow", lambda self, *a, **k: starts.append(self.filled) or grow(self, *a, **k))
+    r = H.heal(work / "pruned", out, H.HealOptions(**opts, resume=True, stop_after=6))
+    assert r.path is None and starts and min(starts) >= filled  # no row filled twice
+    assert cache_meta(state)["filled"] >= filled
+
+
 def test_plot_training_reads_heal_metrics(work, tmp_path):
     pytest.importorskip("matplotlib")
     from mom_cli.analysis.plots import plot_training, read_metrics

@@ -713,7 +713,8 @@ class Feeder:
         if not math.isfinite(self.allowance) or c.filled == 0 or c.fill_seconds <= 0:
             return upto
         more = int((self.allowance - c.fill_seconds) / (c.fill_seconds / c.filled))
-        return min(upto, max(self.least, c.filled + more))
+        b = self.run.opts.batch_size
+        return min(upto, max(self.least, c.filled + more // b * b))  # whole micro-batches per pass
 
 
 def local_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: Any) -> None:
