@@ -33,7 +33,7 @@ import math
 import re
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -336,6 +336,10 @@ def timed(what: str, into: list[str] | None = None) -> Iterator[None]:
 # ----------------------------------------------------------------------------- the teacher cache
 
 
+class _Enough(Exception):
+    """Raised by the hook of the last cached position: the teacher's pass can stop there."""
+
+
 class TeacherCache:
     """The teacher's residual stream at some positions, one (n, T, d) bf16 memory-mapped file per
     position (stored as int16 bits: numpy has no bf16). Row j holds the data block `source[j]`;
@@ -387,35 +391,36 @@ class TeacherCache:
         key: dict[str, Any],
         autocast: Callable,
     ) -> None:
-        """Fill rows [filled, upto): one teacher pass; hooks on its norms catch every position at once."""
+        """Fill rows [filled, upto): one teacher pass, up to the last cached position only; hooks on
+        its norms catch every position at once."""
         upto = min(upto, self.shape[0])
         if upto <= self.filled:
             return
         t0 = time.perf_counter()
         rows: slice = slice(0, 0)
-        hooks = []
 
         def keep(pos: int):
             def hook(mod, args):
-                if pos in self.maps:
-                    h = args[0].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
-                    self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
+                h = args[0].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+                self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
+                if pos == last:  # the layers above (and the head) would only be thrown away
+                    raise _Enough
 
             return hook
 
         layers_path, attn_norm, ffn_norm, final = family.hf_norms
         layers = teacher.get_submodule(layers_path)
-        for l, layer in enumerate(layers):
-            hooks.append(layer.get_submodule(attn_norm).register_forward_pre_hook(keep(2 * l)))
-            hooks.append(layer.get_submodule(ffn_norm).register_forward_pre_hook(keep(2 * l + 1)))
-        hooks.append(teacher.get_submodule(final).register_forward_pre_hook(keep(2 * len(layers))))
+        norms = [layer.get_submodule(n) for layer in layers for n in (attn_norm, ffn_norm)]
+        norms.append(teacher.get_submodule(final))
+        last = max(self.positions)
+        hooks = [norms[p].register_forward_pre_hook(keep(p)) for p in self.positions]
         try:
             with torch.no_grad(), console.progress() as bar:
                 task = bar.add_task("caching the teacher", total=upto - self.filled)
                 for i in range(self.filled, upto, batch_size):
                     rows = slice(i, min(i + batch_size, upto))
                     x = torch.from_numpy(blocks[self.source[rows]].astype(np.int64)).to(device)
-                    with autocast():
+                    with autocast(), suppress(_Enough):
                         teacher(input_ids=x, use_cache=False)
                     bar.update(task, completed=rows.stop - self.filled)
         finally:
