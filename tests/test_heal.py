@@ -145,7 +145,7 @@ def test_resume_is_bit_exact(work):
 def long_text(work) -> Path:
     """Far more blocks than a few seconds of healing read."""
     path = work / "long.txt"
-    path.write_text((work / "text.txt").read_text() * 40)
+    path.write_text((work / "text.txt").read_text() * 100)
     return path
 
 
@@ -160,9 +160,10 @@ def test_a_time_budget_fills_the_cache_on_demand(work, long_text):
     (reg,) = r.regions
     assert reg["steps"] > 0 and reg["error_after"] < 0.95 * reg["error_before"], reg
     meta = cache_meta(work / "timed.heal-state")
-    rows = meta["shape"][0]
-    assert rows > 2000  # the cache could hold the data...
-    assert H.LOCAL_EVAL_BLOCKS < meta["filled"] < rows / 2  # ...but the teacher only ran over what was read
+    rows, read = meta["shape"][0], H.LOCAL_EVAL_BLOCKS + reg["steps"] * SMALL["batch_size"]
+    assert rows > 10000  # the cache could hold the data...
+    # ...but the teacher only ran over what the region read, and at most one pass ahead
+    assert H.LOCAL_EVAL_BLOCKS < meta["filled"] <= min(rows - 1, read + H.FILL_BATCHES * SMALL["batch_size"])
     assert meta["fill_seconds"] > 0
     steps = [json.loads(x) for x in (work / "timed" / "heal_metrics.jsonl").read_text().splitlines()]
     assert any(x.get("stage") == "local" for x in steps) and any(x.get("stage") == "global" for x in steps)

@@ -429,10 +429,11 @@ class TeacherCache:
         for m in self.maps.values():
             m.flush()
         seconds = time.perf_counter() - t0
-        log(
-            f"teacher cache: rows {self.filled}-{upto} of {self.shape[0]} in {seconds:.1f} s "
-            f"({(upto - self.filled) * self.shape[1] / seconds:,.0f} tokens/s)"
-        )
+        if self.filled == 0 or seconds >= 1:  # the first pass, and those worth a line (local_stage sums up)
+            log(
+                f"teacher cache: rows {self.filled}-{upto} of {self.shape[0]} in {seconds:.1f} s "
+                f"({(upto - self.filled) * self.shape[1] / seconds:,.0f} tokens/s)"
+            )
         self.filled, self.fill_seconds = upto, self.fill_seconds + seconds
         self._save(key)
 
