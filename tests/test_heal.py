@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import decomposed
@@ -75,8 +76,9 @@ def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(work, models_dir
     student = load(work / "exact")
     teacher, _ = load_model(str(models_dir / "llama"))
     x = torch.randint(0, 320, (2, 16))
-    cache = H.TeacherCache(work / "cache-check", list(range(9)), 2, 16, 64)
-    cache.fill(teacher, family_for("llama"), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
+    cache = H.TeacherCache(work / "cache-check", list(range(9)), np.arange(2), 16, 64)
+    cache.open({})
+    cache.grow(2, teacher, family_for("llama"), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
     rows = torch.arange(2)
     for a, b in ((0, 3), (3, 4), (4, 8)):
         units = [u for u in H._units(0, 4) if a <= 2 * u[1] + (u[0] == "ffn") < b]
@@ -137,6 +139,48 @@ def test_resume_is_bit_exact(work):
         mb = [json.loads(x) for x in (out / "heal_metrics.jsonl").read_text().splitlines()]
         assert [m.get("loss") for m in ma] == [m.get("loss") for m in mb]
     assert whole.path == work / "whole"
+
+
+@pytest.fixture(scope="module")
+def long_text(work) -> Path:
+    """Far more blocks than a few seconds of healing read."""
+    path = work / "long.txt"
+    path.write_text((work / "text.txt").read_text() * 100)
+    return path
+
+
+def cache_meta(state: Path) -> dict:
+    return json.loads((state / "cache-rank0" / "cache.json").read_text())
+
+
+def test_a_time_budget_fills_the_cache_on_demand(work, long_text):
+    """The teacher runs over the rows the region reads, not over the whole cache, and the region learns."""
+    opts = H.HealOptions(data=str(long_text), budget="5s", lr=3e-3, keep_state=True, **SMALL)
+    r = H.heal(work / "pruned", work / "timed", opts)
+    (reg,) = r.regions
+    assert reg["steps"] > 0 and reg["error_after"] < 0.95 * reg["error_before"], reg
+    meta = cache_meta(work / "timed.heal-state")
+    rows, read = meta["shape"][0], H.LOCAL_EVAL_BLOCKS + reg["steps"] * SMALL["batch_size"]
+    assert rows > 10000  # the cache could hold the data...
+    # ...but the teacher only ran over what the region read, and at most one pass ahead
+    assert H.LOCAL_EVAL_BLOCKS < meta["filled"] <= min(rows - 1, read + H.FILL_BATCHES * SMALL["batch_size"])
+    assert meta["fill_seconds"] > 0
+    steps = [json.loads(x) for x in (work / "timed" / "heal_metrics.jsonl").read_text().splitlines()]
+    assert any(x.get("stage") == "local" for x in steps) and any(x.get("stage") == "global" for x in steps)
+
+
+def test_a_time_budget_resume_keeps_the_filled_rows(work, long_text, monkeypatch):
+    opts = dict(data=str(long_text), budget="20s", lr=3e-3, save_every=1, **SMALL)
+    out, state = work / "timed-resumed", work / "timed-resumed.heal-state"
+    H.heal(work / "pruned", out, H.HealOptions(**opts, stop_after=3))
+    filled = cache_meta(state)["filled"]
+    assert filled > H.LOCAL_EVAL_BLOCKS
+    starts = []
+    grow = H.TeacherCache.grow
+    monkeypatch.setattr(H.TeacherCache, "grow", lambda self, *a, **k: starts.append(self.filled) or grow(self, *a, **k))
+    r = H.heal(work / "pruned", out, H.HealOptions(**opts, resume=True, stop_after=6))
+    assert r.path is None and starts and min(starts) >= filled  # no row filled twice
+    assert cache_meta(state)["filled"] >= filled
 
 
 def test_plot_training_reads_heal_metrics(work, tmp_path):

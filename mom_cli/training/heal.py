@@ -8,15 +8,18 @@ regions    what the surgeries changed, found in the checkpoint: converted PEER l
 trains     PEER: the layer's experts, queries and keys; a pruned module: the next FOLLOW live
            modules of its block; a block: its routers and modules. `retrieval` trains only PEER
            queries, keys and routers; `all` every parameter inside the region.
-stage 1    local: the teacher runs once over the data; the residual stream at every region's
-           input and output is cached on disk (bf16, memory-mapped, at most `cache_size` bytes).
-           Each region then learns to map its cached input to its cached output (MSE; KL
-           through the final norm and head when the region ends at the top), one after another.
+stage 1    local: the teacher's residual stream at every region's input and output is cached on
+           disk (bf16, memory-mapped, at most `cache_size` bytes). Each region then learns to map
+           its cached input to its cached output (MSE; KL through the final norm and head when the
+           region ends at the top), one after another. A token budget fills the cache before the
+           first step; a time budget fills it on demand, the teacher taking at most half of the
+           stage's time (see local_stage).
 stage 2    global: end-to-end KL distillation to the teacher of the same parameters.
 budget     tokens (2M, 500k, 131072) or wall time (30m, 90s, 2h); `local_share` of it goes to
            stage 1, split evenly over the regions. Uppercase M is millions, lowercase m minutes.
            A token budget fixes every step, so `resume` is bit-exact; a time budget continues
-           with the time that was left.
+           with the time that was left. The clock starts after loading (checkpoint, data, teacher)
+           and the held-out perplexities before healing, each logged with its time; see Clock.
 state      `OUT.heal-state/` beside the output: state.pt (atomic), the teacher cache and
            heal_metrics.jsonl; removed when the output is written unless `keep_state`.
 ranks      under torchrun: stage 1 gives region i to rank i mod world and then shares the
@@ -30,10 +33,10 @@ import math
 import re
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +54,8 @@ FOLLOW = 2  # live modules after a pruned one that learn to make up for it
 METRICS_FILE = "heal_metrics.jsonl"
 STATE_FILE = "state.pt"
 LOCAL_EVAL_BLOCKS = 4  # cached sequences kept out of stage 1 to measure each region's error
+FILL_BATCHES = 16  # micro-batches per on-demand teacher pass (time budgets)
+FILL_SHARE = 0.5  # of stage 1's time at most in teacher passes (time budgets)
 
 
 @dataclass
@@ -318,32 +323,66 @@ def relative_error(y: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> fl
     return float(((y.float() - target.float()) ** 2).sum() / ((target.float() - x.float()) ** 2).sum().clamp_min(1e-12))
 
 
+@contextmanager
+def timed(what: str, into: list[str] | None = None) -> Iterator[None]:
+    """Log how long `what` took (or keep the line in `into`, to log once the run is known to start):
+    every second before the first step is accounted for on stderr."""
+    t0 = time.perf_counter()
+    yield
+    line = f"{what}: {time.perf_counter() - t0:.1f} s"
+    log(line) if into is None else into.append(line)
+
+
 # ----------------------------------------------------------------------------- the teacher cache
 
 
-class TeacherCache:
-    """The teacher's residual stream at some positions for the first n blocks: one (n, T, d) bf16
-    memory-mapped file per position (stored as int16 bits: numpy has no bf16)."""
+class _Enough(Exception):
+    """Raised by the hook of the last cached position: the teacher's pass can stop there."""
 
-    def __init__(self, folder: Path, positions: list[int], n: int, seq_len: int, d: int) -> None:
-        self.folder, self.positions, self.shape = folder, positions, (n, seq_len, d)
+
+class TeacherCache:
+    """The teacher's residual stream at some positions, one (n, T, d) bf16 memory-mapped file per
+    position (stored as int16 bits: numpy has no bf16). Row j holds the data block `source[j]`;
+    rows [0, filled) are written, in order, by `grow`; cache.json records how many (atomically,
+    after the rows are flushed), so a resumed run keeps them."""
+
+    def __init__(self, folder: Path, positions: list[int], source: np.ndarray, seq_len: int, d: int) -> None:
+        self.folder, self.positions, self.source = folder, positions, source
+        self.shape = (len(source), seq_len, d)
         self.maps: dict[int, np.memmap] = {}
+        self.filled, self.fill_seconds = 0, 0.0
 
     def meta(self, key: dict[str, Any]) -> dict[str, Any]:
         return {"key": key, "positions": self.positions, "shape": list(self.shape)}
 
-    def ready(self, key: dict[str, Any]) -> bool:
-        meta = self.folder / "cache.json"
-        return meta.exists() and json.loads(meta.read_text()) == self.meta(key)
+    def open(self, key: dict[str, Any]) -> None:
+        """Reopen the rows a previous run filled with the same key, or start an empty cache."""
+        path = self.folder / "cache.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if {k: saved.get(k) for k in ("key", "positions", "shape")} == self.meta(key):
+            self.filled, self.fill_seconds = saved["filled"], saved["fill_seconds"]
+            self._map("r+")
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self._map("w+")  # sparse files: unfilled rows take no disk
+        self._save(key)
 
-    def open(self, mode: str) -> None:
+    def _map(self, mode: str) -> None:
         self.maps = {
             p: np.memmap(self.folder / f"pos{p}.bf16", dtype=np.int16, mode=mode, shape=self.shape)
             for p in self.positions
         }
 
-    def fill(
+    def _save(self, key: dict[str, Any]) -> None:
+        from mom_cli.io.atomic import atomic_file
+
+        with atomic_file(self.folder / "cache.json", True) as tmp:
+            tmp.write_text(json.dumps(self.meta(key) | {"filled": self.filled, "fill_seconds": self.fill_seconds}))
+
+    def grow(
         self,
+        upto: int,
         teacher: nn.Module,
         family: Any,
         blocks: np.ndarray,
@@ -352,47 +391,59 @@ class TeacherCache:
         key: dict[str, Any],
         autocast: Callable,
     ) -> None:
-        """One teacher pass over the blocks; hooks on the teacher's norms catch the residual stream."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
-        self.open("w+")
+        """Fill rows [filled, upto): one teacher pass, up to the last cached position only; hooks on
+        its norms catch every position at once."""
+        upto = min(upto, self.shape[0])
+        if upto <= self.filled:
+            return
+        t0 = time.perf_counter()
         rows: slice = slice(0, 0)
-        hooks = []
 
         def keep(pos: int):
             def hook(mod, args):
-                if pos in self.maps:
-                    h = args[0].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
-                    self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
+                h = args[0].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+                self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
+                if pos == last:  # the layers above (and the head) would only be thrown away
+                    raise _Enough
 
             return hook
 
         layers_path, attn_norm, ffn_norm, final = family.hf_norms
         layers = teacher.get_submodule(layers_path)
-        for l, layer in enumerate(layers):
-            hooks.append(layer.get_submodule(attn_norm).register_forward_pre_hook(keep(2 * l)))
-            hooks.append(layer.get_submodule(ffn_norm).register_forward_pre_hook(keep(2 * l + 1)))
-        hooks.append(teacher.get_submodule(final).register_forward_pre_hook(keep(2 * len(layers))))
+        norms = [layer.get_submodule(n) for layer in layers for n in (attn_norm, ffn_norm)]
+        norms.append(teacher.get_submodule(final))
+        last = max(self.positions)
+        hooks = [norms[p].register_forward_pre_hook(keep(p)) for p in self.positions]
         try:
             with torch.no_grad(), console.progress() as bar:
-                task = bar.add_task("caching the teacher", total=self.shape[0])
-                for i in range(0, self.shape[0], batch_size):
-                    rows = slice(i, min(i + batch_size, self.shape[0]))
-                    x = torch.from_numpy(blocks[rows].astype(np.int64)).to(device)
-                    with autocast():
+                task = bar.add_task("caching the teacher", total=upto - self.filled)
+                for i in range(self.filled, upto, batch_size):
+                    rows = slice(i, min(i + batch_size, upto))
+                    x = torch.from_numpy(blocks[self.source[rows]].astype(np.int64)).to(device)
+                    with autocast(), suppress(_Enough):
                         teacher(input_ids=x, use_cache=False)
-                    bar.update(task, completed=rows.stop)
+                    bar.update(task, completed=rows.stop - self.filled)
         finally:
             for h in hooks:
                 h.remove()
         for m in self.maps.values():
             m.flush()
-        (self.folder / "cache.json").write_text(json.dumps(self.meta(key)))
-        self.open("r")
+        seconds = time.perf_counter() - t0
+        if self.filled == 0 or seconds >= 1:  # the first pass, and those worth a line (local_stage sums up)
+            log(
+                f"teacher cache: rows {self.filled}-{upto} of {self.shape[0]} in {seconds:.1f} s "
+                f"({(upto - self.filled) * self.shape[1] / seconds:,.0f} tokens/s)"
+            )
+        self.filled, self.fill_seconds = upto, self.fill_seconds + seconds
+        self._save(key)
 
     def read(self, pos: int, rows: torch.Tensor, device: str) -> torch.Tensor:
         idx = rows.reshape(-1).numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.maps[pos][idx])).view(torch.bfloat16).to(device).float()
+        if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):  # a slice: no gather
+            part = self.maps[pos][idx[0] : idx[0] + idx.size]
+        else:
+            part = self.maps[pos][idx]
+        return torch.from_numpy(np.ascontiguousarray(part)).view(torch.bfloat16).to(device).float()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -422,7 +473,9 @@ class Heal:
             )
         self.teacher_ref = opts.teacher or tr.source_model(ckpt, self.config, "--teacher MODEL")
         self.amp = tr.amp_dtype(opts.dtype, device)
-        self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
+        self.load_times: list[str] = []
+        with timed(f"loading {ckpt}", self.load_times):
+            self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
         self.family = family_for(self.config.source_model_type)
         if self.family.hf_norms is None:
             raise UsageError(
@@ -436,8 +489,10 @@ class Heal:
         self.named = dict(self.model.named_parameters())
         self.trainable = sorted({n for r in self.regions for n in r.params})
         self.coef = self.config.aux_loss_coef if any(r.units[0][0] == "block" for r in self.regions) else 0.0
-        self._data(budget)
-        self.teacher = tr.load_teacher(self.teacher_ref, self.config, device, self.amp, "--teacher MODEL")
+        with timed("reading the data", self.load_times):
+            self._data(budget)
+        with timed(f"loading the teacher {self.teacher_ref}", self.load_times):
+            self.teacher = tr.load_teacher(self.teacher_ref, self.config, device, self.amp, "--teacher MODEL")
         self.work = out.parent / f"{out.name}.heal-state"
         self.cursor = {"stage": "local", "region": 0, "step": 0, "global_step": 0, "tokens": 0, "elapsed": 0.0}
         self.opt_state: dict[str, Any] | None = None
@@ -468,7 +523,9 @@ class Heal:
             local = self.budget.tokens * o.local_share / len(self.regions)
             n = min(n, max(1, math.ceil(local / o.seq_len)) + LOCAL_EVAL_BLOCKS)
         self.local_eval = min(LOCAL_EVAL_BLOCKS, n // 5)
-        self.cache_blocks = n
+        # cache rows: a seeded sample of the blocks, the held-out ones first (see local_stage)
+        g = torch.Generator().manual_seed(o.seed)
+        self.cache_source = torch.randperm(self.blocks.shape[0], generator=g)[:n].numpy()
         self.cache_positions = positions
 
     def _owns(self, region: Region) -> bool:
@@ -605,7 +662,12 @@ class Heal:
 
 
 class Clock:
-    """The budget spent so far, in the budget's unit (tokens, or seconds including earlier runs)."""
+    """The budget spent so far, in the budget's unit (tokens, or seconds including earlier runs).
+
+    Wall time counts from the end of the held-out perplexities before healing: it includes the
+    teacher cache passes, both stages, the regions' errors and state saves; it excludes loading the
+    checkpoint, data and teacher, those perplexities, and the final perplexity and output (all
+    logged with their times), so a run takes about budget + load + 3 evaluations."""
 
     def __init__(self, run: Heal) -> None:
         self.run, self.t0 = run, time.perf_counter() - run.cursor["elapsed"]
@@ -623,37 +685,87 @@ class Clock:
         return float(b.tokens if b.tokens is not None else b.seconds)
 
 
+class Feeder:
+    """The cache rows each step of a region reads, filling the cache on demand (see local_stage)."""
+
+    def __init__(self, run: Heal, cache: TeacherCache, key: dict[str, Any]) -> None:
+        self.run, self.cache, self.key = run, cache, key
+        self.n_eval, b = run.local_eval, run.opts.batch_size
+        # too little data to hold any out: the error is measured on the first training rows
+        self.eval_rows = torch.arange(self.n_eval or min(cache.shape[0], b))
+        self.least = self.n_eval + min(b, cache.shape[0] - self.n_eval)  # one batch at least, whatever the time
+        self.allowance = math.inf  # seconds of teacher passes this region may bring the total to
+
+    def grow(self, upto: int) -> None:
+        r = self.run
+        self.cache.grow(upto, r.teacher, r.family, r.blocks, r.opts.batch_size, r.device, self.key, r.autocast)
+
+    def start(self) -> None:
+        """A token budget fills every row now; a time budget only the held-out ones."""
+        self.grow(self.cache.shape[0] if self.run.budget.tokens is not None else len(self.eval_rows))
+
+    def rows(self, step: int) -> torch.Tensor:
+        """Step s reads training rows s*B..(s+1)*B-1 in cache order, modulo the rows it may have."""
+        c, b = self.cache, self.run.opts.batch_size
+        want = self.n_eval + (step + 1) * b
+        if c.filled < min(want, c.shape[0]):
+            self.grow(self.affordable(max(want, c.filled + FILL_BATCHES * b)))
+        have = max(1, c.filled - self.n_eval)
+        return torch.from_numpy(self.n_eval + (step * b + np.arange(b)) % have)
+
+    def affordable(self, upto: int) -> int:
+        """`upto`, or fewer rows where the teacher's seconds per row so far would pass the allowance."""
+        c = self.cache
+        if not math.isfinite(self.allowance) or c.filled == 0 or c.fill_seconds <= 0:
+            return upto
+        more = int((self.allowance - c.fill_seconds) / (c.fill_seconds / c.filled))
+        b = self.run.opts.batch_size
+        return min(upto, max(self.least, c.filled + more // b * b))  # whole micro-batches per pass
+
+
 def local_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: Any) -> None:
-    """Stage 1: each region of this rank learns its cached output, one region after another."""
+    """Stage 1: each region of this rank learns its cached output, one region after another.
+
+    The cache rows are a seeded sample of the data blocks, the LOCAL_EVAL_BLOCKS held-out rows first.
+    A token budget fills every row (sized to what the regions will read) before the first step, so
+    every step is fixed and `resume` is bit-exact. A time budget fills on demand: the held-out rows
+    first, then, whenever a step reaches rows not yet filled, one teacher pass over the next
+    FILL_BATCHES micro-batches (every region's positions at once). Later regions re-read the rows
+    already filled and fill more only if they go further. So that the teacher does not eat the
+    students' time, a region may fill rows only while the teacher's total seconds (its measured
+    seconds per row times the rows) stay within FILL_SHARE of the time stage 1 will have had when
+    the region ends; past that the region's steps wrap around the rows it has (another epoch).
+    Fast students thus see each row about once; slow ones never wait for rows they would not read.
+    """
     o, c = run.opts, run.cursor
     if c["stage"] != "local":
         return
+    c.setdefault("local_start", clock.spent())
     mine = [r for r in run.regions if run._owns(r)]
     cache = TeacherCache(
         run.work / f"cache-rank{run.dist.rank}",
         run.cache_positions,
-        run.cache_blocks,
+        run.cache_source,
         o.seq_len,
         run.config.hidden_size,
     )
-    key = {"fingerprint": run.fingerprint()}
-    if mine and not cache.ready(key):
-        cache.fill(run.teacher, run.family, run.blocks, o.batch_size, run.device, key, run.autocast)
-    elif mine:
-        cache.open("r")
-    n_train = cache.shape[0] - run.local_eval
-    order = tr.Batches(np.arange(n_train).reshape(-1, 1), o.batch_size, 1, distributed.Dist(0, 1, 0), o.seed)
+    feeder = Feeder(run, cache, {"fingerprint": run.fingerprint()})
+    if mine:
+        cache.open(feeder.key)
+        feeder.start()
     stage_end = clock.total * o.local_share
     for i, region in enumerate(run.regions):
         if i < c["region"]:
             continue
         if region in mine:
-            _train_region(run, region, cache, order, metrics, clock, stage_end, bar, task)
+            _train_region(run, region, feeder, metrics, clock, stage_end, bar, task)
             if run.stopped:
                 return
         c.update(region=i + 1, step=0)
         if o.save_every:
             run.save_state([])
+    if mine:
+        log(f"teacher cache: {cache.filled} of {cache.shape[0]} rows filled in {cache.fill_seconds:.1f} s")
     _share_regions(run)
     c.update(stage="global", step=0)
 
@@ -661,8 +773,7 @@ def local_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: An
 def _train_region(
     run: Heal,
     region: Region,
-    cache: TeacherCache,
-    order: tr.Batches,
+    feeder: Feeder,
     metrics: tr.Metrics,
     clock: Clock,
     stage_end: float,
@@ -683,29 +794,31 @@ def _train_region(
             c["region_start"] = clock.spent()
             c["region_end"] = c["region_start"] + max(0.0, stage_end - c["region_start"]) / left
         start, region_end = c["region_start"], c["region_end"]
+        feeder.allowance = FILL_SHARE * (region_end - c["local_start"])
         end = lambda: clock.spent() >= region_end  # noqa: E731
         progress = lambda: (clock.spent() - start) / max(1e-9, region_end - start)  # noqa: E731
         done_before = None
     if c["step"] == 0:
-        region.error_before = _region_error(run, region, cache)
+        region.error_before = _region_error(run, region, feeder)
     params = [run.named[n] for n in region.params]
     opts = run.optimizers(region.params, o.lr)
     log(
         f"{region.name} ({region.cause}): {sum(p.numel() for p in params):,} parameters, error {region.error_before:.4g}"
     )
     while not end():
-        t0 = time.perf_counter()
-        rows = next(order.micro_batches(c["step"])).reshape(-1)
-        x, target = cache.read(region.start, rows, run.device), cache.read(region.end, rows, run.device)
+        rows = feeder.rows(c["step"])
+        t0 = time.perf_counter()  # the student's time: a teacher pass above logs its own
+        x, target = feeder.cache.read(region.start, rows, run.device), feeder.cache.read(region.end, rows, run.device)
         with run.autocast():
-            y, aux = run_region(run.model, region, x.to(torch.float32))
+            y, aux = run_region(run.model, region, x)
             loss = region_loss(run.model, region, run.top, y, target)
             if aux and run.coef:
                 loss = loss + run.coef * torch.stack(aux).mean()
         lr = run.lr(o.lr, progress())
         run.step(opts, params, loss, lr)
-        if not math.isfinite(loss.item()):
-            raise MomError(f"the loss of {region.name} became {loss.item()}; lower --lr")
+        value = loss.item()  # one device sync per step
+        if not math.isfinite(value):
+            raise MomError(f"the loss of {region.name} became {value}; lower --lr")
         tokens = rows.numel() * o.seq_len
         c["step"] += 1
         c["global_step"] += 1
@@ -718,28 +831,27 @@ def _train_region(
                 "tokens": c["tokens"],
                 "stage": "local",
                 "region": region.name,
-                "loss": loss.item(),
+                "loss": value,
                 "lr": lr,
                 "tokens_per_s": tps,
             }
         )
-        bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{loss.item():.4g}", tps=f"{tps:.0f}")
+        bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{value:.4g}", tps=f"{tps:.0f}")
         if _checkpoint(run, opts, clock):
             return
     for p in params:
         p.requires_grad_(False)
-    region.error_after = _region_error(run, region, cache)
+    region.error_after = _region_error(run, region, feeder)
     log(f"{region.name}: error {region.error_before:.4g} -> {region.error_after:.4g} in {region.steps} steps")
 
 
 @torch.no_grad()
-def _region_error(run: Heal, region: Region, cache: TeacherCache) -> float:
+def _region_error(run: Heal, region: Region, feeder: Feeder) -> float:
     """The relative error (see relative_error) on the cached blocks kept out of stage 1."""
-    n = cache.shape[0]
-    rows = torch.arange(n - run.local_eval, n) if run.local_eval else torch.arange(min(n, run.opts.batch_size))
     was = run.model.training
     run.model.eval()
     try:
+        rows, cache = feeder.eval_rows, feeder.cache
         x, t = cache.read(region.start, rows, run.device), cache.read(region.end, rows, run.device)
         with run.autocast():
             y, _ = run_region(run.model, region, x)
@@ -875,11 +987,14 @@ def _run(run: Heal, force: bool) -> HealResult:
     )
     for r in run.regions:
         log(f"  {r.name}: {r.cause}, {len(r.params)} tensors")
+    log("; ".join(run.load_times))
     if not run.regions:
         log("nothing to heal: every block follows its source layer by layer and nothing was converted or pruned")
     fresh = c["global_step"] == 0 and c["stage"] == "local" and c["region"] == 0
-    teacher_ppl = run.perplexity(run.teacher)
-    before = run.perplexity(run.model) if fresh else None
+    with timed("the teacher's held-out perplexity"):
+        teacher_ppl = run.perplexity(run.teacher)
+    with timed("the held-out perplexity before healing"):
+        before = run.perplexity(run.model) if fresh else None
     if before is not None:
         metrics.write({"step": 0, "tokens": 0, "eval_loss": math.log(before), "eval_ppl": before})
     clock = Clock(run)
