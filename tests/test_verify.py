@@ -113,3 +113,36 @@ def test_a_source_that_cannot_run_layer_by_layer_is_checked_whole(llama_dir, tmp
     monkeypatch.setattr(verify, "_layer_list", refuse)
     v = verdict(decompose(str(llama_dir), tmp_path / "k2", PlanOptions(top_k=2)))
     assert v["method"] == "skipped" and "not verified" in v["note"]
+
+
+def test_the_source_runs_one_sublayer_at_a_time_and_traces_as_whole_layers_do(family_dir, monkeypatch):
+    """The per-sublayer trace (what keeps a 7B layer's 0.8 GB in float32 out of memory at once)
+    gives the whole-layer trace bit for bit, and never holds two sublayers at once."""
+    from mom_cli.io.sources import open_source
+    from mom_cli.surgery import verify as V
+
+    source = open_source(str(family_dir))
+    ids = V._tokens(source.config, source.config.vocab_size)
+    skeletons, most = [], [0]
+    build, fill = V._source_skeleton, V._fill_source
+
+    def remembered(cfg):
+        skeletons.append(build(cfg))
+        return skeletons[-1]
+
+    def counting(module, *args):
+        fill(module, *args)
+        base = skeletons[-1].base_model
+        _, layers = V._layer_list(base, V._num_layers(source.config))
+        live = [c for layer in layers for c in layer.children() if any(not p.is_meta for p in c.parameters())]
+        most[0] = max(most[0], len(live))
+
+    monkeypatch.setattr(V, "_source_skeleton", remembered)
+    monkeypatch.setattr(V, "_fill_source", counting)
+    by_sublayer = V._source_trace(source, ids, by_sublayer=True)
+    assert most[0] == 1
+    whole = V._source_trace(source, ids, by_sublayer=False)
+    assert most[0] > 1  # the whole layer at once: the count above can fail
+    for (a, b), (c, d) in zip(by_sublayer.layers, whole.layers, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    assert torch.equal(by_sublayer.logits, whole.logits)
