@@ -66,6 +66,7 @@ SHAPES = {  # Llama-2-7B and TinyLlama-1.1B
     ),  # a smoke test of the script itself
 }
 GOALS = {"decompose": 0.1, "export": 0.1, "eval": 1.1, "prune": 0.35}
+STEP_NAMES = ("reference", "decompose", "info", "export", "eval", "prune")
 TOKENIZER_VOCAB = 4096
 
 # Runs one command and prints its peak RSS: getrusage(RUSAGE_CHILDREN) of a process with one child.
@@ -172,7 +173,7 @@ def mom(*args: str) -> list[str]:
     return [sys.executable, "-m", "mom_cli", *args]
 
 
-def scale_steps(work: Path, src: Path, text: Path, threads: int) -> list[dict]:
+def scale_steps(work: Path, src: Path, text: Path, threads: int, only: set[str] | None = None) -> list[dict]:
     ref_code = (
         "import sys, torch; from transformers import AutoModelForCausalLM; "
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto', trust_remote_code=False); "
@@ -213,6 +214,8 @@ def scale_steps(work: Path, src: Path, text: Path, threads: int) -> list[dict]:
     ]
     rows = []
     for name, cmd in steps:
+        if only and name not in only:
+            continue
         out.mkdir(exist_ok=True)
         rows.append(timed(name, cmd, threads))
         shutil.rmtree(work / "hf-copy", ignore_errors=True)
@@ -248,12 +251,13 @@ def smollm2_prune(work: Path, cache: Path, calib: Path, threads: int) -> dict:
 
 def print_table(rows: list[dict], size: int) -> None:
     print(f"checkpoint: {size / 1e9:.2f} GB of safetensors (bf16)")
-    print(f"{'step':<26}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'RSS/ckpt':>10}{'goal':>8}  ok")
+    print(f"{'step':<26}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'RSS/ckpt':>10}{'goal':>9}  result")
     for r in rows:
-        goal = GOALS.get(r["step"])
+        goal, ratio = GOALS.get(r["step"]), r["peak_rss"] / size
+        result = "FAILED" if not r["ok"] else "-" if goal is None else "MET" if ratio <= goal else "NOT MET"
         print(
-            f"{r['step']:<26}{r['seconds']:>9.1f}{r['cpu_seconds']:>9.1f}{r['peak_rss'] / 1e9:>13.2f}{r['peak_rss'] / size:>9.3f}x"
-            f"{'<= ' + str(goal) if goal else '':>8}  {'yes' if r['ok'] else 'FAILED'}"
+            f"{r['step']:<26}{r['seconds']:>9.1f}{r['cpu_seconds']:>9.1f}{r['peak_rss'] / 1e9:>13.2f}{ratio:>9.3f}x"
+            f"{'<= ' + str(goal) if goal else '':>9}  {result}"
         )
 
 
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--skip-smollm2", action="store_true")
     p.add_argument("--only-smollm2", action="store_true")
+    p.add_argument("--steps", default=None, help=f"comma-separated, of {', '.join(STEP_NAMES)} (decompose always runs)")
     args = p.parse_args(argv)
     calib, _ = pydocs_text(args.cache)
     work = Path(tempfile.mkdtemp(prefix="mom-bench-scale-", dir=args.dir))
@@ -281,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             size = write_llama(work / "src", shape, calib)
             log(f"written: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f}s")
-            rows = scale_steps(work, work / "src", calib, args.threads)
+            only = set(args.steps.split(",")) | {"decompose"} if args.steps else None  # the others read its output
+            rows = scale_steps(work, work / "src", calib, args.threads, only)
             print_table(rows, size)
             results["scale"] = {"checkpoint_bytes": size, "shape": shape, "rows": rows}
         if not args.skip_smollm2:
