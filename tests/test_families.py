@@ -332,3 +332,19 @@ def test_special_token_ids_from_gguf_metadata_are_taken():
     """A GGUF-read config names its unk/mask tokens (SmolLM2's sets unk_token_id=0): ids compute nothing."""
     cfg = AutoConfig.for_model("llama", unk_token_id=0, mask_token_id=3)
     check_supported(family_for("llama"), cfg)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_info_counts_top_k_of_an_moe_modules_experts(name, sources, tmp_path):
+    """An MoE FFN module costs its pre-norm, its router and top_k of its E experts per token, not all E."""
+    from mom_cli.analysis.info import _module_cost
+
+    cfg = source_config(name)
+    n_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    d = cfg.hidden_size
+    model = MomForCausalLM.from_pretrained(decomposed(source_dir(sources, name), tmp_path / "mom"))
+    module = next(m for m in model.modules() if type(m).__name__ == "MoeFfnModule")
+    want = d + n_experts * d + cfg.num_experts_per_tok * 3 * d * width  # norm, router, k gated experts
+    assert _module_cost(module) == (want, want)
+    assert want < sum(p.numel() for p in module.parameters())

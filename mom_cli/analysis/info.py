@@ -52,6 +52,11 @@ def peer_costs(kw: dict[str, Any]) -> dict[str, int]:
 
 def _module_cost(module: Any) -> tuple[int, int]:
     """(active parameters, multiply-adds) of one call of a pooled module on one token."""
+    moe = getattr(module, "moe", None)
+    if moe is not None:  # a sparse MoE block: its router on every token, top_k of its experts
+        experts = _count(moe.experts)
+        n = _count(module) - experts + experts * moe.gate.top_k // moe.gate.num_experts
+        return n, n
     peer = getattr(module, "peer", None)
     if peer is None:
         n = _count(module)
