@@ -9,11 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import mom_cli
+from mom_cli.io.tensorio import SafetensorsReader
 from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
+from mom_cli.surgery.decompose import PlanOptions, decompose
+from mom_cli.training import distributed
 from mom_cli.training.heal import HealOptions, heal
-from mom_cli.training.train import TrainOptions, train
+from mom_cli.training.train import Run, TrainOptions, train
 from tests.helpers import decomposed
 
 SMALL = dict(seq_len=32, batch_size=2, dtype="bf16")
@@ -50,3 +54,25 @@ def test_heal_in_bf16_autocast_lowers_each_regions_error(work, device):
     for reg in r.regions:
         assert reg["error_after"] < 0.95 * reg["error_before"], reg
     assert r.eval_ppl_after < r.eval_ppl_before
+
+
+def test_train_routers_keeps_frozen_bf16_weights_as_stored(work, models_dir, device):
+    """A bf16 checkpoint trains its routers under bf16 autocast without a float32 copy of the
+    model: frozen tensors come back bit for bit, in bf16; the routers train in float32."""
+    src = decompose(str(models_dir / "llama"), work / "c2-bf16", PlanOptions(depth=2, top_k=2), dtype=torch.bfloat16)
+    run = Run(
+        src,
+        work / "unused",
+        TrainOptions(data=str(work / "text.txt"), steps=1, device=device, **SMALL),
+        distributed.Dist(0, 1, 0),
+        device,
+    )
+    dtypes = {p.dtype for p in run.model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16} and {p.dtype for _, p in run.dense} == {torch.float32}
+    out = train(
+        src, work / "c2-bf16-trained", TrainOptions(data=str(work / "text.txt"), steps=3, device=device, **SMALL)
+    )
+    before, after = SafetensorsReader(src), SafetensorsReader(out.path)
+    changed = {k for k in before.keys() if not torch.equal(before.get(k), after.get(k))}
+    assert changed and all("_router." in k for k in changed), changed
+    assert after.dtype("model.blocks.0.mha.0.q_proj.weight") == torch.bfloat16

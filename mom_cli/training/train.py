@@ -222,7 +222,7 @@ def check_strategy(opts: TrainOptions, d: distributed.Dist) -> None:
 
 
 def amp_dtype(name: str, device: str) -> torch.dtype:
-    """The autocast dtype (float32: no autocast). Weights and optimizer state stay in float32."""
+    """The autocast dtype (float32: no autocast). Trained weights and optimizer state are float32."""
     cuda = device.startswith("cuda")
     if name == "auto":
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -397,12 +397,17 @@ class Run:
         self.config, _ = read_mom(ckpt)
         check_seq_len(opts.seq_len, self.config.max_position_embeddings)
         self.amp = amp_dtype(opts.dtype, device)
-        self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
+        # Under a bf16/fp16 autocast the frozen weights stay as stored (a bf16 7B model is 13.5 GB,
+        # 27 GB in float32); what trains, and its optimizer state, is float32 all the same.
+        frozen = torch.float32 if self.amp == torch.float32 or opts.train == "all" else None
+        self.model, self.tokenizer = load_model(str(ckpt), device, frozen)
         self.model.train()
         self.lora = None
         if opts.lora is not None:
             self.lora = lora.attach(self.model, opts.lora)  # in place: self.model keeps its class
         self.dense, self.rows = select_trainable(self.model, opts.train)
+        for _, p in (*self.dense, *self.rows):
+            p.data = p.data.float()
         if not self.dense and not self.rows:
             raise UsageError(
                 f"{ckpt} has nothing to train with --train {opts.train} (no routers or PEER layers: "
