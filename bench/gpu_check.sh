@@ -2,7 +2,7 @@
 # mom's GPU paths, run for real on one CUDA machine, with the figures they give.
 #
 #   bash bench/gpu_check.sh tests    # the grouped dispatch and segment matmul on CUDA (float32 and bfloat16)
-#   bash bench/gpu_check.sh bench    # bench_routed (bf16), heal (two rows), train-routers (bf16), torchrun (NCCL)
+#   bash bench/gpu_check.sh bench    # bench_routed and profile_routed (bf16), heal (two rows), train-routers (bf16), torchrun (NCCL)
 #   bash bench/gpu_check.sh          # both, in about 9 minutes on an H100/H200
 #
 # Run from the repository root, with bench/.cache filled by `python bench/fetch.py` (the SmolLM2
@@ -40,6 +40,7 @@ fi
 
 if [ "$what" = bench ] || [ "$what" = all ]; then
     step routed 220 30 "$py" bench/bench_routed.py --device cuda --dtype bfloat16
+    step profile 60 30 "$py" bench/profile_routed.py --device cuda --dtype bfloat16
     # 60-second heals (budget scale 1/30 of the CPU rows' 30 minutes) after two real surgeries
     step heal 300 30 "$py" bench/bench_heal.py --device cuda --rows prune8,peer50 --budget-scale 0.0334
     ckpt=$cache/smollm2-135m-mom-h15k2
