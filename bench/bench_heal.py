@@ -53,7 +53,9 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--calib-tokens", type=int, default=8192, help="convert-peer and prune calibration tokens")
+    p.add_argument(
+        "--calib-tokens", type=int, default=None, help="convert-peer and prune calibration tokens (default: theirs)"
+    )
     return p.parse_args()
 
 
@@ -69,7 +71,7 @@ def surgery(row: str, mom_dir: Path, hf_dir: Path, calib: Path, heldout: Path, o
             heads=8,
             topk=k,
             calibrate=str(calib),
-            calib_tokens=args.calib_tokens,
+            **({} if args.calib_tokens is None else {"calib_tokens": args.calib_tokens}),
             seq_len=args.seq_len,
             eval_data=str(heldout),
             eval_tokens=2048,
@@ -84,7 +86,7 @@ def surgery(row: str, mom_dir: Path, hf_dir: Path, calib: Path, heldout: Path, o
             data=str(calib),
             keep_mha=keep,
             metric="greedy" if row == "prune8" else None,
-            calib_tokens=args.calib_tokens,
+            calib_tokens=args.calib_tokens,  # None: sized to the model (2,048 tokens for SmolLM2-135M)
             seq_len=args.seq_len,
             eval_data=str(heldout),
             eval_tokens=2048,
