@@ -41,6 +41,24 @@ def work(tmp_path_factory, models_dir) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory, models_dir) -> Path:
+    """A tiny OLMo 2 (no pre-norms: norms after each sublayer) and its exact MoM beside it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("heal-olmo2")
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "olmo2", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "src")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models_dir / "llama" / f, root / "src" / f)
+    decomposed(root / "src", root / "exact")
+    return root
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in load(path).state_dict().items()}
 
@@ -68,17 +86,19 @@ def test_regions_found_from_the_surgeries(work):
     assert H.find_regions(exact, exact.config, "auto") == []
 
 
-def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(work, models_dir):
-    """Positions cut from the teacher's hooks and spans run by the student meet exactly (float32)."""
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(family, work, olmo2, models_dir, tmp_path):
+    """Positions cut from the teacher's hooks and spans run by the student meet exactly (float32);
+    OLMo 2's are its sublayers' inputs, Llama's its pre-norms'."""
     from mom_cli.families import family_for
     from mom_cli.io.loading import load_model
 
-    student = load(work / "exact")
-    teacher, _ = load_model(str(models_dir / "llama"))
+    student = load(work / "exact" if family == "llama" else olmo2 / "exact")
+    teacher, _ = load_model(str(models_dir / "llama" if family == "llama" else olmo2 / "src"))
     x = torch.randint(0, 320, (2, 16))
-    cache = H.TeacherCache(work / "cache-check", list(range(9)), np.arange(2), 16, 64)
+    cache = H.TeacherCache(tmp_path / "cache-check", list(range(9)), np.arange(2), 16, 64)
     cache.open({})
-    cache.grow(2, teacher, family_for("llama"), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
+    cache.grow(2, teacher, family_for(family), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
     rows = torch.arange(2)
     for a, b in ((0, 3), (3, 4), (4, 8)):
         units = [u for u in H._units(0, 4) if a <= 2 * u[1] + (u[0] == "ffn") < b]
@@ -253,3 +273,18 @@ def test_bad_input_is_one_clear_line(work, models_dir, tmp_path):
         2,
         "--budget 'soon' is not a number of tokens",
     )
+
+
+def test_an_olmo2_teacher_heals_a_pruned_module(olmo2, models_dir):
+    from mom_cli.surgery.prune import pooled_modules, remove_modules
+
+    mha1 = next(r for r in pooled_modules(load(olmo2 / "exact").config) if r.kind == "mha" and r.slot == 1)
+    prov = {"command": "prune", "args": {}, "source": str(olmo2 / "src"), "time": "", "mom_version": ""}
+    remove_modules(olmo2 / "exact", olmo2 / "pruned", [mha1], prov)
+    r = H.heal(
+        olmo2 / "pruned",
+        olmo2 / "healed",
+        H.HealOptions(data=str(models_dir / "text.txt"), budget="8k", lr=3e-3, global_lr=1e-3, **SMALL),
+    )
+    assert [reg["cause"] for reg in r.regions] == ["prune"]
+    assert r.regions[0]["error_after"] < 0.9 * r.regions[0]["error_before"]

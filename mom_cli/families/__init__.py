@@ -93,10 +93,11 @@ class Family:
     understood: frozenset[str]
     layers_field = "num_hidden_layers"
     optional_prefix = ""  # a prefix some checkpoints of the family omit (the hub's `gpt2` files)
-    # The transformers model's decoder layers, each layer's attention and FFN pre-norm, and the final
-    # norm (module paths), whose inputs are the residual stream (`mom heal` caches the teacher's
-    # there); None when the layers have no such pre-norms (OLMo 2, GPT-NeoX's parallel residual).
-    hf_norms: tuple[str, str, str, str] | None = (
+    # The transformers model's decoder layers, and in each layer the modules whose input is the
+    # residual stream before attention and before the FFN, and the final norm (module paths): `mom
+    # heal` caches the teacher's residual stream there. None where there is no such point (GPT-NeoX's
+    # parallel residual has no residual stream between attention and FFN).
+    residual_inputs: tuple[str, str, str, str] | None = (
         "model.layers",
         "input_layernorm",
         "post_attention_layernorm",

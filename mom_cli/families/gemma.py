@@ -29,7 +29,7 @@ _ROTARY = {"gemma2": "Gemma2RotaryEmbedding", "gemma3_text": "Gemma3RotaryEmbedd
 class _Gemma(Family):
     name = "gemma"
     model_types = ("gemma2", "gemma3_text")
-    hf_norms = ("model.layers", "input_layernorm", "pre_feedforward_layernorm", "model.norm")
+    residual_inputs = ("model.layers", "input_layernorm", "pre_feedforward_layernorm", "model.norm")
     understood = LLAMA_FIELDS | {
         "hidden_activation",
         "query_pre_attn_scalar",

@@ -22,7 +22,7 @@ class _GPT2(Family):
     name = "gpt2"
     model_types = ("gpt2",)
     layers_field = "n_layer"
-    hf_norms = ("transformer.h", "ln_1", "ln_2", "transformer.ln_f")
+    residual_inputs = ("transformer.h", "ln_1", "ln_2", "transformer.ln_f")
     optional_prefix = "transformer."  # GPT2LMHeadModel saves "transformer.h.0...", the hub's `gpt2` "h.0..."
     understood = frozenset(
         {

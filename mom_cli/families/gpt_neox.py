@@ -28,7 +28,7 @@ def _qkv(n_heads: int) -> tuple[Any, Any]:
 class _GPTNeoX(Family):
     name = "gpt_neox"
     model_types = ("gpt_neox",)
-    hf_norms = None
+    residual_inputs = None
     understood = frozenset(
         {
             "hidden_size",

@@ -21,7 +21,7 @@ _NORMS = {"post_attention_layernorm": "mha.post_norm", "post_feedforward_layerno
 class _Olmo2(Family):
     name = "olmo2"
     model_types = ("olmo2",)
-    hf_norms = None
+    residual_inputs = ("model.layers", "self_attn", "mlp", "model.norm")  # no pre-norms: the sublayers' inputs
     understood = LLAMA_FIELDS
 
     def mom_kwargs(self, cfg: Any, keys: set[str]) -> dict[str, Any]:

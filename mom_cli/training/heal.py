@@ -392,7 +392,8 @@ class TeacherCache:
         autocast: Callable,
     ) -> None:
         """Fill rows [filled, upto): one teacher pass, up to the last cached position only; hooks on
-        its norms catch every position at once."""
+        the modules that read the residual stream (pre-norms, or OLMo 2's sublayers) catch every
+        position at once."""
         upto = min(upto, self.shape[0])
         if upto <= self.filled:
             return
@@ -400,20 +401,21 @@ class TeacherCache:
         rows: slice = slice(0, 0)
 
         def keep(pos: int):
-            def hook(mod, args):
-                h = args[0].detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+            def hook(mod, args, kwargs):
+                x = args[0] if args else kwargs["hidden_states"]  # OLMo 2's attention takes keywords
+                h = x.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
                 self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
                 if pos == last:  # the layers above (and the head) would only be thrown away
                     raise _Enough
 
             return hook
 
-        layers_path, attn_norm, ffn_norm, final = family.hf_norms
+        layers_path, attn_in, ffn_in, final = family.residual_inputs
         layers = teacher.get_submodule(layers_path)
-        norms = [layer.get_submodule(n) for layer in layers for n in (attn_norm, ffn_norm)]
-        norms.append(teacher.get_submodule(final))
+        taps = [layer.get_submodule(n) for layer in layers for n in (attn_in, ffn_in)]
+        taps.append(teacher.get_submodule(final))
         last = max(self.positions)
-        hooks = [norms[p].register_forward_pre_hook(keep(p)) for p in self.positions]
+        hooks = [taps[p].register_forward_pre_hook(keep(p), with_kwargs=True) for p in self.positions]
         try:
             with torch.no_grad(), console.progress() as bar:
                 task = bar.add_task("caching the teacher", total=upto - self.filled)
@@ -477,10 +479,10 @@ class Heal:
         with timed(f"loading {ckpt}", self.load_times):
             self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)
         self.family = family_for(self.config.source_model_type)
-        if self.family.hf_norms is None:
+        if self.family.residual_inputs is None:
             raise UsageError(
                 f"heal: {self.config.source_model_type} teachers are not supported yet "
-                "(no pre-norm marks the residual stream)"
+                "(attention and FFN read the same input: no residual stream between them to cache)"
             )
         self.model.train()
         self.model.requires_grad_(False)
