@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mom_cli.errors import MomError
-from mom_cli.io.lazy import empty, fill, fill_buffers
+from mom_cli.io.lazy import empty, fill, fill_buffers, is_empty
 
 TOKENS = 8
 TOLERANCE = 1e-4  # of the output's scale, when the modules hold the source's tensors bit for bit
@@ -157,8 +157,9 @@ def _getter(source: Any, prefix: str) -> tuple[Callable[[str], torch.Tensor], Ca
 
 
 class _Resident:
-    """One sublayer of a source layer in memory at a time: each is filled when it is called and
-    the one before it emptied (a 7B layer is 0.8 GB in float32, its FFN alone 0.54 GB)."""
+    """One sublayer of a layer in memory at a time, on the source's side and the MoM's: each is
+    filled when it is called and the one before it emptied (a 7B layer is 0.8 GB in float32, its
+    FFN alone 0.54 GB)."""
 
     def __init__(self, load: Callable[[nn.Module, str], None]) -> None:
         self.load, self.current = load, None
@@ -167,7 +168,7 @@ class _Resident:
         def hook(m: nn.Module, args: tuple) -> None:
             if self.current is not m:
                 self.evict()
-            if _is_meta(m):  # filled again if called again after another sublayer
+            if is_empty(m):  # filled again if called again after another sublayer
                 self.load(m, prefix)
             self.current = m
 
@@ -177,10 +178,6 @@ class _Resident:
         if self.current is not None:
             empty(self.current)
             self.current = None
-
-
-def _is_meta(module: nn.Module) -> bool:
-    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
 @torch.no_grad()
@@ -298,16 +295,14 @@ def _compare(trace: _Trace, ckpt: Path, config: Any, ids: torch.Tensor, worst: _
         mha, ffn = _origins(config)[i]
         with torch.device("meta"):
             layer = PlainLayer(config)
-        load(layer.mha, mha)
-
-        def swap(m: nn.Module, args: tuple, prefix: str = ffn, done: nn.Module = layer.mha) -> None:
-            empty(done)  # the FFN module replaces the MHA module in memory when it runs (see _Resident)
-            load(m, prefix)
-
-        layer.ffn.register_forward_pre_hook(swap)
+        resident = _Resident(load)
+        load(layer.mha, mha)  # the layer calls its MHA module's methods, never the module: filled here
+        resident.current = layer.mha  # and replaced by the FFN module when that one runs
+        resident.watch(layer.ffn, ffn)
         ctx = inner.context(x_in, pos)
         got = layer(x_in.reshape(-1, x_in.shape[-1]), ctx, i).view_as(y)
         worst.add(f"layer {i} (modules {mha.rstrip('.')} and {ffn.rstrip('.')})", got, y, y - x_in)
+        resident.evict()
         empty(layer)
     load(inner.norm, "model.norm.")
     load(model.lm_head, "lm_head.")
