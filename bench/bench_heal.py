@@ -4,6 +4,7 @@ Run from the repository root with the project's venv active:
 
     python bench/bench_heal.py --threads 2                    # every row: about 2.5 hours on 2 cores
     python bench/bench_heal.py --rows peer50 --budget-scale 0.2 --threads 1
+    python bench/bench_heal.py --rows half --eval-every 20 --threads 2   # the held-out curve
     python bench/bench_heal.py --device cuda                  # the same rows and wall times on a GPU
 
 Rows (each heals for its own wall-time budget; `--budget-scale` multiplies every budget):
@@ -53,6 +54,9 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="held-out perplexity every N steps too (the curve; off the budget)"
+    )
     p.add_argument(
         "--calib-tokens", type=int, default=None, help="convert-peer and prune calibration tokens (default: theirs)"
     )
@@ -140,6 +144,7 @@ def main() -> None:
                     batch_size=args.batch_size,
                     eval_data=str(heldout),
                     eval_tokens=args.eval_tokens,
+                    eval_every=args.eval_every,
                     device=args.device,
                 ),
             )
@@ -154,12 +159,8 @@ def main() -> None:
                 log(
                     f"  {reg['name']} ({reg['cause']}): relative error {reg['error_before']:.4g} -> {reg['error_after']}"
                 )
-            curve = [
-                (json.loads(x)["tokens"], json.loads(x)["eval_ppl"])
-                for x in (r.path / "heal_metrics.jsonl").read_text().splitlines()
-                if "eval_ppl" in x
-            ]
-            log(f"  held-out curve (tokens, perplexity): {curve}")
+            curve = ", ".join(f"{t:,}: {ppl:.4g}" for t, ppl in r.curve)
+            log(f"  held-out curve (tokens: perplexity): {curve}")
             figures.append(Figure(f"{row}: ppl after surgery / dense", before / dense, "-", None))
             figures.append(
                 Figure(

@@ -161,6 +161,20 @@ def test_resume_is_bit_exact(work):
     assert whole.path == work / "whole"
 
 
+def test_eval_every_draws_the_curve_and_changes_nothing(work):
+    """Evaluations along the way add points to the curve and leave the training itself untouched."""
+    opts = dict(data=str(work / "text.txt"), budget="4k", lr=3e-3, **SMALL)
+    plain = H.heal(work / "pruned", work / "plain", H.HealOptions(**opts))
+    curved = H.heal(work / "pruned", work / "curved", H.HealOptions(**opts, eval_every=2))
+    a, b = weights(work / "plain"), weights(work / "curved")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = max(json.loads(x)["step"] for x in (work / "curved" / "heal_metrics.jsonl").read_text().splitlines())
+    assert len(plain.curve) == 2 and plain.curve[0][1] == plain.eval_ppl_before
+    assert len(curved.curve) == 2 + steps // 2
+    assert [t for t, _ in curved.curve] == sorted(t for t, _ in curved.curve)
+    assert curved.curve[-1] == (curved.curve[-1][0], curved.eval_ppl_after)
+
+
 @pytest.fixture(scope="module")
 def long_text(work) -> Path:
     """Far more blocks than a few seconds of healing read."""

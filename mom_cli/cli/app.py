@@ -590,6 +590,9 @@ def heal(
         "auto", "--dtype", help="Autocast dtype: bf16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."
     ),
     save_every: int = typer.Option(0, "--save-every", help="Save the state every N steps (OUT.heal-state/)."),
+    eval_every: int = typer.Option(
+        0, "--eval-every", help="Held-out perplexity every N steps too, outside the time budget (the curve)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the saved state."),
     keep_state: bool = typer.Option(
         False, "--keep-state", help="Keep OUT.heal-state/ (and its teacher cache) after the run."

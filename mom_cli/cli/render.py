@@ -133,6 +133,8 @@ def print_heal(r: dict) -> None:
             f"held-out perplexity ({r['heldout_tokens']} tokens): {r['eval_ppl_before']:.4f} -> "
             f"{r['eval_ppl_after']:.4f} (teacher {r['eval_ppl_teacher']:.4f})"
         )
+    if len(r.get("curve") or []) > 2:
+        console.log("held-out curve: " + ", ".join(f"{t:,} tokens {ppl:.4g}" for t, ppl in r["curve"]))
 
 
 def print_tasks(rows: list[dict], models: list[str]) -> None:

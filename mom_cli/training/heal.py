@@ -34,7 +34,7 @@ import re
 import shutil
 import time
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -78,6 +78,7 @@ class HealOptions:
     device: str = "auto"
     dtype: str = "auto"
     save_every: int = 0
+    eval_every: int = 0  # held-out perplexity every N steps, besides before and after
     resume: bool = False
     keep_state: bool = False
     seed: int = 0
@@ -131,6 +132,7 @@ class HealResult:
     eval_ppl_before: float | None
     eval_ppl_after: float | None
     heldout_tokens: int
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens, held-out perplexity)
     main: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -168,8 +170,10 @@ def check_options(o: HealOptions) -> Budget | None:
         raise UsageError(f"unknown --schedule {o.schedule!r}: use cosine or constant")
     if not 0 <= o.local_share <= 1:
         raise UsageError("--local-share must be between 0 and 1")
-    if o.batch_size < 1 or o.seq_len < 2 or o.save_every < 0 or min(o.lr, o.global_lr) <= 0:
-        raise UsageError("--batch-size must be >= 1, --seq-len >= 2, --save-every >= 0 and learning rates > 0")
+    if o.batch_size < 1 or o.seq_len < 2 or min(o.save_every, o.eval_every) < 0 or min(o.lr, o.global_lr) <= 0:
+        raise UsageError(
+            "--batch-size must be >= 1, --seq-len >= 2, --save-every and --eval-every >= 0 and learning rates > 0"
+        )
     if o.dtype in ("fp16", "float16"):
         raise UsageError("mom heal runs in bf16 or fp32: use --dtype bf16, fp32 or auto")
     if o.dtype != "auto" and o.dtype not in tr.DTYPES:
@@ -668,11 +672,16 @@ class Clock:
 
     Wall time counts from the end of the held-out perplexities before healing: it includes the
     teacher cache passes, both stages, the regions' errors and state saves; it excludes loading the
-    checkpoint, data and teacher, those perplexities, and the final perplexity and output (all
-    logged with their times), so a run takes about budget + load + 3 evaluations."""
+    checkpoint, data and teacher, those perplexities, the `--eval-every` ones, and the final
+    perplexity and output (all logged with their times), so a run takes about budget + load +
+    its evaluations."""
 
     def __init__(self, run: Heal) -> None:
         self.run, self.t0 = run, time.perf_counter() - run.cursor["elapsed"]
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation along the way) out of the time spent."""
+        self.t0 += seconds
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -839,7 +848,7 @@ def _train_region(
             }
         )
         bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{value:.4g}", tps=f"{tps:.0f}")
-        if _checkpoint(run, opts, clock):
+        if _checkpoint(run, opts, clock, metrics):
             return
     for p in params:
         p.requires_grad_(False)
@@ -937,21 +946,36 @@ def global_stage(
             }
         )
         bar.update(task, completed=min(clock.total, clock.spent()), loss=f"{m['kl']:.4g}", tps=f"{tps:.0f}")
-        if _checkpoint(run, opts, clock):
+        if _checkpoint(run, opts, clock, metrics):
             break
     for p in params:
         p.requires_grad_(False)
     return first, last
 
 
-def _checkpoint(run: Heal, opts: list[torch.optim.Optimizer], clock: Clock) -> bool:
-    """Save every `save_every` steps; True when the run must stop here (`stop_after`)."""
+def _checkpoint(run: Heal, opts: list[torch.optim.Optimizer], clock: Clock, metrics: tr.Metrics) -> bool:
+    """Evaluate every `eval_every` steps and save every `save_every`; True when the run must stop
+    here (`stop_after`)."""
     c = run.cursor
+    if run.opts.eval_every and c["global_step"] % run.opts.eval_every == 0:
+        _evaluate(run, clock, metrics)
     c["elapsed"] = clock.elapsed()
     if run.opts.save_every and c["global_step"] % run.opts.save_every == 0:
         run.save_state(opts)
     run.stopped = c["global_step"] == run.opts.stop_after
     return run.stopped
+
+
+def _evaluate(run: Heal, clock: Clock, metrics: tr.Metrics) -> None:
+    """One point of the held-out curve, outside the time budget (a step's RNG and state untouched)."""
+    t0 = time.perf_counter()
+    ppl = run.perplexity(run.model)
+    clock.pause(time.perf_counter() - t0)
+    if ppl is None:
+        return
+    c = run.cursor
+    metrics.write({"step": c["global_step"], "tokens": c["tokens"], "eval_loss": math.log(ppl), "eval_ppl": ppl})
+    log(f"step {c['global_step']}, {c['tokens']:,} tokens ({c['stage']}): held-out perplexity {ppl:.4g}")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -1044,10 +1068,17 @@ def _run(run: Heal, force: bool) -> HealResult:
         )
     metrics.close()
     if run.dist.main:
+        result.curve = read_curve(run.work / METRICS_FILE)
         write_output(run, result, force)
         result.path = run.out
     distributed.barrier(run.dist)
     return result
+
+
+def read_curve(metrics_file: Path) -> list[tuple[int, float]]:
+    """The held-out points of a run's metrics (before, every `eval_every` steps, after)."""
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"eval_ppl"' in x]
+    return [(r["tokens"], r["eval_ppl"]) for r in rows]
 
 
 def write_output(run: Heal, result: HealResult, force: bool) -> None:
