@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mom_cli
-from mom_cli.modeling.modeling_mom import MomForCausalLM, segment_mm
+from mom_cli.modeling.modeling_mom import MomForCausalLM, PackedGroups, segment_mm
 from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 from tests.helpers import decomposed, ids, max_diff
 
@@ -167,6 +167,32 @@ def test_segment_mm_forward_and_backward(width):
     ra, rw = torch.autograd.grad(ref, (a, w), grad)
     assert max_diff(ga, ra) <= 1e-5 and max_diff(gw, rw) <= 1e-5
     assert ga[9:].abs().max() == 0  # rows past the last group get no gradient
+    if PackedGroups.packable(w):  # the CPU inference path: the same weights packed for oneDNN
+        packed = PackedGroups(list(w.detach()))
+        assert max_diff(segment_mm(a.detach(), None, offs, packed=packed), ref) <= 1e-5
+
+
+def test_cpu_inference_packs_the_pools_once(routed):
+    """Eval on a float32 CPU model runs the packed weights, built on the first forward and kept
+    until a parameter changes; a training forward stacks instead, and autocast does not reuse them."""
+    model = mom_cli.load(routed["llama-top2"])
+    _spread_routers(model)
+    model.eval()
+    x = ids(2, 16)
+    with torch.no_grad():
+        model(x, use_cache=False)
+    block = model.model.blocks[0]
+    stack = block._stack_cache["ffn"][1]
+    assert (stack.packed_in is not None) == PackedGroups.packable(block.ffn["0"].down_proj.weight)
+    with torch.no_grad():
+        model(x, use_cache=False)
+        assert block._stack_cache["ffn"][1] is stack
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, use_cache=False)
+        assert block._stack_cache["ffn"][1] is not stack and block._stack_cache["ffn"][1].packed_in is None
+        block.ffn["0"].down_proj.weight.mul_(1.0)
+        model(x, use_cache=False)
+        assert block._stack_cache["ffn"][1] is not stack
 
 
 def test_info_counts_the_routers_flops(routed):

@@ -523,28 +523,95 @@ def _merged_wgrad(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n
     return _segment_wgrad(g.contiguous(), a.contiguous(), offs, n_groups)
 
 
+PACK_ROWS = 64  # the row count oneDNN picks its packed layout for (any count runs on it)
+
+
+@functools.lru_cache(maxsize=1)
+def _packing_works() -> bool:
+    """Whether this torch has oneDNN's packed CPU linear and it computes x @ w.T (probed once)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_reorder_linear_weight"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(24, 16, generator=g), torch.randn(5, 16, generator=g)
+        y = ops._linear_pointwise(x, ops._reorder_linear_weight(w, PACK_ROWS), None, "none", [], "")
+        return bool(torch.allclose(y, x @ w.t(), atol=1e-5))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS)
+
+
+class PackedGroups:
+    """The G weights of a pool's projection, each packed once for oneDNN's CPU matmul.
+
+    Why: a routed step runs each module on a few dozen rows, and MKL's sgemm re-packs the whole
+    weight at every call, which at that size costs about as much as the multiplication (measured
+    1.5x slower per FLOP than one large matmul); packed once, the small matmuls run as fast as the
+    dense model's. Only float32 on a CPU, outside torch.compile; see `packable`."""
+
+    def __init__(self, weights: list[torch.Tensor] | torch.Tensor) -> None:
+        self.out_features = weights[0].shape[0]
+        self.groups = [_pack(w) for w in weights]
+        self._weights, self._transposed = weights, None
+
+    def transposed(self) -> PackedGroups:
+        """The groups' transposes packed (a backward's input gradient), on first use."""
+        if self._transposed is None:
+            self._transposed = PackedGroups([w.t() for w in self._weights])
+        return self._transposed
+
+    @staticmethod
+    def packable(w: torch.Tensor) -> bool:
+        return (
+            w.device.type == "cpu"
+            and w.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and _packing_works()
+        )
+
+    def __call__(self, a: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """segment_mm's result: rows [offs[g-1], offs[g]) of `a` through group g, zero past the last."""
+        y, start = a.new_empty(a.shape[0], self.out_features), 0
+        for g, end in enumerate(offs.tolist()):  # on the CPU, reading the bounds is free
+            if end > start:
+                y[start:end] = torch.ops.mkldnn._linear_pointwise(a[start:end], self.groups[g], None, "none", [], "")
+            start = end
+        y[start:].zero_()
+        return y
+
+
 class _SegmentMM(torch.autograd.Function):
     """segment_mm with its backward. With `pending`, the weight gradient is left there for
     `_DeferredWeightGrad` to compute once for all steps of a forward."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None) -> torch.Tensor:
+    def forward(
+        ctx, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None, packed: PackedGroups | None
+    ) -> torch.Tensor:
         ctx.save_for_backward(a, w, offs)
-        ctx.pending = pending
-        return _segment_forward(a, w, offs)
+        ctx.pending, ctx.packed = pending, packed
+        return _segment_forward(a, w, offs) if packed is None else packed(a, offs)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, w, offs = ctx.saved_tensors
         g = g.contiguous()
-        ga = _segment_forward(g, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        ga = None
+        if ctx.needs_input_grad[0]:
+            ga = (
+                _segment_forward(g, w.transpose(1, 2), offs) if ctx.packed is None else ctx.packed.transposed()(g, offs)
+            )
         gw = None
         if ctx.needs_input_grad[1]:
             if ctx.pending is None:
                 gw = _segment_wgrad(g, a, offs, w.shape[0])
             else:
                 ctx.pending.append((a, g, offs))
-        return ga, gw, None, None
+        return ga, gw, None, None, None
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
@@ -572,18 +639,28 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-def segment_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None = None) -> torch.Tensor:
+def segment_mm(
+    a: torch.Tensor,
+    w: torch.Tensor | None,
+    offs: torch.Tensor,
+    pending: list | None = None,
+    packed: PackedGroups | None = None,
+) -> torch.Tensor:
     """Rows [offs[g-1], offs[g]) of `a` (R, in) times w[g].T, with w (G, out, in); rows past offs[-1]
     give zero. `offs` (G,) int32 stays on the device on the grouped_mm path. `pending`: see
-    `_DeferredWeightGrad`. Under autocast it runs in autocast's dtype, as nn.Linear does there."""
+    `_DeferredWeightGrad`. Under autocast it runs in autocast's dtype, as nn.Linear does there.
+    `packed`: the same weights packed for the CPU (inference; then `w` may be None)."""
+    usable = packed is not None and a.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    if usable and w is None:
+        return packed(a, offs)
     dt = autocast_dtype(a)
     if dt is not None:
         a, w = a.to(dt), w.to(dt)  # no-ops when StackedPool.build cast the weights already
     if torch.compiler.is_compiling():
         if _grouped_mm_ok(a, w):
-            return _SegmentMM.apply(a, w, offs, None)
+            return _SegmentMM.apply(a, w, offs, None, None)
         return torch.ops.mom.segment_mm(a, w, offs)  # opaque to the compiler: no graph break
-    return _SegmentMM.apply(a, w, offs, pending)
+    return _SegmentMM.apply(a, w, offs, pending, packed if usable else None)
 
 
 def _register_segment_ops() -> None:
@@ -698,18 +775,23 @@ class StackedPool:
     eps: float
     scale: torch.Tensor  # (G+1, d)
     shift: torch.Tensor | None
-    w_in: torch.Tensor  # (G, out, in): [q; k; v], [gate; up] or fc_in
+    w_in: torch.Tensor | None  # (G, out, in): [q; k; v], [gate; up] or fc_in; None when packed
     b_in: torch.Tensor | None  # (G+1, out)
-    w_out: torch.Tensor  # (G, d, in): o_proj, down_proj or fc_out
+    w_out: torch.Tensor | None  # (G, d, in): o_proj, down_proj or fc_out; None when packed
     b_out: torch.Tensor | None
     act: Callable | None = None
     gated: bool = False
+    # For inference on a CPU, the weights packed instead of stacked (see PackedGroups).
+    packed_in: PackedGroups | None = None
+    packed_out: PackedGroups | None = None
     # Under autograd: the steps' rows whose weight gradients are computed at once (_DeferredWeightGrad).
     pending_in: list | None = None
     pending_out: list | None = None
 
     @classmethod
-    def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int]) -> StackedPool | None:
+    def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int], pack: bool = False) -> StackedPool | None:
+        """`pack`: for inference that reuses the result, pack the weights (PackedGroups) where the
+        device and dtype allow, instead of stacking them."""
         slots = [m for m in range(n_slots) if m not in removed and str(m) in pool and groupable(pool[str(m)])]
         if not slots:
             return None
@@ -730,22 +812,30 @@ class StackedPool:
         else:
             ins = [[m.fc_in] for m in mods]
             outs = [m.fc_out for m in mods]
-        w_in = torch.stack([torch.cat([p.weight for p in ps]) for ps in ins])
         b_in = (
             _pad_rows(torch.stack([torch.cat([p.bias for p in ps]) for ps in ins]))
             if ins[0][0].bias is not None
             else None
         )
-        w_out = torch.stack([p.weight for p in outs])
         b_out = _pad_rows(torch.stack([p.bias for p in outs])) if outs[0].bias is not None else None
-        dt = autocast_dtype(w_in)
-        if dt is not None:  # once per forward, not once per step (segment_mm would cast each time)
-            w_in, w_out = w_in.to(dt), w_out.to(dt)
-            b_in, b_out = (None if b is None else b.to(dt) for b in (b_in, b_out))
-        group_of = torch.tensor(table, device=w_in.device)
+        w0 = outs[0].weight
+        group_of = torch.tensor(table, device=w0.device)
         ffn = isinstance(first, FfnModule)
-        pending_in = pending_out = None
-        if w_in.requires_grad and not torch.compiler.is_compiling():
+        pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
+        packs = autocast_dtype(w0) is None and PackedGroups.packable(w0)
+        if pack and packs:  # inference: the packed weights alone
+            packed_in = PackedGroups([torch.cat([p.weight for p in ps]) for ps in ins])
+            packed_out = PackedGroups([p.weight for p in outs])
+        else:
+            w_in = torch.stack([torch.cat([p.weight for p in ps]) for ps in ins])
+            w_out = torch.stack([p.weight for p in outs])
+            dt = autocast_dtype(w_in)
+            if dt is not None:  # once per forward, not once per step (segment_mm would cast each time)
+                w_in, w_out = w_in.to(dt), w_out.to(dt)
+                b_in, b_out = (None if b is None else b.to(dt) for b in (b_in, b_out))
+        if w_in is not None and w_in.requires_grad and not torch.compiler.is_compiling():
+            if packs and w_in.shape[0] > 1:  # H steps reuse each packed weight; backward its transpose
+                packed_in, packed_out = PackedGroups(w_in), PackedGroups(w_out)
             pending_in, pending_out = [], []
             w_in, w_out = _DeferredWeightGrad.apply(w_in, pending_in), _DeferredWeightGrad.apply(w_out, pending_out)
         return cls(
@@ -759,10 +849,12 @@ class StackedPool:
             b_in,
             w_out,
             b_out,
-            first.act if ffn else None,
-            ffn and first.gated,
-            pending_in,
-            pending_out,
+            act=first.act if ffn else None,
+            gated=ffn and first.gated,
+            packed_in=packed_in,
+            packed_out=packed_out,
+            pending_in=pending_in,
+            pending_out=pending_out,
         )
 
     def normed_rows(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
@@ -775,12 +867,12 @@ class StackedPool:
         return torch.addcmul(self.shift[d.gid], base.index_select(0, d.tok), self.scale[d.gid])
 
     def project_in(self, rows: torch.Tensor, d: Dispatch) -> torch.Tensor:
-        y = segment_mm(rows, self.w_in, d.offs, self.pending_in)
+        y = segment_mm(rows, self.w_in, d.offs, self.pending_in, self.packed_in)
         return y if self.b_in is None else y + self.b_in[d.gid]
 
     def project_out(self, rows: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """The output projection, weighted by each row's routing weight, summed back per token."""
-        y = segment_mm(rows, self.w_out, d.offs, self.pending_out)
+        y = segment_mm(rows, self.w_out, d.offs, self.pending_out, self.packed_out)
         if self.b_out is not None:
             y = y + self.b_out[d.gid]
         return d.unsort(y * d.w[:, None])
@@ -799,9 +891,10 @@ def _param_key(pool: nn.Module) -> tuple | None:
     """Changes whenever a parameter of the pool is replaced or updated in place; None for inference
     tensors (a model streamed layer by layer), which carry no version counter: never cached."""
     params = list(pool.parameters())
-    if any(p.is_inference() for p in params):
+    if not params or any(p.is_inference() for p in params):
         return None
-    return tuple((p.data_ptr(), p._version) for p in params)
+    # the stack is cast (autocast) or packed (without it) for the autocast state it was built in
+    return (autocast_dtype(params[0]), *((p.data_ptr(), p._version) for p in params))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -1124,7 +1217,7 @@ class MomBlock(nn.Module):
         hit = self._stack_cache.get(kind)
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = (key, StackedPool.build(pool, self.slots[kind], self.removed[kind]))
+                hit = (key, StackedPool.build(pool, self.slots[kind], self.removed[kind], pack=True))
             self._stack_cache[kind] = hit
         fresh[kind] = hit[1]
         return hit[1]
