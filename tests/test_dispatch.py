@@ -172,6 +172,10 @@ def test_segment_mm_forward_and_backward(width):
         assert max_diff(segment_mm(a.detach(), None, offs, packed=packed), ref) <= 1e-5
 
 
+def stack_weight(block: torch.nn.Module) -> torch.Tensor:
+    return block.ffn["0"].down_proj.weight
+
+
 def test_cpu_inference_packs_the_pools_once(routed):
     """Eval on a float32 CPU model runs the packed weights, built on the first forward and kept
     until a parameter changes; a training forward stacks instead, and autocast does not reuse them."""
@@ -183,13 +187,15 @@ def test_cpu_inference_packs_the_pools_once(routed):
         model(x, use_cache=False)
     block = model.model.blocks[0]
     stack = block._stack_cache["ffn"][1]
-    assert (stack.packed_in is not None) == PackedGroups.packable(block.ffn["0"].down_proj.weight)
+    assert (stack.packed_in is not None) == PackedGroups.packable(stack_weight(block))
     with torch.no_grad():
         model(x, use_cache=False)
         assert block._stack_cache["ffn"][1] is stack
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(x, use_cache=False)
         assert block._stack_cache["ffn"][1] is not stack and block._stack_cache["ffn"][1].packed_in is None
+        model(x, use_cache=False)  # back in float32: not the autocast's bf16 stack
+        assert (block._stack_cache["ffn"][1].packed_in is not None) == PackedGroups.packable(stack_weight(block))
         block.ffn["0"].down_proj.weight.mul_(1.0)
         model(x, use_cache=False)
         assert block._stack_cache["ffn"][1] is not stack

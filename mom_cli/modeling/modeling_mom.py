@@ -827,7 +827,8 @@ class StackedPool:
             packed_in = PackedGroups([torch.cat([p.weight for p in ps]) for ps in ins])
             packed_out = PackedGroups([p.weight for p in outs])
         else:
-            w_in = torch.stack([torch.cat([p.weight for p in ps]) for ps in ins])
+            # one copy: each module's [q; k; v] (or [gate; up]) rows are consecutive in the stack
+            w_in = torch.cat([p.weight for ps in ins for p in ps]).view(len(ins), -1, ins[0][0].weight.shape[1])
             w_out = torch.stack([p.weight for p in outs])
             dt = autocast_dtype(w_in)
             if dt is not None:  # once per forward, not once per step (segment_mm would cast each time)
