@@ -57,6 +57,7 @@ def parse_args():
     p.add_argument(
         "--eval-every", type=int, default=0, help="held-out perplexity every N steps too (the curve; off the budget)"
     )
+    p.add_argument("--retrieval-loss", type=float, default=1.0, help="mom heal --retrieval-loss (0: off)")
     p.add_argument(
         "--calib-tokens", type=int, default=None, help="convert-peer and prune calibration tokens (default: theirs)"
     )
@@ -145,6 +146,7 @@ def main() -> None:
                     eval_data=str(heldout),
                     eval_tokens=args.eval_tokens,
                     eval_every=args.eval_every,
+                    retrieval_loss=args.retrieval_loss,
                     device=args.device,
                 ),
             )

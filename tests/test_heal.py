@@ -141,24 +141,25 @@ def test_an_exact_checkpoint_comes_back_unchanged(work):
     assert r.eval_ppl_before == r.eval_ppl_after
 
 
-def test_resume_is_bit_exact(work):
+@pytest.mark.parametrize("ckpt", ["pruned", "peer"])  # peer: with the retrieval term's kept setup
+def test_resume_is_bit_exact(work, ckpt):
     opts = dict(data=str(work / "text.txt"), budget="4k", lr=3e-3, save_every=1, **SMALL)
-    whole = H.heal(work / "pruned", work / "whole", H.HealOptions(**opts))
+    whole = H.heal(work / ckpt, work / f"whole-{ckpt}", H.HealOptions(**opts))
     steps = 0
-    for line in (work / "whole" / "heal_metrics.jsonl").read_text().splitlines():
+    for line in (work / f"whole-{ckpt}" / "heal_metrics.jsonl").read_text().splitlines():
         steps = max(steps, json.loads(line)["step"])
     assert steps >= 4
     for stop in (2, steps - 1):  # inside the local stage, then inside the global one
-        out = work / f"resumed-{stop}"
-        cut = H.heal(work / "pruned", out, H.HealOptions(**opts, stop_after=stop))
-        assert cut.path is None and (work / f"resumed-{stop}.heal-state" / "state.pt").exists()
-        H.heal(work / "pruned", out, H.HealOptions(**opts, resume=True))
-        a, b = weights(work / "whole"), weights(out)
+        out = work / f"resumed-{ckpt}-{stop}"
+        cut = H.heal(work / ckpt, out, H.HealOptions(**opts, stop_after=stop))
+        assert cut.path is None and (work / f"resumed-{ckpt}-{stop}.heal-state" / "state.pt").exists()
+        H.heal(work / ckpt, out, H.HealOptions(**opts, resume=True))
+        a, b = weights(work / f"whole-{ckpt}"), weights(out)
         assert all(torch.equal(a[k], b[k]) for k in a), stop
-        ma = [json.loads(x) for x in (work / "whole" / "heal_metrics.jsonl").read_text().splitlines()]
+        ma = [json.loads(x) for x in (work / f"whole-{ckpt}" / "heal_metrics.jsonl").read_text().splitlines()]
         mb = [json.loads(x) for x in (out / "heal_metrics.jsonl").read_text().splitlines()]
         assert [m.get("loss") for m in ma] == [m.get("loss") for m in mb]
-    assert whole.path == work / "whole"
+    assert whole.path == work / f"whole-{ckpt}"
 
 
 def test_eval_every_draws_the_curve_and_changes_nothing(work):
@@ -221,7 +222,7 @@ def test_plot_training_reads_heal_metrics(work, tmp_path):
     pytest.importorskip("matplotlib")
     from mom_cli.analysis.plots import plot_training, read_metrics
 
-    rows = read_metrics(work / "whole")
+    rows = read_metrics(work / "whole-pruned")
     assert any(r.get("stage") == "local" for r in rows)
     assert plot_training(rows, tmp_path / "heal.png").exists()
 
@@ -287,6 +288,33 @@ def test_bad_input_is_one_clear_line(work, models_dir, tmp_path):
         2,
         "--budget 'soon' is not a number of tokens",
     )
+
+
+def test_bad_options_name_themselves():
+    for opts, name in ((dict(retrieval_loss=-1.0), "--retrieval-loss"), (dict(eval_every=-1), "--eval-every")):
+        with pytest.raises(UsageError, match=name):
+            H.check_options(H.HealOptions(data="x", **opts))
+
+
+def test_the_retrieval_term_keeps_its_setup_and_trains_only_retrieval(work):
+    """The PEER layers' owners and score scale are measured once per region and kept in the
+    cursor (for resume); the term's gradient reaches the queries and keys, not the experts."""
+    model = load(work / "peer")
+    model.train()
+    regions = H.find_regions(model, model.config, "auto")
+    cursor: dict = {}
+    term = H.Retrieval(model, regions[0], cursor)
+    assert len(term.layers) == 1
+    x = torch.randn(2, 16, model.config.hidden_size)
+    with term:
+        H.run_region(model, regions[0], x)
+    (layer,) = term.layers.values()
+    stats = layer.query_bn.running_mean.clone()
+    term.loss().backward()
+    assert torch.equal(layer.query_bn.running_mean, stats)  # the second pass is not counted
+    assert set(cursor["retrieval"]) == set(term.layers)
+    assert layer.query.weight.grad is not None and layer.sub_keys.grad is not None
+    assert layer.w_out.grad is None and layer.w_in.grad is None
 
 
 def test_an_olmo2_teacher_heals_a_pruned_module(olmo2, models_dir):

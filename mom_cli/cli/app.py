@@ -572,6 +572,12 @@ def heal(
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate of the local stage."),
+    retrieval_loss: float = typer.Option(
+        1.0,
+        "--retrieval-loss",
+        help="Local stage: weight of the PEER retrieval term (queries and keys learn to find the experts "
+        "that contribute most); 0 for the output error alone.",
+    ),
     global_lr: float = typer.Option(1e-4, "--global-lr", help="Peak learning rate of the end-to-end stage."),
     schedule: str = typer.Option(
         "cosine", "--schedule", help="cosine (down to 10% of the peak) or constant, over each stage's budget."

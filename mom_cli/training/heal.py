@@ -11,7 +11,9 @@ trains     PEER: the layer's experts, queries and keys; a pruned module: the nex
 stage 1    local: the teacher's residual stream at every region's input and output is cached on
            disk (bf16, memory-mapped, at most `cache_size` bytes). Each region then learns to map
            its cached input to its cached output (MSE; KL through the final norm and head when the
-           region ends at the top), one after another. A token budget fills the cache before the
+           region ends at the top), one after another. A PEER layer's queries and keys also learn,
+           with weight `retrieval_loss`, to retrieve the experts whose contributions are largest
+           (see retrieval_term). A token budget fills the cache before the
            first step; a time budget fills it on demand, the teacher taking at most half of the
            stage's time (see local_stage).
 stage 2    global: end-to-end KL distillation to the teacher of the same parameters.
@@ -68,6 +70,7 @@ class HealOptions:
     seq_len: int = 512
     batch_size: int = 8
     lr: float = 3e-4  # stage 1 (per region)
+    retrieval_loss: float = 1.0  # stage 1: weight of a PEER layer's retrieval term (0: output error alone)
     global_lr: float = 1e-4  # stage 2
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -170,6 +173,8 @@ def check_options(o: HealOptions) -> Budget | None:
         raise UsageError(f"unknown --schedule {o.schedule!r}: use cosine or constant")
     if not 0 <= o.local_share <= 1:
         raise UsageError("--local-share must be between 0 and 1")
+    if o.retrieval_loss < 0:
+        raise UsageError("--retrieval-loss must be >= 0 (0: PEER layers learn from the output error alone)")
     if o.batch_size < 1 or o.seq_len < 2 or min(o.save_every, o.eval_every) < 0 or min(o.lr, o.global_lr) <= 0:
         raise UsageError(
             "--batch-size must be >= 1, --seq-len >= 2, --save-every and --eval-every >= 0 and learning rates > 0"
@@ -554,6 +559,7 @@ class Heal:
             "seq_len": o.seq_len,
             "batch_size": o.batch_size,
             "lr": o.lr,
+            "retrieval_loss": o.retrieval_loss,
             "global_lr": o.global_lr,
             "schedule": o.schedule,
             "weight_decay": o.weight_decay,
@@ -781,6 +787,80 @@ def local_stage(run: Heal, metrics: tr.Metrics, clock: Clock, bar: Any, task: An
     c.update(stage="global", step=0)
 
 
+class Retrieval:
+    """The retrieval term of a region's PEER layers: while the region runs (a context), each
+    layer's input is kept; `loss()` is then, per layer, convert-peer's calibration loss on it (a
+    contribution-weighted classification of each expert as among the token's h*k largest
+    contributions or not, peer_calibrate.retrieval_loss), with the contributions of the current
+    experts.
+
+    Why: a converted layer's gate is `none`, so the output error's gradient reaches only the
+    scores of experts already retrieved and says nothing of those missed, where the error is.
+    Measured on SmolLM2 layer 12 at h*k = 50% (250 steps of 1,024 tokens): the output error
+    alone took the relative error from 0.234 to 0.230; with this term, to 0.155.
+
+    Each layer's expert owners and score scale are measured on the region's first batch and kept
+    in the cursor, so a resumed run uses the same ones.
+    """
+
+    def __init__(self, model: nn.Module, region: Region, cursor: dict[str, Any]) -> None:
+        prefixes = sorted(
+            {n.rsplit(".peer.", 1)[0] + ".peer" for n in region.params if tr.group_of(n) == "peer_retrieval"}
+        )
+        modules = dict(model.named_modules())
+        self.layers = {n: modules[n] for n in prefixes if n in modules}
+        self.setup = cursor.setdefault("retrieval", {})
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> Retrieval:
+        self.inputs = {}
+        for name, layer in self.layers.items():
+            keep = lambda mod, args, name=name: self.inputs.__setitem__(name, args[0])  # noqa: E731
+            self._hooks.append(layer.register_forward_pre_hook(keep))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def loss(self) -> torch.Tensor:
+        from mom_cli.surgery.peer_calibrate import _init_log_beta, _owner_table, expert_owners, retrieval_loss
+        from mom_cli.surgery.peer_init import layer_activations
+
+        terms = []
+        for name, x in self.inputs.items():
+            layer = self.layers[name]
+            x = x.detach().reshape(-1, layer.d_model).to(layer.w_out.dtype)
+            with _frozen_statistics(layer):
+                if name not in self.setup:
+                    with torch.no_grad():
+                        owner = expert_owners(layer, x)
+                        self.setup[name] = {"owner": owner.tolist(), "log_beta": float(_init_log_beta(layer, x))}
+                owner = torch.tensor(self.setup[name]["owner"], device=x.device)
+                log_beta = torch.tensor(self.setup[name]["log_beta"], device=x.device)
+                with torch.no_grad():
+                    contrib = layer_activations(layer, x).abs() * layer.w_out.norm(dim=1)
+                terms.append(retrieval_loss(layer, x, contrib, owner, log_beta, _owner_table(owner, layer.heads)))
+        return torch.stack(terms).mean()
+
+
+@contextmanager
+def _frozen_statistics(layer: nn.Module) -> Iterator[None]:
+    """The query BatchNorm normalises with the batch's statistics, as in the region's own forward,
+    without counting this second pass over the same batch in its running statistics."""
+    bn = getattr(layer, "query_bn", None)
+    if bn is None:
+        yield
+        return
+    momentum, bn.momentum = bn.momentum, 0.0
+    try:
+        yield
+    finally:
+        bn.momentum = momentum
+
+
 def _train_region(
     run: Heal,
     region: Region,
@@ -816,15 +896,20 @@ def _train_region(
     log(
         f"{region.name} ({region.cause}): {sum(p.numel() for p in params):,} parameters, error {region.error_before:.4g}"
     )
+    retrieval = Retrieval(run.model, region, c) if o.retrieval_loss > 0 else None
+    retrieval = retrieval if retrieval is not None and retrieval.layers else None
     while not end():
         rows = feeder.rows(c["step"])
         t0 = time.perf_counter()  # the student's time: a teacher pass above logs its own
         x, target = feeder.cache.read(region.start, rows, run.device), feeder.cache.read(region.end, rows, run.device)
-        with run.autocast():
+        with run.autocast(), retrieval or nullcontext():
             y, aux = run_region(run.model, region, x)
             loss = region_loss(run.model, region, run.top, y, target)
             if aux and run.coef:
                 loss = loss + run.coef * torch.stack(aux).mean()
+        if retrieval is not None and retrieval.inputs:
+            # scaled by the output loss, so the weight means the same whatever that loss's size
+            loss = loss + o.retrieval_loss * loss.detach() * retrieval.loss()
         lr = run.lr(o.lr, progress())
         run.step(opts, params, loss, lr)
         value = loss.item()  # one device sync per step
