@@ -317,6 +317,26 @@ def test_the_retrieval_term_keeps_its_setup_and_trains_only_retrieval(work):
     assert layer.w_out.grad is None and layer.w_in.grad is None
 
 
+def test_ridge_refit_finds_output_vectors_that_fit():
+    """With retrieval fixed, a PEER layer is linear in its output vectors: the refit recovers
+    vectors that fit the targets far better than the ones it started from."""
+    from mom_cli.modeling.peer import PeerLayer
+
+    torch.manual_seed(0)
+    layer = PeerLayer(16, 64, heads=2, topk=8, key_dim=8, gated=True, gate="none").eval()
+    h = torch.randn(2048, 16)
+    with torch.no_grad():
+        target_vectors = torch.randn_like(layer.w_out) / 4
+        start = layer.w_out.clone()
+        layer.w_out.copy_(target_vectors)
+        y = layer(h)
+        layer.w_out.copy_(start)
+    error = lambda: float(((layer(h).detach() - y) ** 2).sum() / (y**2).sum())  # noqa: E731
+    before = error()
+    H.ridge_refit(layer, [(h[:1024], y[:1024]), (h[1024:], y[1024:])])
+    assert error() < 0.1 * before, (before, error())
+
+
 def test_an_olmo2_teacher_heals_a_pruned_module(olmo2, models_dir):
     from mom_cli.surgery.prune import pooled_modules, remove_modules
 

@@ -553,16 +553,9 @@ class PackedGroups:
     1.5x slower per FLOP than one large matmul); packed once, the small matmuls run as fast as the
     dense model's. Only float32 on a CPU, outside torch.compile; see `packable`."""
 
-    def __init__(self, weights: list[torch.Tensor] | torch.Tensor) -> None:
+    def __init__(self, weights: list[torch.Tensor]) -> None:
         self.out_features = weights[0].shape[0]
         self.groups = [_pack(w) for w in weights]
-        self._weights, self._transposed = weights, None
-
-    def transposed(self) -> PackedGroups:
-        """The groups' transposes packed (a backward's input gradient), on first use."""
-        if self._transposed is None:
-            self._transposed = PackedGroups([w.t() for w in self._weights])
-        return self._transposed
 
     @staticmethod
     def packable(w: torch.Tensor) -> bool:
@@ -589,29 +582,23 @@ class _SegmentMM(torch.autograd.Function):
     `_DeferredWeightGrad` to compute once for all steps of a forward."""
 
     @staticmethod
-    def forward(
-        ctx, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None, packed: PackedGroups | None
-    ) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None) -> torch.Tensor:
         ctx.save_for_backward(a, w, offs)
-        ctx.pending, ctx.packed = pending, packed
-        return _segment_forward(a, w, offs) if packed is None else packed(a, offs)
+        ctx.pending = pending
+        return _segment_forward(a, w, offs)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, w, offs = ctx.saved_tensors
         g = g.contiguous()
-        ga = None
-        if ctx.needs_input_grad[0]:
-            ga = (
-                _segment_forward(g, w.transpose(1, 2), offs) if ctx.packed is None else ctx.packed.transposed()(g, offs)
-            )
+        ga = _segment_forward(g, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:
             if ctx.pending is None:
                 gw = _segment_wgrad(g, a, offs, w.shape[0])
             else:
                 ctx.pending.append((a, g, offs))
-        return ga, gw, None, None, None
+        return ga, gw, None, None
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
@@ -650,17 +637,16 @@ def segment_mm(
     give zero. `offs` (G,) int32 stays on the device on the grouped_mm path. `pending`: see
     `_DeferredWeightGrad`. Under autocast it runs in autocast's dtype, as nn.Linear does there.
     `packed`: the same weights packed for the CPU (inference; then `w` may be None)."""
-    usable = packed is not None and a.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    if usable and w is None:
+    if packed is not None and a.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
         return packed(a, offs)
     dt = autocast_dtype(a)
     if dt is not None:
         a, w = a.to(dt), w.to(dt)  # no-ops when StackedPool.build cast the weights already
     if torch.compiler.is_compiling():
         if _grouped_mm_ok(a, w):
-            return _SegmentMM.apply(a, w, offs, None, None)
+            return _SegmentMM.apply(a, w, offs, None)
         return torch.ops.mom.segment_mm(a, w, offs)  # opaque to the compiler: no graph break
-    return _SegmentMM.apply(a, w, offs, pending, packed if usable else None)
+    return _SegmentMM.apply(a, w, offs, pending)
 
 
 def _register_segment_ops() -> None:
@@ -822,8 +808,7 @@ class StackedPool:
         group_of = torch.tensor(table, device=w0.device)
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
-        packs = autocast_dtype(w0) is None and PackedGroups.packable(w0)
-        if pack and packs:  # inference: the packed weights alone
+        if pack and autocast_dtype(w0) is None and PackedGroups.packable(w0):  # inference: packed alone
             packed_in = PackedGroups([torch.cat([p.weight for p in ps]) for ps in ins])
             packed_out = PackedGroups([p.weight for p in outs])
         else:
@@ -835,8 +820,8 @@ class StackedPool:
                 w_in, w_out = w_in.to(dt), w_out.to(dt)
                 b_in, b_out = (None if b is None else b.to(dt) for b in (b_in, b_out))
         if w_in is not None and w_in.requires_grad and not torch.compiler.is_compiling():
-            if packs and w_in.shape[0] > 1:  # H steps reuse each packed weight; backward its transpose
-                packed_in, packed_out = PackedGroups(w_in), PackedGroups(w_out)
+            # (packing per training forward, with the transposes for the input gradient, measured
+            # no faster: the weights change every step)
             pending_in, pending_out = [], []
             w_in, w_out = _DeferredWeightGrad.apply(w_in, pending_in), _DeferredWeightGrad.apply(w_out, pending_out)
         return cls(
