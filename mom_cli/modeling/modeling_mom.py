@@ -623,6 +623,8 @@ class _DeferredWeightGrad(torch.autograd.Function):
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast gives a matmul on t's device, or None outside autocast."""
     dev = t.device.type
+    if dev == "meta":  # weights not loaded yet (a model streamed layer by layer): no autocast there
+        return None
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
