@@ -340,8 +340,31 @@ def test_ridge_refit_finds_output_vectors_that_fit():
         layer.w_out.copy_(start)
     error = lambda: float(((layer(h).detach() - y) ** 2).sum() / (y**2).sum())  # noqa: E731
     before = error()
-    H.ridge_refit(layer, [(h[:1024], y[:1024]), (h[1024:], y[1024:])])
+    w = torch.rand(2048) + 0.5  # per-token weights change the fit's emphasis, not an exact fit
+    H.ridge_refit(layer, [(h[:1024], y[:1024], w[:1024]), (h[1024:], y[1024:], w[1024:])])
     assert error() < 0.1 * before, (before, error())
+
+
+def test_a_token_with_a_massive_residual_does_not_drown_the_rest():
+    """The region's error is measured as the next norm sees each token: a token whose residual is
+    a thousand times larger (an attention sink's) weighs like any other, so missing every other
+    token shows as a large error, and missing only that one as a small one."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 32)
+    change = torch.randn(1, 64, 32)
+    change[0, 0] *= 1000
+    target = x + change
+    miss_the_rest = target.clone()
+    miss_the_rest[0, 1:] = x[0, 1:]
+    miss_the_sink = target.clone()
+    miss_the_sink[0, 0] = x[0, 0]
+    assert H.relative_error(miss_the_rest, x, target) > 0.9
+    assert H.relative_error(miss_the_sink, x, target) < 0.05
+    # the loss ranks them the same way; a plain MSE would rank them the other way round
+    region = H.Region(name="test", cause="test", block=0, start=0, end=1, units=[], params=[])
+    loss = lambda y: float(H.region_loss(None, region, 99, y, target))  # noqa: E731
+    assert loss(miss_the_rest) > 10 * loss(miss_the_sink)
+    assert float(((miss_the_rest - target) ** 2).mean()) < float(((miss_the_sink - target) ** 2).mean())
 
 
 def test_an_olmo2_teacher_heals_a_pruned_module(olmo2, models_dir):

@@ -320,19 +320,35 @@ def run_region(model: nn.Module, region: Region, x: torch.Tensor) -> tuple[torch
     return h.view(b, t, d), aux
 
 
+def as_seen(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """h per token divided by the target residual's RMS: an error as the next layer's RMSNorm sees it.
+
+    Why: a few tokens carry residuals hundreds of times larger than the rest (SmolLM2's layer 11
+    FFN writes 100% of its output's squared norm at position 0, measured on the Python docs), so a
+    plain MSE on the residual stream trains that layer on position 0 alone. The next norm divides
+    each token by its own RMS, so this is the error that reaches the rest of the model.
+    """
+    rms = target.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12).sqrt()
+    return h.float() / rms
+
+
 def region_loss(model: nn.Module, region: Region, top: int, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE on the residual stream; KL through the final norm and head when the region ends at the top."""
+    """MSE on the residual stream as the next norm sees it (as_seen); KL through the final norm and
+    head when the region ends at the top."""
     if region.end == top:
         head = lambda h: model.lm_head(model.model.norm(h))  # noqa: E731
         with torch.no_grad():
             t_logits = head(target)
         return tr.kl_to_teacher(head(y), t_logits)
-    return F.mse_loss(y.float(), target.float())
+    return as_seen(y.float() - target.float(), target).pow(2).mean()
 
 
 def relative_error(y: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> float:
-    """||y - target||^2 / ||target - x||^2: 0 is exact, 1 is as far off as leaving the region out."""
-    return float(((y.float() - target.float()) ** 2).sum() / ((target.float() - x.float()) ** 2).sum().clamp_min(1e-12))
+    """||y - target||^2 / ||target - x||^2, each token's terms as the next norm sees them (as_seen):
+    0 is exact, 1 is as far off as leaving the region out."""
+    miss = as_seen(y.float() - target.float(), target).pow(2).sum()
+    change = as_seen(target.float() - x.float(), target).pow(2).sum()
+    return float(miss / change.clamp_min(1e-12))
 
 
 @contextmanager
@@ -795,7 +811,8 @@ def refit_outputs(run: Heal, region: Region, feeder: Feeder) -> bool:
     """Before a converted PEER layer trains, its expert output vectors v_i are refitted in closed
     form to the region's first cached rows: with retrieval and activations fixed the layer is
     linear in them, f(x) = sum_i A_i(x) v_i with A_i(x) = (its gate weights) a_i(x), so the best
-    V is a ridge regression, min ||A V - (y - b)||^2 + r ||V - V0||^2. The surviving experts take
+    V is a ridge regression, min ||W (A V - (y - b))||^2 + r ||V - V0||^2, each token weighted as
+    the next norm sees it (as_seen). The surviving experts take
     over, on average, what the ones left out used to add.
 
     Why: gradient steps move V slowly (the layer's error barely falls in hundreds of steps), and
@@ -824,8 +841,8 @@ def refit_outputs(run: Heal, region: Region, feeder: Feeder) -> bool:
             for step in range(REFIT_BATCHES):
                 rows = feeder.rows(step)
                 x = feeder.cache.read(region.start, rows, run.device).float().flatten(0, 1)
-                y = feeder.cache.read(region.end, rows, run.device).float().flatten(0, 1) - x
-                yield module.norm(x), y
+                end = feeder.cache.read(region.end, rows, run.device).float().flatten(0, 1)
+                yield module.norm(x), end - x, as_seen(torch.ones_like(x[:, :1]), end)[:, 0]
 
         ridge_refit(layer, batches())
     finally:
@@ -834,21 +851,23 @@ def refit_outputs(run: Heal, region: Region, feeder: Feeder) -> bool:
 
 
 @torch.no_grad()
-def ridge_refit(layer: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Set a PEER layer's output vectors to min ||A V - (y - b)||^2 + r ||V - V0||^2 over the
-    batches (h, y) of its inputs and target outputs, A the (tokens, N) retrieved activations."""
+def ridge_refit(layer: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """Set a PEER layer's output vectors to min ||W (A V - (y - b))||^2 + r ||V - V0||^2 over the
+    batches (h, y, w) of its inputs, target outputs and per-token weights (the diagonal of W), A
+    the (tokens, N) retrieved activations."""
     from mom_cli.surgery.peer_init import layer_activations
 
     n = layer.n_experts
     gram = torch.zeros(n, n, device=layer.w_out.device)
     rhs = torch.zeros(n, layer.d_model, device=layer.w_out.device)
-    for h, y in batches:
+    for h, y, w in batches:
         scores, idx = layer.retrieve(h)
         weights = layer.gate_weights(scores).flatten(1).float()
         a = torch.zeros(h.shape[0], n, device=h.device).scatter_add_(1, idx.flatten(1), weights)
-        a = a * layer_activations(layer, h).float()
+        a = a * layer_activations(layer, h).float() * w[:, None].float()
+        y = (y.float() if layer.b_out is None else y.float() - layer.b_out.float()) * w[:, None].float()
         gram += a.T @ a
-        rhs += a.T @ (y.float() if layer.b_out is None else y.float() - layer.b_out.float())
+        rhs += a.T @ y
     ridge = REFIT_RIDGE * gram.diagonal().mean().clamp_min(1e-12)
     v = torch.linalg.solve(gram + ridge * torch.eye(n, device=gram.device), rhs + ridge * layer.w_out.float())
     layer.w_out.copy_(v.to(layer.w_out.dtype))
