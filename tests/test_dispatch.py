@@ -167,9 +167,19 @@ def test_segment_mm_forward_and_backward(width):
     ra, rw = torch.autograd.grad(ref, (a, w), grad)
     assert max_diff(ga, ra) <= 1e-5 and max_diff(gw, rw) <= 1e-5
     assert ga[9:].abs().max() == 0  # rows past the last group get no gradient
-    if PackedGroups.packable(w):  # the CPU inference path: the same weights packed for oneDNN
-        packed = PackedGroups(list(w.detach()))
+    if PackedGroups.packable(w):  # the CPU path: the same weights packed for oneDNN
+        with torch.no_grad():
+            packed = PackedGroups([[wg] for wg in w.detach()])
         assert max_diff(segment_mm(a.detach(), None, offs, packed=packed), ref) <= 1e-5
+        # with autograd, each group's weight given as two parameters (as [q; k; v] are)
+        parts = [[wg[:5].detach().requires_grad_(), wg[5:].detach().requires_grad_()] for wg in w]
+        packed = PackedGroups(parts)
+        y = segment_mm(a, None, offs, packed=packed)
+        assert max_diff(y, ref) <= 1e-5
+        flat = [p for ps in parts for p in ps]
+        ga, *gp = torch.autograd.grad(y, (a, *flat), grad)
+        assert max_diff(ga, ra) <= 1e-5
+        assert max_diff(torch.stack([torch.cat(gp[2 * i : 2 * i + 2]) for i in range(4)]), rw) <= 1e-5
 
 
 def stack_weight(block: torch.nn.Module) -> torch.Tensor:
@@ -199,6 +209,28 @@ def test_cpu_inference_packs_the_pools_once(routed):
         block.ffn["0"].down_proj.weight.mul_(1.0)
         model(x, use_cache=False)
         assert block._stack_cache["ffn"][1] is not stack
+
+
+def test_training_packs_trainable_pools_anew_and_keeps_frozen_ones(routed):
+    """A training forward packs (or stacks) a pool whose weights train anew, and their gradients
+    reach the modules; when only the routers train, the pools' weights are kept across steps and
+    the routers' gradients equal the per-module reference's."""
+    model = mom_cli.load(routed["llama-top2"])
+    _spread_routers(model)
+    x = ids(2, 16)
+    model.train()
+    model(x, labels=x, use_cache=False).loss.backward()
+    block = model.model.blocks[0]
+    assert "ffn" not in block._stack_cache and stack_weight(block).grad is not None
+    for n, p in model.named_parameters():
+        p.requires_grad_("_router." in n)
+    _assert_same(model, x)
+    model.train()
+    model(x, labels=x, use_cache=False).loss.backward()
+    kept = block._stack_cache["ffn"][1]
+    assert (kept.packed_in is not None) == PackedGroups.packable(stack_weight(block))
+    model(x, labels=x, use_cache=False).loss.backward()
+    assert block._stack_cache["ffn"][1] is kept
 
 
 def test_info_counts_the_routers_flops(routed):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
+from mom_cli.modeling import peer
 from mom_cli.modeling.peer import PeerLayer, product_key_topk
 from mom_cli.surgery.peer_init import contributions, oracle_mass_fraction, peer_from_dense, peer_from_ffn, usage_stats
 
@@ -153,6 +154,13 @@ def test_keep_selects_neurons() -> None:
 # ----------------------------------------------------------------------------- (d), (e) kernels
 
 
+@pytest.fixture(params=["gathered", "dense"])
+def experts(request, monkeypatch) -> str:
+    """Both ways the experts run: gathered per token, or as dense matmuls over all N (_dense_mix)."""
+    monkeypatch.setattr(peer, "DENSE_SHARE", float("inf") if request.param == "gathered" else 0.0)
+    return request.param
+
+
 def gpt2_peer_train(seed: int = 7, **kw) -> PeerLayer:
     torch.manual_seed(seed)
     layer = PeerLayer(32, 64, heads=4, topk=5, key_dim=16, in_bias=True, out_bias=True, **kw).train()
@@ -162,7 +170,7 @@ def gpt2_peer_train(seed: int = 7, **kw) -> PeerLayer:
 
 
 @pytest.mark.parametrize("gated,gate", [(False, "softmax"), (True, "sigmoid"), (False, "none")])
-def test_chunked_equals_unchunked_forward_and_backward(gated: bool, gate: str) -> None:
+def test_chunked_equals_unchunked_forward_and_backward(gated: bool, gate: str, experts: str) -> None:
     x = torch.randn(2, 45, 32, generator=gen(8))
     results = []
     for chunk in (1000, 7):
@@ -183,8 +191,9 @@ def test_chunked_equals_unchunked_forward_and_backward(gated: bool, gate: str) -
 @pytest.mark.parametrize(
     "gated,gate,shared", [(False, "softmax", True), (True, "none", False), (True, "sigmoid", True)]
 )
-def test_fused_kernels_equal_naive_einsum(gated: bool, gate: str, shared: bool) -> None:
-    """The embedding_bag / custom-backward path against plain gathers + einsum, values and grads."""
+def test_fused_kernels_equal_naive_einsum(gated: bool, gate: str, shared: bool, experts: str) -> None:
+    """The embedding_bag / custom-backward path, and the dense one, against plain gathers + einsum,
+    values and grads."""
     x = torch.randn(30, 32, generator=gen(9))
     out = {}
     for impl in ("fused", "naive"):
@@ -224,8 +233,9 @@ def test_sparse_table_gradients_equal_dense_on_retrieved_rows(gated: bool) -> No
     assert retrieved.numel() < 64  # some rows were not retrieved: the sparse gradient skips them
 
 
-def test_saved_activations_are_far_below_tokens_x_hk_x_d() -> None:
+def test_saved_activations_are_far_below_tokens_x_hk_x_d(monkeypatch) -> None:
     """Everything autograd keeps for backward: O(tokens * (d + h*d_key + h*k)), not tokens*h*k*d."""
+    monkeypatch.setattr(peer, "DENSE_SHARE", float("inf"))  # the gathered path (the dense one keeps (tokens, N))
     d, heads, k, tokens = 256, 8, 16, 256
     layer = PeerLayer(d, 32 * 32, heads=heads, topk=k, key_dim=32, gated=True, chunk_size=64).train()
     params = {p.data_ptr() for p in layer.parameters()}

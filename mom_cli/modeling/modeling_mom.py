@@ -550,12 +550,26 @@ class PackedGroups:
 
     Why: a routed step runs each module on a few dozen rows, and MKL's sgemm re-packs the whole
     weight at every call, which at that size costs about as much as the multiplication (measured
-    1.5x slower per FLOP than one large matmul); packed once, the small matmuls run as fast as the
-    dense model's. Only float32 on a CPU, outside torch.compile; see `packable`."""
+    1.5x slower per FLOP than one large matmul; 2x at the 17 rows per module of a 512-token
+    training batch); packed once, the small matmuls run as fast as the dense model's.
 
-    def __init__(self, weights: list[torch.Tensor]) -> None:
-        self.out_features = weights[0].shape[0]
-        self.groups = [_pack(w) for w in weights]
+    `parts[g]` are the parameters whose rows make group g's (out, in) weight ([q; k; v], [gate; up]
+    or one). Packing replaces the stacked copy, so it costs the same, once per forward in training
+    (once per parameter change otherwise), and serves every step of the forward. With autograd:
+    the input gradient runs the transposed weights, packed at the first backward; the weight
+    gradients of all steps are computed at once, as for a stack (`_merged_wgrad`), and handed to
+    the parameters themselves (`_DeferredPackedGrad`). Only float32 on a CPU, outside
+    torch.compile; see `packable`."""
+
+    def __init__(self, parts: list[list[torch.Tensor]]) -> None:
+        self.parts = parts
+        self.out_features = sum(p.shape[0] for p in parts[0])
+        self.groups = [_pack(torch.cat([p.detach() for p in ps])) for ps in parts]
+        self.transposed: list[torch.Tensor] | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        params = [p for ps in parts for p in ps]
+        train = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        self.anchor = _DeferredPackedGrad.apply(self, *params) if train else None
 
     @staticmethod
     def packable(w: torch.Tensor) -> bool:
@@ -568,13 +582,73 @@ class PackedGroups:
 
     def __call__(self, a: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """segment_mm's result: rows [offs[g-1], offs[g]) of `a` through group g, zero past the last."""
-        y, start = a.new_empty(a.shape[0], self.out_features), 0
-        for g, end in enumerate(offs.tolist()):  # on the CPU, reading the bounds is free
-            if end > start:
-                y[start:end] = torch.ops.mkldnn._linear_pointwise(a[start:end], self.groups[g], None, "none", [], "")
-            start = end
-        y[start:].zero_()
-        return y
+        if torch.is_grad_enabled() and (a.requires_grad or self.anchor is not None):
+            return _PackedSegmentMM.apply(a, self.anchor, offs, self)
+        return _run_packed(a, offs, self.groups, self.out_features)
+
+    def backward_groups(self) -> list[torch.Tensor]:
+        """Each group's weight transposed and packed: g @ W_g is a linear of g with W_g^T."""
+        if self.transposed is None:
+            self.transposed = [_pack(torch.cat([p.detach() for p in ps]).t()) for ps in self.parts]
+        return self.transposed
+
+
+def _run_packed(a: torch.Tensor, offs: torch.Tensor, groups: list[torch.Tensor], out_features: int) -> torch.Tensor:
+    y, start = a.new_empty(a.shape[0], out_features), 0
+    for g, end in enumerate(offs.tolist()):  # on the CPU, reading the bounds is free
+        if end > start:
+            y[start:end] = torch.ops.mkldnn._linear_pointwise(a[start:end], groups[g], None, "none", [], "")
+        start = end
+    y[start:].zero_()
+    return y
+
+
+class _PackedSegmentMM(torch.autograd.Function):
+    """PackedGroups' segment matmul with its backward; the weights reach autograd through the
+    pool's anchor (`_DeferredPackedGrad`), which collects the rows for their gradients."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, anchor: torch.Tensor | None, offs: torch.Tensor, packed: PackedGroups):
+        ctx.save_for_backward(a, offs)
+        ctx.packed = packed
+        return _run_packed(a, offs, packed.groups, packed.out_features)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, offs = ctx.saved_tensors
+        packed, g = ctx.packed, g.contiguous()
+        ga = None
+        if ctx.needs_input_grad[0]:
+            ga = _run_packed(g, offs, packed.backward_groups(), a.shape[1])
+        if ctx.needs_input_grad[1]:
+            packed.pending.append((a, g, offs))
+        return ga, None, None, None
+
+
+class _DeferredPackedGrad(torch.autograd.Function):
+    """A pool's trainable weights as one anchor that every step's packed matmul takes: its backward
+    runs after all the steps', and computes their weight gradients at once (see _DeferredWeightGrad),
+    split back into the parameters of each group."""
+
+    @staticmethod
+    def forward(ctx, packed: PackedGroups, *params: torch.Tensor) -> torch.Tensor:
+        ctx.packed = packed
+        ctx.set_materialize_grads(False)
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor | None):
+        packed = ctx.packed
+        rows, packed.pending = packed.pending, []
+        packed.transposed = None  # the next forward packs the updated weights anew
+        n = sum(len(ps) for ps in packed.parts)
+        if not rows:
+            return (None,) * (n + 1)
+        gw = _merged_wgrad(rows, len(packed.parts))
+        grads: list[torch.Tensor | None] = [None]
+        for g, ps in enumerate(packed.parts):
+            grads += list(gw[g].split([p.shape[0] for p in ps]))
+        return tuple(grads)
 
 
 class _SegmentMM(torch.autograd.Function):
@@ -638,7 +712,7 @@ def segment_mm(
     """Rows [offs[g-1], offs[g]) of `a` (R, in) times w[g].T, with w (G, out, in); rows past offs[-1]
     give zero. `offs` (G,) int32 stays on the device on the grouped_mm path. `pending`: see
     `_DeferredWeightGrad`. Under autocast it runs in autocast's dtype, as nn.Linear does there.
-    `packed`: the same weights packed for the CPU (inference; then `w` may be None)."""
+    `packed`: the same weights packed for the CPU (then `w` is None)."""
     if packed is not None and a.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
         return packed(a, offs)
     dt = autocast_dtype(a)
@@ -769,7 +843,7 @@ class StackedPool:
     b_out: torch.Tensor | None
     act: Callable | None = None
     gated: bool = False
-    # For inference on a CPU, the weights packed instead of stacked (see PackedGroups).
+    # On a CPU in float32, the weights packed instead of stacked (see PackedGroups).
     packed_in: PackedGroups | None = None
     packed_out: PackedGroups | None = None
     # Under autograd: the steps' rows whose weight gradients are computed at once (_DeferredWeightGrad).
@@ -777,9 +851,9 @@ class StackedPool:
     pending_out: list | None = None
 
     @classmethod
-    def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int], pack: bool = False) -> StackedPool | None:
-        """`pack`: for inference that reuses the result, pack the weights (PackedGroups) where the
-        device and dtype allow, instead of stacking them."""
+    def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int], pack: bool = True) -> StackedPool | None:
+        """`pack`: pack the weights (PackedGroups) where the device and dtype allow, instead of
+        stacking them."""
         slots = [m for m in range(n_slots) if m not in removed and str(m) in pool and groupable(pool[str(m)])]
         if not slots:
             return None
@@ -810,9 +884,9 @@ class StackedPool:
         group_of = torch.tensor(table, device=w0.device)
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
-        if pack and autocast_dtype(w0) is None and PackedGroups.packable(w0):  # inference: packed alone
-            packed_in = PackedGroups([torch.cat([p.weight for p in ps]) for ps in ins])
-            packed_out = PackedGroups([p.weight for p in outs])
+        if pack and autocast_dtype(w0) is None and PackedGroups.packable(w0):  # packed instead of stacked
+            packed_in = PackedGroups([[p.weight for p in ps] for ps in ins])
+            packed_out = PackedGroups([[p.weight] for p in outs])
         else:
             # one copy: each module's [q; k; v] (or [gate; up]) rows are consecutive in the stack
             w_in = torch.cat([p.weight for ps in ins for p in ps]).view(len(ins), -1, ins[0][0].weight.shape[1])
@@ -822,8 +896,6 @@ class StackedPool:
                 w_in, w_out = w_in.to(dt), w_out.to(dt)
                 b_in, b_out = (None if b is None else b.to(dt) for b in (b_in, b_out))
         if w_in is not None and w_in.requires_grad and not torch.compiler.is_compiling():
-            # (packing per training forward, with the transposes for the input gradient, measured
-            # no faster: the weights change every step)
             pending_in, pending_out = [], []
             w_in, w_out = _DeferredWeightGrad.apply(w_in, pending_in), _DeferredWeightGrad.apply(w_out, pending_out)
         return cls(
@@ -1186,26 +1258,23 @@ class MomBlock(nn.Module):
         return self._remaps[key]
 
     def _stacked(self, kind: str, fresh: dict[str, StackedPool | None]) -> StackedPool | None:
-        """The pool's stacked weights, looked up once per forward (`fresh`). With autograd on, stacked
-        anew so that gradients reach the modules' own parameters; without, cached until a parameter
-        changes."""
+        """The pool's stacked (or packed) weights, looked up once per forward (`fresh`). When some of
+        the pool's parameters train, built anew so that gradients reach them; otherwise (inference,
+        or training only the routers) cached until a parameter changes."""
         if kind in fresh:
             return fresh[kind]
         pool = self.mha if kind == "mha" else self.ffn
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            if not torch.compiler.is_compiling():
-                self._stack_cache.pop(kind, None)  # an evaluation's copy must not outlive it in training
-            if kind not in fresh:
-                fresh[kind] = StackedPool.build(pool, self.slots[kind], self.removed[kind])
-            return fresh[kind]
-        key = _param_key(pool)
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in pool.parameters())
+        key = None if trains or torch.compiler.is_compiling() else _param_key(pool)
         if key is None:
+            if trains and not torch.compiler.is_compiling():
+                self._stack_cache.pop(kind, None)  # an evaluation's copy must not outlive it in training
             fresh[kind] = StackedPool.build(pool, self.slots[kind], self.removed[kind])
             return fresh[kind]
         hit = self._stack_cache.get(kind)
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = (key, StackedPool.build(pool, self.slots[kind], self.removed[kind], pack=True))
+                hit = (key, StackedPool.build(pool, self.slots[kind], self.removed[kind]))
             self._stack_cache[kind] = hit
         fresh[kind] = hit[1]
         return hit[1]
