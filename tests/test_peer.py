@@ -93,9 +93,9 @@ def naive(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
 def test_product_key_topk_equals_brute_force(shared: bool, n_sub: int, k: int) -> None:
     g = gen(1)
     h, half = 3, 6
-    q1, q2 = torch.randn(2, 10, h, half, generator=g).unbind(0)
+    q1, q2 = (t.requires_grad_() for t in torch.randn(2, 10, h, half, generator=g).unbind(0))
     shape = (n_sub, half) if shared else (h, n_sub, half)
-    k1, k2 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    k1, k2 = torch.randn(shape, generator=g).requires_grad_(), torch.randn(shape, generator=g).requires_grad_()
     scores, idx = product_key_topk(q1, q2, k1, k2, k)
     # brute force over all N = n_sub^2 full keys [k1[i]; k2[j]] at index i*n_sub + j
     full = torch.cat(
@@ -110,6 +110,12 @@ def test_product_key_topk_equals_brute_force(shared: bool, n_sub: int, k: int) -
     ref_scores, ref_idx = all_scores.topk(k, dim=-1)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    # the gradients reach the queries and sub-keys as through the brute force's top-k
+    weight = torch.randn(scores.shape, generator=g)
+    grads = torch.autograd.grad((scores * weight).sum(), (q1, q2, k1, k2))
+    ref = torch.autograd.grad((ref_scores * weight).sum(), (q1, q2, k1, k2))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- (b), (c) exactness
