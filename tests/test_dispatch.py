@@ -271,3 +271,18 @@ def test_attn_implementation_eager_and_sdpa_agree_with_padding_and_skip(routed):
         model.config._attn_implementation = "eager"
         eager = model(x, attention_mask=mask, use_cache=False).logits
     assert max_diff(sdpa[0, 3:], eager[0, 3:]) <= 1e-5 and max_diff(sdpa[1], eager[1]) <= 1e-5
+
+
+def test_merged_weight_gradients_with_empty_and_skipped_groups():
+    """The weight gradient of several steps at once equals the sum of each step's, with groups no
+    row of a step went to, and a step whose rows all went past the groups (SKIP)."""
+    from mom_cli.modeling.modeling_mom import _merged_wgrad, _segment_wgrad
+
+    g = torch.Generator().manual_seed(0)
+    steps = []
+    for offs in ([2, 2, 5], [0, 3, 3], [0, 0, 0]):
+        a, grad = torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+        steps.append((a, grad, torch.tensor(offs, dtype=torch.int32)))
+    ref = sum(_segment_wgrad(grad, a, offs, 3) for a, grad, offs in steps)
+    assert max_diff(_merged_wgrad(steps, 3), ref) <= 1e-5
+    assert _merged_wgrad(steps[2:], 3).abs().max() == 0

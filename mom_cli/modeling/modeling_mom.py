@@ -509,6 +509,8 @@ def _merged_wgrad(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n
     """The weight gradient of all the steps that used one stacked pool, in one segment matmul:
     each step's rows are a few per module, so per-step weight gradients would each stream every
     module's full gradient through memory; merged, each module's rows of all steps form one group."""
+    if rows[0][0].device.type == "cpu" and not torch.compiler.is_compiling():
+        return _merged_wgrad_host(rows, n_groups)
     gids, a_all, g_all = [], [], []
     for a, g, offs in rows:
         r = torch.arange(a.shape[0], device=a.device, dtype=offs.dtype)
@@ -521,6 +523,27 @@ def _merged_wgrad(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n
     offs = torch.searchsorted(gid[order], bounds, out_int32=True)
     a, g = torch.cat(a_all).index_select(0, order), torch.cat(g_all).index_select(0, order)
     return _segment_wgrad(g.contiguous(), a.contiguous(), offs, n_groups)
+
+
+def _merged_wgrad_host(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_groups: int) -> torch.Tensor:
+    """_merged_wgrad where the group bounds can be read for free (the CPU): each step's rows of a
+    group are one slice, so the merged rows are one copy of the slices in group order (the device
+    path sorts a concatenation, two copies of every row)."""
+    bounds = [[0, *offs.tolist()] for _, _, offs in rows]
+    a_parts, g_parts, sizes = [], [], []
+    for i in range(n_groups):
+        n = 0
+        for (a, g, _), b in zip(rows, bounds):
+            if b[i + 1] > b[i]:
+                a_parts.append(a[b[i] : b[i + 1]])
+                g_parts.append(g[b[i] : b[i + 1]])
+                n += b[i + 1] - b[i]
+        sizes.append(n)
+    if not a_parts:  # every row went to SKIP or past the groups
+        a, g, _ = rows[0]
+        return g.new_zeros(n_groups, g.shape[1], a.shape[1])
+    offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return _segment_wgrad(torch.cat(g_parts), torch.cat(a_parts), offs, n_groups)
 
 
 PACK_ROWS = 64  # the row count oneDNN picks its packed layout for (any count runs on it)
