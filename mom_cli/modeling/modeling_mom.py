@@ -874,9 +874,8 @@ class StackedPool:
     pending_out: list | None = None
 
     @classmethod
-    def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int], pack: bool = True) -> StackedPool | None:
-        """`pack`: pack the weights (PackedGroups) where the device and dtype allow, instead of
-        stacking them."""
+    def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int]) -> StackedPool | None:
+        """The weights are packed (PackedGroups) where the device and dtype allow, else stacked."""
         slots = [m for m in range(n_slots) if m not in removed and str(m) in pool and groupable(pool[str(m)])]
         if not slots:
             return None
@@ -907,7 +906,7 @@ class StackedPool:
         group_of = torch.tensor(table, device=w0.device)
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
-        if pack and autocast_dtype(w0) is None and PackedGroups.packable(w0):  # packed instead of stacked
+        if autocast_dtype(w0) is None and PackedGroups.packable(w0):  # packed instead of stacked
             packed_in = PackedGroups([[p.weight for p in ps] for ps in ins])
             packed_out = PackedGroups([[p.weight] for p in outs])
         else:
