@@ -188,7 +188,7 @@ def stack_weight(block: torch.nn.Module) -> torch.Tensor:
 
 def test_cpu_inference_packs_the_pools_once(routed):
     """Eval on a float32 CPU model runs the packed weights, built on the first forward and kept
-    until a parameter changes; a training forward stacks instead, and autocast does not reuse them."""
+    until a parameter changes; autocast does not reuse them (it runs a stack in its dtype)."""
     model = mom_cli.load(routed["llama-top2"])
     _spread_routers(model)
     model.eval()
