@@ -265,6 +265,26 @@ class _ExpertMix(torch.autograd.Function):
         return g_x, None, g_w, g_w_out, g_w_in, g_b_in, g_w_gate, g_b_gate, None, None, None
 
 
+def expert_activations(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_gate: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    act: nn.Module,
+) -> torch.Tensor:
+    """a_i(x) for every row i of the tables: (tokens, rows). GPT-2 style act(u_i.x + b_i);
+    SwiGLU act(g_i.x + c_i) (u_i.x + b_i)."""
+    pre = F.linear(x, w_in, b_in)
+    return act(F.linear(x, w_gate, b_gate)) * pre if w_gate is not None else act(pre)
+
+
+def expert_weights(idx: torch.Tensor, w: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Each token's total gate weight on each expert, 0 where it retrieved none: (tokens, N) from
+    (tokens, h*k) indices and weights (heads that retrieve the same expert add up)."""
+    return w.new_zeros(idx.shape[0], n_experts).scatter_add(1, idx, w)
+
+
 def _dense_mix(layer: PeerLayer, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """_ExpertMix's function and gradients, with every expert's activation computed by one matmul
     and the experts a token did not retrieve weighted by zero (heads that retrieve the same expert
@@ -276,10 +296,8 @@ def _dense_mix(layer: PeerLayer, x: torch.Tensor, idx: torch.Tensor, w: torch.Te
     backward took 1.0 s gathered and 0.23 s as dense matmuls, plus 0.22 s of retrieval either way.
     Memory: a few (tokens, N) tensors, at most 1/DENSE_SHARE times the gathered path's (tokens, h*k).
     """
-    pre = F.linear(x, layer.w_in, layer.b_in)
-    a = layer.act(F.linear(x, layer.w_gate, layer.b_gate)) * pre if layer.w_gate is not None else layer.act(pre)
-    weights = torch.zeros_like(a).scatter_add(1, idx, w.to(a.dtype))
-    return (a * weights) @ layer.w_out
+    a = layer.activations(x)
+    return (a * expert_weights(idx, w.to(a.dtype), layer.n_experts)) @ layer.w_out
 
 
 # ----------------------------------------------------------------------------- 3. the layer
@@ -417,6 +435,11 @@ class PeerLayer(nn.Module):
         if self.gate == "sigmoid":
             return torch.sigmoid(scores)
         return torch.ones_like(scores) + (scores - scores.detach())  # exactly 1, straight-through grad
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """a_i(x) of every expert, retrieved or not: (tokens, N)."""
+        x = x.reshape(-1, self.d_model)
+        return expert_activations(x, self.w_in, self.b_in, self.w_gate, self.b_gate, self.act)
 
     def runs_densely(self) -> bool:
         """Whether the experts run as dense matmuls over all N (see _dense_mix): when the h*k

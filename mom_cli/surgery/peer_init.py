@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mom_cli.modeling.peer import PeerLayer
+from mom_cli.modeling.peer import PeerLayer, expert_activations
 
 # ----------------------------------------------------------------------------- 1. activations
 
@@ -31,26 +31,14 @@ def neuron_activations(
     b_gate: torch.Tensor | None,
     act: nn.Module,
 ) -> torch.Tensor:
-    """a_i(x) for every neuron (one row of the tables each): (tokens, neurons).
-
-    GPT-2 style act(u_i.x + b_i); SwiGLU act(g_i.x + c_i) (u_i.x + b_i).
-    """
-    pre = x @ w_in.t()
-    if b_in is not None:
-        pre = pre + b_in
-    if w_gate is None:
-        return act(pre)
-    g = x @ w_gate.t()
-    if b_gate is not None:
-        g = g + b_gate
-    return act(g) * pre
+    """a_i(x) for every neuron (one row of the tables each): (tokens, neurons), as the PEER runtime
+    computes its experts' (`expert_activations`)."""
+    return expert_activations(x, w_in, b_in, w_gate, b_gate, act)
 
 
 def layer_activations(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
     """a_i(x) for every expert of a PEER layer: (tokens, N). Dense over N: small batches only."""
-    return neuron_activations(
-        x.reshape(-1, layer.d_model), layer.w_in, layer.b_in, layer.w_gate, layer.b_gate, layer.act
-    )
+    return layer.activations(x)
 
 
 @torch.no_grad()

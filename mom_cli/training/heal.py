@@ -319,6 +319,11 @@ def run_region(model: nn.Module, region: Region, x: torch.Tensor) -> tuple[torch
     return h.view(b, t, d), aux
 
 
+def token_scale(target: torch.Tensor) -> torch.Tensor:
+    """1 / the RMS of each token's target residual: (..., 1). See as_seen."""
+    return target.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+
+
 def as_seen(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """h per token divided by the target residual's RMS: an error as the next layer's RMSNorm sees it.
 
@@ -327,8 +332,7 @@ def as_seen(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     plain MSE on the residual stream trains that layer on position 0 alone. The next norm divides
     each token by its own RMS, so this is the error that reaches the rest of the model.
     """
-    rms = target.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12).sqrt()
-    return h.float() / rms
+    return h.float() * token_scale(target)
 
 
 def region_loss(model: nn.Module, region: Region, top: int, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -345,8 +349,9 @@ def region_loss(model: nn.Module, region: Region, top: int, y: torch.Tensor, tar
 def relative_error(y: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> float:
     """||y - target||^2 / ||target - x||^2, each token's terms as the next norm sees them (as_seen):
     0 is exact, 1 is as far off as leaving the region out."""
-    miss = as_seen(y.float() - target.float(), target).pow(2).sum()
-    change = as_seen(target.float() - x.float(), target).pow(2).sum()
+    scale, t = token_scale(target), target.float()
+    miss = ((y.float() - t) * scale).pow(2).sum()
+    change = ((t - x.float()) * scale).pow(2).sum()
     return float(miss / change.clamp_min(1e-12))
 
 
@@ -841,7 +846,7 @@ def refit_outputs(run: Heal, region: Region, feeder: Feeder) -> bool:
                 rows = feeder.rows(step)
                 x = feeder.cache.read(region.start, rows, run.device).float().flatten(0, 1)
                 end = feeder.cache.read(region.end, rows, run.device).float().flatten(0, 1)
-                yield module.norm(x), end - x, as_seen(torch.ones_like(x[:, :1]), end)[:, 0]
+                yield module.norm(x), end - x, token_scale(end)[:, 0]
 
         ridge_refit(layer, batches())
     finally:
@@ -854,16 +859,15 @@ def ridge_refit(layer: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     """Set a PEER layer's output vectors to min ||W (A V - (y - b))||^2 + r ||V - V0||^2 over the
     batches (h, y, w) of its inputs, target outputs and per-token weights (the diagonal of W), A
     the (tokens, N) retrieved activations."""
-    from mom_cli.surgery.peer_init import layer_activations
+    from mom_cli.modeling.peer import expert_weights
 
     n = layer.n_experts
     gram = torch.zeros(n, n, device=layer.w_out.device)
     rhs = torch.zeros(n, layer.d_model, device=layer.w_out.device)
     for h, y, w in batches:
         scores, idx = layer.retrieve(h)
-        weights = layer.gate_weights(scores).flatten(1).float()
-        a = torch.zeros(h.shape[0], n, device=h.device).scatter_add_(1, idx.flatten(1), weights)
-        a = a * layer_activations(layer, h).float() * w[:, None].float()
+        a = expert_weights(idx.flatten(1), layer.gate_weights(scores).flatten(1).float(), n)
+        a = a * layer.activations(h).float() * w[:, None].float()
         y = (y.float() if layer.b_out is None else y.float() - layer.b_out.float()) * w[:, None].float()
         gram += a.T @ a
         rhs += a.T @ y
@@ -913,7 +917,7 @@ class Retrieval:
 
     def loss(self) -> torch.Tensor:
         from mom_cli.surgery.peer_calibrate import _init_log_beta, _owner_table, expert_owners, retrieval_loss
-        from mom_cli.surgery.peer_init import layer_activations
+        from mom_cli.surgery.peer_init import contributions
 
         terms = []
         for name, x in self.inputs.items():
@@ -929,9 +933,7 @@ class Retrieval:
                     beta = torch.tensor(self.setup[name]["log_beta"], device=x.device)
                     self._tables[name] = (owner, beta, _owner_table(owner, layer.heads))
                 owner, log_beta, table = self._tables[name]
-                with torch.no_grad():
-                    contrib = layer_activations(layer, x).abs() * layer.w_out.norm(dim=1)
-                terms.append(retrieval_loss(layer, x, contrib, owner, log_beta, table))
+                terms.append(retrieval_loss(layer, x, contributions(layer, x), owner, log_beta, table))
         return torch.stack(terms).mean()
 
 
