@@ -198,6 +198,12 @@ def test_cpu_inference_packs_the_pools_once(routed):
     block = model.model.blocks[0]
     stack = block._stack_cache["ffn"][1]
     assert (stack.packed_in is not None) == PackedGroups.packable(stack_weight(block))
+    if stack.packed_in is not None:  # [gate; up] packed apart, so that inference fuses SwiGLU into them
+        f = block.ffn["0"].up_proj.out_features
+        assert stack.packed_in.widths == [f, f]
+        with torch.no_grad():
+            assert stack._fused_swiglu(torch.zeros(1, 1))
+        assert not stack._fused_swiglu(torch.zeros(1, 1, requires_grad=True))
     with torch.no_grad():
         model(x, use_cache=False)
         assert block._stack_cache["ffn"][1] is stack

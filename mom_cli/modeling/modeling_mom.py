@@ -497,10 +497,14 @@ def _segment_wgrad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, n_group
     """Per group: the sum over its rows of g_row^T a_row, (G, out, in)."""
     if _grouped_mm_ok(a, g[None]):
         return torch._grouped_mm(g.t(), a, offs=offs)
-    out, start = g.new_zeros(n_groups, g.shape[1], a.shape[1]), 0
+    # written in place: a zeroed stack that each product is then copied into streams every
+    # module's gradient through memory twice more
+    out, start = g.new_empty(n_groups, g.shape[1], a.shape[1]), 0
     for i, end in enumerate(offs.tolist()):
         if end > start:
-            out[i] = g[start:end].t() @ a[start:end]
+            torch.mm(g[start:end].t(), a[start:end], out=out[i])
+        else:
+            out[i].zero_()
         start = end
     return out
 
@@ -582,12 +586,18 @@ class PackedGroups:
     the input gradient runs the transposed weights, packed at the first backward; the weight
     gradients of all steps are computed at once, as for a stack (`_merged_wgrad`), and handed to
     the parameters themselves (`_DeferredPackedGrad`). Only float32 on a CPU, outside
-    torch.compile; see `packable`."""
+    torch.compile; see `packable`.
 
-    def __init__(self, parts: list[list[torch.Tensor]]) -> None:
+    `split`: each parameter packed on its own (for [gate; up]: no concatenated copy, and the
+    inference path `swiglu` fuses the activation and the product into the matmuls)."""
+
+    def __init__(self, parts: list[list[torch.Tensor]], split: bool = False) -> None:
         self.parts = parts
-        self.out_features = sum(p.shape[0] for p in parts[0])
-        self.groups = [_pack(torch.cat([p.detach() for p in ps])) for ps in parts]
+        self.widths = [p.shape[0] for p in parts[0]] if split else [sum(p.shape[0] for p in parts[0])]
+        self.out_features = sum(self.widths)
+        self.groups = [
+            [_pack(p) for p in ps] if split else [_pack(torch.cat([p.detach() for p in ps]))] for ps in parts
+        ]
         self.transposed: list[torch.Tensor] | None = None
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         params = [p for ps in parts for p in ps]
@@ -607,7 +617,21 @@ class PackedGroups:
         """segment_mm's result: rows [offs[g-1], offs[g]) of `a` through group g, zero past the last."""
         if torch.is_grad_enabled() and (a.requires_grad or self.anchor is not None):
             return _PackedSegmentMM.apply(a, self.anchor, offs, self)
-        return _run_packed(a, offs, self.groups, self.out_features)
+        return _run_packed(a, offs, self.groups, self.widths)
+
+    def swiglu(self, a: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """silu(a W_gate^T) * (a W_up^T) per group, without autograd, for split [gate; up] packs:
+        oneDNN applies the silu and the product as the matmuls write their outputs."""
+        op, (f, _) = torch.ops.mkldnn._linear_pointwise, self.widths
+        h, start = a.new_empty(a.shape[0], f), 0
+        for g, end in enumerate(offs.tolist()):
+            if end > start:
+                gate_pack, up_pack = self.groups[g]
+                gate = op(a[start:end], gate_pack, None, "swish", [], "")
+                h[start:end] = op.binary(a[start:end], gate, up_pack, None, "mul")
+            start = end
+        h[start:].zero_()
+        return h
 
     def backward_groups(self) -> list[torch.Tensor]:
         """Each group's weight transposed and packed: g @ W_g is a linear of g with W_g^T."""
@@ -616,11 +640,17 @@ class PackedGroups:
         return self.transposed
 
 
-def _run_packed(a: torch.Tensor, offs: torch.Tensor, groups: list[torch.Tensor], out_features: int) -> torch.Tensor:
-    y, start = a.new_empty(a.shape[0], out_features), 0
+def _run_packed(
+    a: torch.Tensor, offs: torch.Tensor, groups: list[list[torch.Tensor]], widths: list[int]
+) -> torch.Tensor:
+    """Rows [offs[g-1], offs[g]) of `a` through group g's packs, each writing `widths` columns."""
+    y, start = a.new_empty(a.shape[0], sum(widths)), 0
     for g, end in enumerate(offs.tolist()):  # on the CPU, reading the bounds is free
         if end > start:
-            y[start:end] = torch.ops.mkldnn._linear_pointwise(a[start:end], groups[g], None, "none", [], "")
+            col = 0
+            for w, n in zip(groups[g], widths):
+                y[start:end, col : col + n] = torch.ops.mkldnn._linear_pointwise(a[start:end], w, None, "none", [], "")
+                col += n
         start = end
     y[start:].zero_()
     return y
@@ -634,7 +664,7 @@ class _PackedSegmentMM(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, anchor: torch.Tensor | None, offs: torch.Tensor, packed: PackedGroups):
         ctx.save_for_backward(a, offs)
         ctx.packed = packed
-        return _run_packed(a, offs, packed.groups, packed.out_features)
+        return _run_packed(a, offs, packed.groups, packed.widths)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -642,7 +672,7 @@ class _PackedSegmentMM(torch.autograd.Function):
         packed, g = ctx.packed, g.contiguous()
         ga = None
         if ctx.needs_input_grad[0]:
-            ga = _run_packed(g, offs, packed.backward_groups(), a.shape[1])
+            ga = _run_packed(g, offs, [[w] for w in packed.backward_groups()], [a.shape[1]])
         if ctx.needs_input_grad[1]:
             packed.pending.append((a, g, offs))
         return ga, None, None, None
@@ -907,7 +937,7 @@ class StackedPool:
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
         if autocast_dtype(w0) is None and PackedGroups.packable(w0):  # packed instead of stacked
-            packed_in = PackedGroups([[p.weight for p in ps] for ps in ins])
+            packed_in = PackedGroups([[p.weight for p in ps] for ps in ins], split=ffn and first.gated)
             packed_out = PackedGroups([[p.weight] for p in outs])
         else:
             # one copy: each module's [q; k; v] (or [gate; up]) rows are consecutive in the stack
@@ -960,13 +990,33 @@ class StackedPool:
         return d.unsort(y * d.w[:, None])
 
     def ffn(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
-        h = self.project_in(self.normed_rows(x, d), d)
+        rows = self.normed_rows(x, d)
+        if self._fused_swiglu(rows):
+            return self.project_out(self.packed_in.swiglu(rows, d.offs), d)
+        h = self.project_in(rows, d)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
         return self.project_out(h, d)
+
+    def _fused_swiglu(self, rows: torch.Tensor) -> bool:
+        """Whether the packed inference path can fuse SwiGLU: split packs, silu, no input bias, and
+        nothing that needs the pre-activations for a backward."""
+        p = self.packed_in
+        return (
+            p is not None
+            and len(p.widths) == 2
+            and type(self.act) in _SILU
+            and self.b_in is None
+            and rows.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (rows.requires_grad or p.anchor is not None))
+        )
+
+
+_SILU = (nn.SiLU, type(ACT2FN["silu"]))
 
 
 def _param_key(pool: nn.Module) -> tuple | None:
