@@ -61,6 +61,7 @@ def parse_args():
         "--eval-every", type=int, default=0, help="held-out perplexity every N steps too (the curve; off the budget)"
     )
     p.add_argument("--retrieval-loss", type=float, default=1.0, help="mom heal --retrieval-loss (0: off)")
+    p.add_argument("--local-share", type=float, default=None, help="mom heal --local-share (default: its own)")
     p.add_argument(
         "--calib-tokens", type=int, default=None, help="convert-peer and prune calibration tokens (default: theirs)"
     )
@@ -185,6 +186,7 @@ def main() -> None:
                     eval_every=args.eval_every,
                     retrieval_loss=args.retrieval_loss,
                     device=args.device,
+                    **({} if args.local_share is None else {"local_share": args.local_share}),
                 ),
             )
             dense, before, after = r.eval_ppl_teacher, r.eval_ppl_before, r.eval_ppl_after
