@@ -588,11 +588,14 @@ class PackedGroups:
     the parameters themselves (`_DeferredPackedGrad`). Only float32 on a CPU, outside
     torch.compile; see `packable`.
 
-    `split`: each parameter packed on its own (for [gate; up]: no concatenated copy, and the
+    `split`: each parameter packed on its own, unless the parameters train (for [gate; up]: the
     inference path `swiglu` fuses the activation and the product into the matmuls)."""
 
     def __init__(self, parts: list[list[torch.Tensor]], split: bool = False) -> None:
         self.parts = parts
+        params = [p for ps in parts for p in ps]
+        train = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        split = split and not train  # training needs the pre-activations anyway: one matmul per group
         self.widths = [p.shape[0] for p in parts[0]] if split else [sum(p.shape[0] for p in parts[0])]
         self.out_features = sum(self.widths)
         self.groups = [
@@ -600,8 +603,6 @@ class PackedGroups:
         ]
         self.transposed: list[torch.Tensor] | None = None
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        params = [p for ps in parts for p in ps]
-        train = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         self.anchor = _DeferredPackedGrad.apply(self, *params) if train else None
 
     @staticmethod
@@ -636,7 +637,8 @@ class PackedGroups:
     def backward_groups(self) -> list[torch.Tensor]:
         """Each group's weight transposed and packed: g @ W_g is a linear of g with W_g^T."""
         if self.transposed is None:
-            self.transposed = [_pack(torch.cat([p.detach() for p in ps]).t()) for ps in self.parts]
+            # one copy: the parts' transposes side by side are already the (in, out) matrix
+            self.transposed = [_pack(torch.cat([p.detach().t() for p in ps], dim=1)) for ps in self.parts]
         return self.transposed
 
 
