@@ -253,7 +253,6 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
     """z, (d + 1, N): each neuron's contribution |a_i(x)| ||v_i|| predicted from [x; 1] by ridge
     regression over the calibration tokens x, the best unconstrained linear score in the least-squares
     sense. A PEER query is linear in x and its product keys constrain it further."""
-    from mom_cli.surgery.peer_init import layer_activations
 
     norms = layer.w_out.norm(dim=1)
     xt = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1)
@@ -261,7 +260,7 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
     m2 += 1e-4 * m2.diagonal().mean() * torch.eye(m2.shape[0], device=x.device)
     rhs = (
         sum(
-            xt[s : s + 4096].t() @ (layer_activations(layer, x[s : s + 4096]).abs() * norms)
+            xt[s : s + 4096].t() @ (layer.activations(x[s : s + 4096]).abs() * norms)
             for s in range(0, x.shape[0], 4096)
         )
         / x.shape[0]
@@ -273,13 +272,12 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
 def linear_pick(layer, z: torch.Tensor, x: torch.Tensor, m: int, rerank: int = 1) -> torch.Tensor:
     """(tokens, m) neurons per token: the m best by [x; 1] z, or with rerank r the m of largest true
     contribution among the r*m best by [x; 1] z."""
-    from mom_cli.surgery.peer_init import layer_activations
 
     score = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1) @ z
     cand = score.topk(min(rerank * m, score.shape[1]), dim=1).indices
     if rerank == 1:
         return cand
-    contrib = layer_activations(layer, x).gather(1, cand).abs() * layer.w_out.norm(dim=1)[cand]
+    contrib = layer.activations(x).gather(1, cand).abs() * layer.w_out.norm(dim=1)[cand]
     return cand.gather(1, contrib.topk(m, dim=1).indices)
 
 
@@ -293,18 +291,16 @@ def _kept_output(layer, a: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
 def picked_ffn(layer, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """The layer's experts with each token keeping only the picked ones, at weight 1 (dense, for
     measurement only)."""
-    from mom_cli.surgery.peer_init import layer_activations
 
-    return _kept_output(layer, layer_activations(layer, x), pick)
+    return _kept_output(layer, layer.activations(x), pick)
 
 
 @torch.no_grad()
 def pick_figures(layer, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, m: int) -> tuple[float, float]:
     """(fraction of the oracle's contribution mass the picked neurons hold, relative output error)."""
     from mom_cli.surgery.peer_calibrate import token_errors
-    from mom_cli.surgery.peer_init import layer_activations
 
-    a = layer_activations(layer, x)
+    a = layer.activations(x)
     contrib = a.abs() * layer.w_out.norm(dim=1)
     mass = contrib.gather(1, pick).sum().item() / contrib.topk(m, dim=1).values.sum().item()
     return mass, token_errors(_kept_output(layer, a, pick), y).mean().item()

@@ -54,9 +54,9 @@ CALIB_TOKENS, HELD_TOKENS, SEQ_LEN = 16384, 8192, 512  # bench_convert_peer's, s
 def head_quota_pick(layer, x: torch.Tensor, calib_x: torch.Tensor, k: int) -> torch.Tensor:
     """(tokens, h*k): each head's k largest true contributions among the experts it owns."""
     from mom_cli.surgery.peer_calibrate import expert_owners
-    from mom_cli.surgery.peer_init import layer_activations
+    from mom_cli.surgery.peer_init import contributions
 
-    contrib = layer_activations(layer, x).abs() * layer.w_out.norm(dim=1)
+    contrib = contributions(layer, x)
     owner = expert_owners(layer, calib_x[:1024])
     picks = []
     for j in range(layer.heads):
@@ -78,7 +78,7 @@ def trained_scores(
     """Linear scores [x; 1] W per neuron (scores_per_neuron of them, the largest counting), started
     from ridge's z and trained with the calibration loss against each token's oracle top-m."""
     from mom_cli.surgery.peer_calibrate import oracle_bce
-    from mom_cli.surgery.peer_init import layer_activations
+    from mom_cli.surgery.peer_init import contributions
 
     gen = torch.Generator().manual_seed(seed)
     n = z.shape[1]
@@ -86,7 +86,7 @@ def trained_scores(
     w = (w * (1 + 0.01 * torch.randn(w.shape, generator=gen))).requires_grad_(True)
     xt = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
     with torch.no_grad():
-        contrib_all = layer_activations(layer, x).abs() * layer.w_out.norm(dim=1)
+        contrib_all = contributions(layer, x)
         log_beta = (4.0 / (xt[:batch] @ z).std()).log().clone().requires_grad_(True)
     opt = torch.optim.Adam([w, log_beta], lr=1e-3)
     for _ in range(steps):

@@ -364,7 +364,7 @@ def neuron_strength(rows: dict[str, torch.Tensor | None], act: str, x: torch.Ten
     if x is None:
         s = u.norm(dim=1) * v.norm(dim=1)
         return s if g is None else s * g.float().norm(dim=1)
-    from mom_cli.surgery.peer_init import neuron_activations
+    from mom_cli.modeling.peer import expert_activations
 
     def f32(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.float()
@@ -372,7 +372,7 @@ def neuron_strength(rows: dict[str, torch.Tensor | None], act: str, x: torch.Ten
     total = torch.zeros(u.shape[0])
     fn = ACT2FN[act]
     for xc in x.split(1024):
-        total += neuron_activations(xc, u, f32(rows["b_in"]), f32(g), f32(rows["b_gate"]), fn).abs().sum(0)
+        total += expert_activations(xc, u, f32(rows["b_in"]), f32(g), f32(rows["b_gate"]), fn).abs().sum(0)
     return total / x.shape[0] * v.norm(dim=1)
 
 

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from mom_cli.modeling.peer import PeerLayer, half_scores
-from mom_cli.surgery.peer_init import layer_activations
 
 RETRIEVAL_PREFIXES = ("query.", "query_bn.")
 RETRIEVAL_NAMES = ("sub_keys",)
@@ -93,7 +92,7 @@ def oracle_ffn(layer: PeerLayer, x: torch.Tensor, m: int, chunk: int = 1024) -> 
     norms = layer.w_out.norm(dim=1)
     outs = []
     for xc in x.split(chunk):
-        a = layer_activations(layer, xc)
+        a = layer.activations(xc)
         keep = (a.abs() * norms).topk(min(m, layer.n_experts), dim=1).indices
         out = torch.zeros_like(a).scatter_(1, keep, a.gather(1, keep)) @ layer.w_out
         outs.append(out if layer.b_out is None else out + layer.b_out)
@@ -260,7 +259,7 @@ def calibrate(
             idx, order = order[:batch].to(x.device), order[batch:]
             xb = x[idx]
             with torch.no_grad():
-                contrib = layer_activations(layer, xb).abs() * norms
+                contrib = layer.activations(xb).abs() * norms
             loss = retrieval_loss(layer, xb, contrib, owner, log_beta, table)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -3,7 +3,7 @@
 Conversion-time code for `mom_cli.modeling.peer.PeerLayer`; it is not copied into exported
 checkpoints (the runtime layer needs none of it). Read top to bottom:
 
-1. `neuron_activations` a neuron's activation a_i(x), and its contribution |a_i(x)| ||v_i||
+1. `contributions`      a neuron's contribution |a_i(x)| ||v_i|| (a_i: peer.expert_activations)
 2. `peer_from_dense`    a dense FFN becomes a PEER layer: its neurons become the experts and the
    `peer_from_ffn`      keys are fitted to the neurons' input vectors (k-means on a grid of cells)
 3. analysis helpers     oracle contribution mass, expert usage and its unevenness (paper Table 2)
@@ -20,31 +20,13 @@ from transformers.activations import ACT2FN
 
 from mom_cli.modeling.peer import PeerLayer, expert_activations
 
-# ----------------------------------------------------------------------------- 1. activations
-
-
-def neuron_activations(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    b_in: torch.Tensor | None,
-    w_gate: torch.Tensor | None,
-    b_gate: torch.Tensor | None,
-    act: nn.Module,
-) -> torch.Tensor:
-    """a_i(x) for every neuron (one row of the tables each): (tokens, neurons), as the PEER runtime
-    computes its experts' (`expert_activations`)."""
-    return expert_activations(x, w_in, b_in, w_gate, b_gate, act)
-
-
-def layer_activations(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
-    """a_i(x) for every expert of a PEER layer: (tokens, N). Dense over N: small batches only."""
-    return layer.activations(x)
+# ----------------------------------------------------------------------------- 1. contributions
 
 
 @torch.no_grad()
 def contributions(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
     """|a_i(x)| * ||v_i|| for every token and every expert: (tokens, N)."""
-    return layer_activations(layer, x).abs() * layer.w_out.norm(dim=1)
+    return layer.activations(x).abs() * layer.w_out.norm(dim=1)
 
 
 def peer_from_ffn(fc_in: nn.Module, fc_out: nn.Module, gate_proj: nn.Module | None = None, **kwargs: Any) -> PeerLayer:
@@ -267,7 +249,7 @@ def peer_from_dense(
         xt = torch.cat([xs, torch.ones(xs.shape[0], 1)], 1)
         m2 = xt.t() @ xt / xt.shape[0]
         m2 += 1e-4 * m2.diagonal().mean() * torch.eye(d + 1)
-        contrib = neuron_activations(xs, u, bu, g, bg, ACT2FN[layer.activation]).abs() * v.norm(dim=1)
+        contrib = expert_activations(xs, u, bu, g, bg, ACT2FN[layer.activation]).abs() * v.norm(dim=1)
         z = torch.linalg.solve(m2, xt.t() @ contrib / xt.shape[0]).t()
     chol = torch.linalg.cholesky(m2)
     zw = z @ chol  # rows z'_i = L^T z~_i
