@@ -887,9 +887,11 @@ def _pad_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 @dataclass
 class StackedPool:
     """The groupable modules of a pool, stacked: group g is slot `slots[g]`; `group_of` maps every
-    choice (slot, SKIP last) to its group, or to G for SKIP and modules run one by one."""
+    choice (slot, SKIP last) to its group, or to G for SKIP and modules run one by one (`others`)."""
 
     slots: list[int]
+    others: set[int]  # live slots that are not stacked (PEER modules, LoRA-wrapped projections)
+    kinds: set  # the attention kinds of the live modules (an MHA pool's; {None} for an FFN pool)
     group_of: torch.Tensor
     norm: str
     eps: float
@@ -911,7 +913,8 @@ class StackedPool:
     @classmethod
     def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int]) -> StackedPool | None:
         """The weights are packed (PackedGroups) where the device and dtype allow, else stacked."""
-        slots = [m for m in range(n_slots) if m not in removed and str(m) in pool and groupable(pool[str(m)])]
+        live = [m for m in range(n_slots) if m not in removed and str(m) in pool]
+        slots = [m for m in live if groupable(pool[str(m)])]
         if not slots:
             return None
         mods = [pool[str(m)] for m in slots]
@@ -957,6 +960,8 @@ class StackedPool:
             w_in, w_out = _DeferredWeightGrad.apply(w_in, pending_in), _DeferredWeightGrad.apply(w_out, pending_out)
         return cls(
             slots,
+            set(live) - set(slots),
+            {getattr(pool[str(m)], "kind", None) for m in live},
             group_of,
             kind,
             eps,
@@ -1024,10 +1029,22 @@ class StackedPool:
 _SILU = (nn.SiLU, type(ACT2FN["silu"]))
 
 
-def _param_key(pool: nn.Module) -> tuple | None:
-    """Changes whenever a parameter of the pool is replaced or updated in place; None for inference
-    tensors (a model streamed layer by layer), which carry no version counter: never cached."""
-    params = list(pool.parameters())
+def _pool_params(pool: nn.Module) -> list[nn.Parameter]:
+    """`pool.parameters()`, shared ones repeated. Walked at every forward, where nn.Module's
+    generators cost about a millisecond for a pool of 30 modules: as much as a token's routing."""
+    if torch.compiler.is_compiling():
+        return list(pool.parameters())
+    out, todo = [], [pool]
+    while todo:
+        m = todo.pop()
+        out += [p for p in m._parameters.values() if p is not None]
+        todo += [c for c in m._modules.values() if c is not None]
+    return out
+
+
+def _param_key(params: list[nn.Parameter]) -> tuple | None:
+    """Changes whenever one of a pool's parameters is replaced or updated in place; None for
+    inference tensors (a model streamed layer by layer), which carry no version counter: never cached."""
     if not params or any(p.is_inference() for p in params):
         return None
     # the stack is cast (autocast) or packed (without it) for the autocast state it was built in
@@ -1341,8 +1358,9 @@ class MomBlock(nn.Module):
         if kind in fresh:
             return fresh[kind]
         pool = self.mha if kind == "mha" else self.ffn
-        trains = torch.is_grad_enabled() and any(p.requires_grad for p in pool.parameters())
-        key = None if trains or torch.compiler.is_compiling() else _param_key(pool)
+        params = _pool_params(pool)
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = None if trains or torch.compiler.is_compiling() else _param_key(params)
         if key is None:
             if trains and not torch.compiler.is_compiling():
                 self._stack_cache.pop(kind, None)  # an evaluation's copy must not outlive it in training
@@ -1445,9 +1463,8 @@ class MomBlock(nn.Module):
             return scatter_modules(x, r, run, (self.d,), weighted=True)[0]
         d = Dispatch.plan(r, stack.group_of, len(stack.slots))
         y = stack.ffn(x, d)
-        others = {int(m) for m in self.ffn} - set(stack.slots) - self.removed["ffn"]
-        if others:  # modules the grouped path cannot stack (PEER) run one by one
-            y = y + scatter_modules(x, r, run, (self.d,), weighted=True, only=others)[0]
+        if stack.others:  # modules the grouped path cannot stack (PEER) run one by one
+            y = y + scatter_modules(x, r, run, (self.d,), weighted=True, only=stack.others)[0]
         return y
 
     def _attend(self, x: torch.Tensor, r: Routing, ctx: StepContext, layer_idx: int, fresh: dict) -> torch.Tensor:
@@ -1466,9 +1483,7 @@ class MomBlock(nn.Module):
             a = self.attn(*q_k_v, ctx, layer_idx, valid, track_valid=track, kind=self._kind(r))
             return constant_modules(a, r, out, weighted=True)[0]
         stack = self._stacked("mha", fresh) if ctx.dispatch == "grouped" else None
-        live = {int(m) for m in self.mha} - self.removed["mha"]
-        kinds = {self.mha[str(m)].kind for m in live}
-        if stack is None or set(stack.slots) != live or len(kinds) > 1:
+        if stack is None or stack.others or len(stack.kinds) > 1:
             q_k_v = scatter_modules(x, r, qkv, (self.attn_dim, self.kv_dim, self.kv_dim), False)
             a = self.attn(*q_k_v, ctx, layer_idx, valid, track_valid=track, kind=self._kind(r))
             return scatter_modules(a, r, out, (self.d,), weighted=True)[0]
@@ -1476,7 +1491,7 @@ class MomBlock(nn.Module):
         d = Dispatch.plan(r, stack.group_of, len(stack.slots))
         q_k_v = d.unsort(stack.project_in(stack.normed_rows(x, d), d))
         q, k, v = q_k_v.split([self.attn_dim, self.kv_dim, self.kv_dim], dim=-1)
-        a = self.attn(q, k, v, ctx, layer_idx, valid, track_valid=track, kind=next(iter(kinds), None))
+        a = self.attn(q, k, v, ctx, layer_idx, valid, track_valid=track, kind=next(iter(stack.kinds)))
         return stack.project_out(a.index_select(0, d.tok), d)
 
     def _kind(self, r: Routing) -> Kind | MixedKinds:
