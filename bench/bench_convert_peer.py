@@ -253,7 +253,6 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
     """z, (d + 1, N): each neuron's contribution |a_i(x)| ||v_i|| predicted from [x; 1] by ridge
     regression over the calibration tokens x, the best unconstrained linear score in the least-squares
     sense. A PEER query is linear in x and its product keys constrain it further."""
-
     norms = layer.w_out.norm(dim=1)
     xt = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1)
     m2 = xt.t() @ xt / x.shape[0]
@@ -272,7 +271,6 @@ def ridge_scores(layer, x: torch.Tensor) -> torch.Tensor:
 def linear_pick(layer, z: torch.Tensor, x: torch.Tensor, m: int, rerank: int = 1) -> torch.Tensor:
     """(tokens, m) neurons per token: the m best by [x; 1] z, or with rerank r the m of largest true
     contribution among the r*m best by [x; 1] z."""
-
     score = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1) @ z
     cand = score.topk(min(rerank * m, score.shape[1]), dim=1).indices
     if rerank == 1:
@@ -291,7 +289,6 @@ def _kept_output(layer, a: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
 def picked_ffn(layer, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """The layer's experts with each token keeping only the picked ones, at weight 1 (dense, for
     measurement only)."""
-
     return _kept_output(layer, layer.activations(x), pick)
 
 
