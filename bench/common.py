@@ -139,6 +139,24 @@ def time_call(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
+def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """fn captured as one CUDA graph; the returned callable replays it (one launch, no Python).
+
+    fn must read the same input tensors on every call and never ask the host for a value. It runs
+    `warmup` times on a side stream first, as torch's capture recipe asks (lazy initialisation,
+    cached stacks). Gradients that fn's backward creates live in the graph's memory pool."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def paired_times(
     a: Callable[[], object], b: Callable[[], object], reps: int, device: str
 ) -> tuple[list[float], list[float]]:

@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh tests    # the grouped dispatch and segment matmul on CUDA (float32 and bfloat16)
 #   bash bench/gpu_check.sh bench    # bench_routed and profile_routed (bf16), heal (two rows), train-routers (bf16), torchrun (NCCL)
-#   bash bench/gpu_check.sh          # both, in about 9 minutes on an H100/H200
+#   bash bench/gpu_check.sh routed   # bench_routed with CUDA graphs, then with torch.compile too (H=15,K=1 forward)
+#   bash bench/gpu_check.sh          # tests and bench, in about 9 minutes on an H100/H200
 #
 # Run from the repository root, with bench/.cache filled by `python bench/fetch.py` (the SmolLM2
 # GGUF and the Python docs). Every step has its own time limit, so one slow step cannot starve
@@ -35,7 +36,7 @@ step env 30 20 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --
     torch.cuda.get_device_name(), \"bf16\", torch.cuda.is_bf16_supported(), \"_grouped_mm\", hasattr(torch, \"_grouped_mm\"))'"
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-    step tests 150 25 "$py" -m pytest tests/test_dispatch.py tests/test_device.py -p no:cacheprovider --device cuda -rA
+    step tests 130 25 "$py" -m pytest tests/test_dispatch.py tests/test_device.py -p no:cacheprovider --device cuda -rA
 fi
 
 if [ "$what" = bench ] || [ "$what" = all ]; then
@@ -49,5 +50,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     step train 90 12 "$py" -m mom_cli "${train[@]}" --steps 60 -o "$work/trained" --json
     step torchrun 80 12 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m mom_cli "${train[@]}" \
         --steps 20 -o "$work/trained-ddp" --json
+fi
+if [ "$what" = routed ]; then
+    step routed 280 40 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs
+    step compiled 150 20 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs --compile \
+        --parts forward --plans 15x1
 fi
 rm -rf "$work"

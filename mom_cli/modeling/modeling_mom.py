@@ -941,7 +941,7 @@ class StackedPool:
         )
         b_out = _pad_rows(torch.stack([p.bias for p in outs])) if outs[0].bias is not None else None
         w0 = outs[0].weight
-        group_of = torch.tensor(table, device=w0.device)
+        group_of = _host_constant(tuple(table), w0.device)  # built once: a CUDA graph may capture this forward
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
         if autocast_dtype(w0) is None and PackedGroups.packable(w0):  # packed instead of stacked
