@@ -82,6 +82,22 @@ def test_grouped_dispatch_equals_per_module_reference(routed, name):
     _assert_same(model, x)
 
 
+@pytest.mark.parametrize("name", ["llama-top1", "llama-top2", "gpt2-top2"])
+def test_stacked_path_of_the_gpu_equals_the_reference_in_float32(routed, name, monkeypatch):
+    """The path a GPU takes (stacked weights with a zero group for SKIP, torch._grouped_mm, no
+    packing), run on the CPU in float32 where the comparison is tight."""
+    monkeypatch.setattr(PackedGroups, "packable", staticmethod(lambda w: False))
+    model = mom_cli.load(routed[name])
+    _spread_routers(model, seed=2)
+    x = ids(2, 16)
+    assert _skip_share(model, x) > 0
+    with torch.no_grad():
+        stack = model.model.blocks[0]._stacked("ffn", {})
+    assert stack.packed_in is None and stack.zero_group and stack.w_in.shape[0] == len(stack.slots) + 1
+    assert not stack.w_in[-1].any() and not stack.w_out[-1].any()
+    _assert_same(model, x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_dispatch_on_the_device_in_each_dtype(routed, device, dtype):
     """The same comparison on `pytest --device` (on CUDA: torch._grouped_mm in bfloat16, one mm

@@ -16,7 +16,7 @@ temperature T. Per step, for every token:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -297,17 +297,29 @@ class Router(nn.Module):
 
 @dataclass
 class Routing:
-    """Top-K choice for N tokens: slots (N, K), pruned ones already sent to SKIP, and weights (N, K).
+    """Top-K choice for N tokens: slots (N, K), pruned ones already sent to SKIP, and their scores
+    `top` (N, K), whose softmax at `temperature` is `weight`.
 
     `picks`: for a constant router, the K slots every token chose, known on the host. Otherwise
     everything stays on the device; only the per-module path (`groups`) syncs with the host.
     """
 
     idx: torch.Tensor
-    weight: torch.Tensor
+    top: torch.Tensor
+    temperature: float
     n_modules: int
     skip_id: int
     picks: list[int] | None = None
+    _weight: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(N, K) mixing weights, computed on first use: a top-1 step's grouped dispatch never
+        asks (the softmax of one score is exactly 1, and its gradient exactly 0). Not a
+        functools.cached_property, whose lock torch.compile cannot trace."""
+        if self._weight is None:
+            self._weight = torch.softmax(self.top.float() / self.temperature, dim=-1).to(self.top.dtype)
+        return self._weight
 
     @functools.cached_property
     def groups(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -347,27 +359,32 @@ def route(logits: torch.Tensor, k: int, temperature: float, skip_id: int, remap:
     so a pruned module's tokens skip, with the router itself unchanged.
     """
     top, idx = logits.topk(k, dim=-1)
-    weight = torch.softmax(top.float() / temperature, dim=-1).to(logits.dtype)
     if remap is not None:
         idx = remap[idx]
-    return Routing(idx=idx, weight=weight, n_modules=skip_id + 1, skip_id=skip_id)
+    return Routing(idx=idx, top=top, temperature=temperature, n_modules=skip_id + 1, skip_id=skip_id)
 
 
 def route_constant(
     bias: torch.Tensor, picks: list[int], n: int, temperature: float, skip_id: int, remap: list[int] | None
 ) -> Routing:
     """`route` for a constant router (logits = `bias` for all n tokens), built from its host-side picks."""
-    top = bias[picks]
-    weight = torch.softmax(top.float() / temperature, dim=-1).to(bias.dtype).expand(n, -1)
+    top = bias[picks].expand(n, -1)
     slots = [remap[m] for m in picks] if remap is not None else list(picks)
     idx = _host_constant(tuple(slots), bias.device).expand(n, -1)
-    return Routing(idx=idx, weight=weight, n_modules=skip_id + 1, skip_id=skip_id, picks=slots)
+    return Routing(idx=idx, top=top, temperature=temperature, n_modules=skip_id + 1, skip_id=skip_id, picks=slots)
 
 
 @functools.lru_cache(maxsize=4096)
 def _host_constant(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A small constant index tensor, copied to the device once, not at every step."""
     return torch.tensor(values, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _arange(start: int, end: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(start, end) made once per size and device: the dispatch asks for the same few
+    at every step, and each would be a kernel launch on a GPU. Read only."""
+    return torch.arange(start, end, device=device)
 
 
 def aux_load_balancing(logits: torch.Tensor, r: Routing, temperature: float) -> torch.Tensor:
@@ -475,9 +492,11 @@ def _zero_tail(y: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return y.masked_fill_(~keep[:, None], 0)
 
 
-def _segment_forward(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _segment_forward(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, full: bool = False) -> torch.Tensor:
+    """`full`: the groups cover every row (offs[-1] is the row count), so there is no tail to zero."""
     if _grouped_mm_ok(a, w):
-        return _zero_tail(torch._grouped_mm(a, w.transpose(1, 2), offs=offs), offs)
+        y = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+        return y if full else _zero_tail(y, offs)
     return _segment_loop(a, w, offs)
 
 
@@ -524,10 +543,8 @@ def _merged_wgrad(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n
         gids.append(torch.bucketize(r, offs, right=True))
         a_all.append(a)
         g_all.append(g)
-    gid = torch.cat(gids)
-    order = torch.argsort(gid, stable=True)
-    bounds = torch.arange(1, n_groups + 1, device=gid.device, dtype=gid.dtype)
-    offs = torch.searchsorted(gid[order], bounds, out_int32=True)
+    gid, order = torch.sort(torch.cat(gids), stable=True)
+    offs = torch.searchsorted(gid, _arange(1, n_groups + 1, gid.device), out_int32=True)
     a, g = torch.cat(a_all).index_select(0, order), torch.cat(g_all).index_select(0, order)
     return _segment_wgrad(g.contiguous(), a.contiguous(), offs, n_groups)
 
@@ -714,23 +731,25 @@ class _SegmentMM(torch.autograd.Function):
     `_DeferredWeightGrad` to compute once for all steps of a forward."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None) -> torch.Tensor:
+    def forward(
+        ctx, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, pending: list | None, full: bool = False
+    ) -> torch.Tensor:
         ctx.save_for_backward(a, w, offs)
-        ctx.pending = pending
-        return _segment_forward(a, w, offs)
+        ctx.pending, ctx.full = pending, full
+        return _segment_forward(a, w, offs, full)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, w, offs = ctx.saved_tensors
         g = g.contiguous()
-        ga = _segment_forward(g, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        ga = _segment_forward(g, w.transpose(1, 2), offs, ctx.full) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:
             if ctx.pending is None:
                 gw = _segment_wgrad(g, a, offs, w.shape[0])
             else:
                 ctx.pending.append((a, g, offs))
-        return ga, gw, None, None
+        return ga, gw, None, None, None
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
@@ -766,11 +785,13 @@ def segment_mm(
     offs: torch.Tensor,
     pending: list | None = None,
     packed: PackedGroups | None = None,
+    full: bool = False,
 ) -> torch.Tensor:
     """Rows [offs[g-1], offs[g]) of `a` (R, in) times w[g].T, with w (G, out, in); rows past offs[-1]
     give zero. `offs` (G,) int32 stays on the device on the grouped_mm path. `pending`: see
     `_DeferredWeightGrad`. Under autocast it runs in autocast's dtype, as nn.Linear does there.
-    `packed`: the same weights packed for the CPU (then `w` is None)."""
+    `packed`: the same weights packed for the CPU (then `w` is None). `full`: offs[-1] is the row
+    count (a stack with a zero group last, see StackedPool), so no tail needs zeroing."""
     if packed is not None and a.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
         return packed(a, offs)
     dt = autocast_dtype(a)
@@ -778,9 +799,9 @@ def segment_mm(
         a, w = a.to(dt), w.to(dt)  # no-ops when StackedPool.build cast the weights already
     if torch.compiler.is_compiling():
         if _grouped_mm_ok(a, w):
-            return _SegmentMM.apply(a, w, offs, None)
+            return _SegmentMM.apply(a, w, offs, None, full)
         return torch.ops.mom.segment_mm(a, w, offs)  # opaque to the compiler: no graph break
-    return _SegmentMM.apply(a, w, offs, pending)
+    return _SegmentMM.apply(a, w, offs, pending, full)
 
 
 def _register_segment_ops() -> None:
@@ -817,24 +838,27 @@ _register_segment_ops()
 @dataclass
 class Dispatch:
     """A step's rows sorted by group: row i is (token tok[i], its weight w[i], group gid[i]);
-    group g holds rows [offs[g-1], offs[g]); rows of SKIP and of modules run one by one come last."""
+    group g holds rows [offs[g-1], offs[g]); rows of SKIP and of modules run one by one come last.
+    `w` is None for top-1 routing, whose weights are all exactly 1."""
 
     tok: torch.Tensor
     gid: torch.Tensor
-    w: torch.Tensor
+    w: torch.Tensor | None
     offs: torch.Tensor
     inv: torch.Tensor  # row of each (token, choice) pair, in token order
     k: int
 
     @classmethod
-    def plan(cls, r: Routing, group_of: torch.Tensor, n_groups: int) -> Dispatch:
-        flat = group_of[r.idx].reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        gid = flat[order]
-        bounds = torch.arange(1, n_groups + 1, device=gid.device, dtype=gid.dtype)
-        offs = torch.searchsorted(gid, bounds, out_int32=True)
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    def plan(cls, r: Routing, group_of: torch.Tensor | None, n_groups: int) -> Dispatch:
+        """Every tensor op here is a kernel launch per step on a GPU: constants are made once
+        (`_arange`), and an identity `group_of` (None) is not applied."""
+        flat = (r.idx if group_of is None else group_of[r.idx]).reshape(-1)
+        gid, order = torch.sort(flat, stable=True)
+        offs = torch.searchsorted(gid, _arange(1, n_groups + 1, gid.device), out_int32=True)
+        inv = torch.empty_like(order).scatter_(0, order, _arange(0, order.numel(), order.device))
         k = r.idx.shape[1]
+        if k == 1:
+            return cls(order, gid, None, offs, inv, k)
         return cls(order // k, gid, r.weight.reshape(-1)[order], offs, inv, k)
 
     def unsort(self, y: torch.Tensor) -> torch.Tensor:
@@ -887,12 +911,16 @@ def _pad_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 @dataclass
 class StackedPool:
     """The groupable modules of a pool, stacked: group g is slot `slots[g]`; `group_of` maps every
-    choice (slot, SKIP last) to its group, or to G for SKIP and modules run one by one (`others`)."""
+    choice (slot, SKIP last) to its group, or to G for SKIP and modules run one by one (`others`).
+
+    Stacked weights (not packed ones) of a pool with no `others` get a zero matrix as group G
+    (`zero_group`): SKIP's rows are then multiplied by zero like any other group's, and no segment
+    matmul needs its unwritten tail rows zeroed (three or four kernels per matmul on a GPU)."""
 
     slots: list[int]
     others: set[int]  # live slots that are not stacked (PEER modules, LoRA-wrapped projections)
     kinds: set  # the attention kinds of the live modules (an MHA pool's; {None} for an FFN pool)
-    group_of: torch.Tensor
+    group_of: torch.Tensor | None
     norm: str
     eps: float
     scale: torch.Tensor  # (G+1, d)
@@ -909,6 +937,11 @@ class StackedPool:
     # Under autograd: the steps' rows whose weight gradients are computed at once (_DeferredWeightGrad).
     pending_in: list | None = None
     pending_out: list | None = None
+    zero_group: bool = False
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.slots) + self.zero_group
 
     @classmethod
     def build(cls, pool: nn.ModuleDict, n_slots: int, removed: set[int]) -> StackedPool | None:
@@ -921,6 +954,7 @@ class StackedPool:
         table = [len(slots)] * (n_slots + 1)
         for g, m in enumerate(slots):
             table[m] = g
+        identity = table == list(range(n_slots + 1))  # every slot stacked in order, SKIP last
         kind, _, _, eps = _norm_parts(mods[0].norm)
         scale = _pad_rows(torch.stack([_norm_parts(m.norm)[1] for m in mods]))
         shift = _pad_rows(torch.stack([_norm_parts(m.norm)[2] for m in mods])) if kind == "layer" else None
@@ -941,16 +975,23 @@ class StackedPool:
         )
         b_out = _pad_rows(torch.stack([p.bias for p in outs])) if outs[0].bias is not None else None
         w0 = outs[0].weight
-        group_of = _host_constant(tuple(table), w0.device)  # built once: a CUDA graph may capture this forward
+        # built once (a CUDA graph may capture this forward); None where it maps every choice to itself
+        group_of = None if identity else _host_constant(tuple(table), w0.device)
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
+        zero_group = False
         if autocast_dtype(w0) is None and PackedGroups.packable(w0):  # packed instead of stacked
             packed_in = PackedGroups([[p.weight for p in ps] for ps in ins], split=ffn and first.gated)
             packed_out = PackedGroups([[p.weight] for p in outs])
         else:
             # one copy: each module's [q; k; v] (or [gate; up]) rows are consecutive in the stack
-            w_in = torch.cat([p.weight for ps in ins for p in ps]).view(len(ins), -1, ins[0][0].weight.shape[1])
-            w_out = torch.stack([p.weight for p in outs])
+            zero_group = len(live) == len(slots)
+            rows_in = [p.weight for ps in ins for p in ps]
+            zeros = [rows_in[0].new_zeros(sum(p.weight.shape[0] for p in ins[0]), rows_in[0].shape[1])]
+            w_in = torch.cat(rows_in + zeros * zero_group).view(len(ins) + zero_group, -1, rows_in[0].shape[1])
+            w_out = torch.stack(
+                [p.weight for p in outs] + [outs[0].weight.new_zeros(outs[0].weight.shape)] * zero_group
+            )
             dt = autocast_dtype(w_in)
             if dt is not None:  # once per forward, not once per step (segment_mm would cast each time)
                 w_in, w_out = w_in.to(dt), w_out.to(dt)
@@ -977,27 +1018,27 @@ class StackedPool:
             packed_out=packed_out,
             pending_in=pending_in,
             pending_out=pending_out,
+            zero_group=zero_group,
         )
 
     def normed_rows(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """Each row's token through its own module's pre-norm: statistics once per token."""
         if self.norm == "rms":  # as RMSNorm: statistics in float32, scale in the input dtype
-            xf = x.float()
-            base = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+            base = F.rms_norm(x, (x.shape[-1],), eps=self.eps)  # one fused kernel on a GPU
             return self.scale[d.gid] * base.index_select(0, d.tok)
         base = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
         return torch.addcmul(self.shift[d.gid], base.index_select(0, d.tok), self.scale[d.gid])
 
     def project_in(self, rows: torch.Tensor, d: Dispatch) -> torch.Tensor:
-        y = segment_mm(rows, self.w_in, d.offs, self.pending_in, self.packed_in)
+        y = segment_mm(rows, self.w_in, d.offs, self.pending_in, self.packed_in, self.zero_group)
         return y if self.b_in is None else y + self.b_in[d.gid]
 
     def project_out(self, rows: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """The output projection, weighted by each row's routing weight, summed back per token."""
-        y = segment_mm(rows, self.w_out, d.offs, self.pending_out, self.packed_out)
+        y = segment_mm(rows, self.w_out, d.offs, self.pending_out, self.packed_out, self.zero_group)
         if self.b_out is not None:
             y = y + self.b_out[d.gid]
-        return d.unsort(y * d.w[:, None])
+        return d.unsort(y if d.w is None else y * d.w[:, None])
 
     def ffn(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         rows = self.normed_rows(x, d)
@@ -1210,6 +1251,7 @@ class StepContext:
     pad_mask: torch.Tensor | None  # (B, past+T) bool, True = real token
     device: torch.device
     dispatch: str = "grouped"  # or "modules" (MomModel.dispatch)
+    _causal_cache: dict = field(default_factory=dict, repr=False)
 
     def mask(
         self,
@@ -1230,17 +1272,25 @@ class StepContext:
             window = None  # every key is inside the window
         if keys is None and window is None and not always and (self.past == 0 or self.seq == 1):
             return None
-        rows = torch.arange(self.seq, device=self.device)[:, None] + (n_keys - self.seq)
-        cols = torch.arange(n_keys, device=self.device)[None, :]
-        allowed = (cols <= rows)[None, None]
+        rows, cols, allowed, diagonal = self._causal(n_keys)
         if window is not None:
             w = window if isinstance(window, int) else window[:, None, :, None]
             allowed = allowed & (cols > rows - w)
         if keys is not None:
             # Always let a query see itself, so rows of padding or all-SKIP tokens stay finite;
             # their outputs are discarded.
-            allowed = allowed & keys[:, None, None, :] | (cols == rows)[None, None]
+            allowed = allowed & keys[:, None, None, :] | diagonal
         return allowed
+
+    def _causal(self, n_keys: int) -> tuple[torch.Tensor, ...]:
+        """(query positions, key positions, causal mask, diagonal), the same at every step of a
+        forward: made once (each is a kernel launch per step on a GPU)."""
+        hit = self._causal_cache.get(n_keys)
+        if hit is None:
+            rows = torch.arange(self.seq, device=self.device)[:, None] + (n_keys - self.seq)
+            cols = torch.arange(n_keys, device=self.device)[None, :]
+            hit = self._causal_cache[n_keys] = (rows, cols, (cols <= rows)[None, None], (cols == rows)[None, None])
+        return hit
 
 
 # ----------------------------------------------------------------------------- layers
@@ -1461,7 +1511,7 @@ class MomBlock(nn.Module):
         stack = self._stacked("ffn", fresh) if ctx.dispatch == "grouped" else None
         if stack is None:
             return scatter_modules(x, r, run, (self.d,), weighted=True)[0]
-        d = Dispatch.plan(r, stack.group_of, len(stack.slots))
+        d = Dispatch.plan(r, stack.group_of, stack.n_groups)
         y = stack.ffn(x, d)
         if stack.others:  # modules the grouped path cannot stack (PEER) run one by one
             y = y + scatter_modules(x, r, run, (self.d,), weighted=True, only=stack.others)[0]
@@ -1488,7 +1538,7 @@ class MomBlock(nn.Module):
             a = self.attn(*q_k_v, ctx, layer_idx, valid, track_valid=track, kind=self._kind(r))
             return scatter_modules(a, r, out, (self.d,), weighted=True)[0]
         # One attention kind in the pool (the common case): nothing about it depends on the routing.
-        d = Dispatch.plan(r, stack.group_of, len(stack.slots))
+        d = Dispatch.plan(r, stack.group_of, stack.n_groups)
         q_k_v = d.unsort(stack.project_in(stack.normed_rows(x, d), d))
         q, k, v = q_k_v.split([self.attn_dim, self.kv_dim, self.kv_dim], dim=-1)
         a = self.attn(q, k, v, ctx, layer_idx, valid, track_valid=track, kind=next(iter(stack.kinds)))
