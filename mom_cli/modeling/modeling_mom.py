@@ -938,6 +938,7 @@ class StackedPool:
     pending_in: list | None = None
     pending_out: list | None = None
     zero_group: bool = False
+    folded: bool = False  # w_in holds the pre-norm's scale
 
     @property
     def n_groups(self) -> int:
@@ -979,7 +980,7 @@ class StackedPool:
         group_of = None if identity else _host_constant(tuple(table), w0.device)
         ffn = isinstance(first, FfnModule)
         pending_in = pending_out = packed_in = packed_out = w_in = w_out = None
-        zero_group = False
+        zero_group = folded = False
         if autocast_dtype(w0) is None and PackedGroups.packable(w0):  # packed instead of stacked
             packed_in = PackedGroups([[p.weight for p in ps] for ps in ins], split=ffn and first.gated)
             packed_out = PackedGroups([[p.weight] for p in outs])
@@ -989,6 +990,10 @@ class StackedPool:
             rows_in = [p.weight for ps in ins for p in ps]
             zeros = [rows_in[0].new_zeros(sum(p.weight.shape[0] for p in ins[0]), rows_in[0].shape[1])]
             w_in = torch.cat(rows_in + zeros * zero_group).view(len(ins) + zero_group, -1, rows_in[0].shape[1])
+            if kind == "rms" and not w_in.requires_grad:
+                # W diag(s) x = W (s * x): the pre-norm's scale folded into the weights. Not in
+                # training, where bf16 gradients through the product lose precision.
+                w_in, folded = w_in * scale[: w_in.shape[0], None, :], True
             w_out = torch.stack(
                 [p.weight for p in outs] + [outs[0].weight.new_zeros(outs[0].weight.shape)] * zero_group
             )
@@ -1019,13 +1024,15 @@ class StackedPool:
             pending_in=pending_in,
             pending_out=pending_out,
             zero_group=zero_group,
+            folded=folded,
         )
 
     def normed_rows(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """Each row's token through its own module's pre-norm: statistics once per token."""
         if self.norm == "rms":  # as RMSNorm: statistics in float32, scale in the input dtype
             base = F.rms_norm(x, (x.shape[-1],), eps=self.eps)  # one fused kernel on a GPU
-            return self.scale[d.gid] * base.index_select(0, d.tok)
+            rows = base.index_select(0, d.tok)
+            return rows if self.folded else self.scale[d.gid] * rows
         base = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
         return torch.addcmul(self.shift[d.gid], base.index_select(0, d.tok), self.scale[d.gid])
 
@@ -1182,6 +1189,35 @@ class Attention(nn.Module):
         k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k, window, scale = self._position(q, k, ctx, self.default_kind if kind is None else kind)
+        return self._positioned(q, k, v, window, scale, ctx, layer_idx, key_valid, track_valid)
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,
+        ctx: StepContext,
+        layer_idx: int,
+        key_valid: torch.Tensor | None,
+        track_valid: bool,
+        kind: Kind | MixedKinds,
+    ) -> torch.Tensor:
+        """`forward` on [Q | K | V] in one (B*T, (H + 2 KV) * D) tensor: one RoPE for the
+        queries and keys together (half the kernels, which a GPU launches at every step)."""
+        if isinstance(kind, MixedKinds) or kind[1] is None:
+            kv = self.n_kv * self.head_dim
+            q, k, v = qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+            return self(q, k, v, ctx, layer_idx, key_valid, track_valid, kind)
+        window, rope, scale = kind
+        n, b, t = self.n_heads, ctx.batch, ctx.seq
+        heads = qkv.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H + 2 KV, T, D)
+        cos, sin = (c.unsqueeze(1) for c in ctx.rope[rope])
+        qk = apply_rope(heads[:, : n + self.n_kv], cos, sin)
+        return self._positioned(
+            qk[:, :n], qk[:, n:], heads[:, n + self.n_kv :], window, scale, ctx, layer_idx, key_valid, track_valid
+        )
+
+    def _positioned(self, q, k, v, window, scale, ctx: StepContext, layer_idx: int, key_valid, track_valid: bool):
+        """Attention of positioned (B, heads, T, D) queries, keys and values, through the cache."""
+        b, t = ctx.batch, ctx.seq
         valid = None if key_valid is None else key_valid.view(b, t)
         if ctx.cache is not None:
             if track_valid:
@@ -1540,8 +1576,8 @@ class MomBlock(nn.Module):
         # One attention kind in the pool (the common case): nothing about it depends on the routing.
         d = Dispatch.plan(r, stack.group_of, stack.n_groups)
         q_k_v = d.unsort(stack.project_in(stack.normed_rows(x, d), d))
-        q, k, v = q_k_v.split([self.attn_dim, self.kv_dim, self.kv_dim], dim=-1)
-        a = self.attn(q, k, v, ctx, layer_idx, valid, track_valid=track, kind=next(iter(stack.kinds)))
+        kind = next(iter(stack.kinds))
+        a = self.attn.forward_qkv(q_k_v, ctx, layer_idx, valid, track, self.attn.default_kind if kind is None else kind)
         return stack.project_out(a.index_select(0, d.tok), d)
 
     def _kind(self, r: Routing) -> Kind | MixedKinds:
