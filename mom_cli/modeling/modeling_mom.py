@@ -288,8 +288,8 @@ class Router(nn.Module):
             if state is None:
                 state = x.new_zeros(x.shape[0], self.cell.hidden_size)
             state = self.cell(u, state)
-            return self.head(state) + bias, state
-        return self.head(F.gelu(self.hidden(u))) + bias, state
+            return F.linear(state, self.head.weight, bias), state  # one addmm, not a matmul and an add
+        return F.linear(F.gelu(self.hidden(u)), self.head.weight, bias), state
 
 
 # ----------------------------------------------------------------------------- routing
@@ -342,7 +342,7 @@ class Routing:
                 if any(m != self.skip_id for m in self.picks)
                 else self.idx.new_zeros(self.idx.shape[0], dtype=torch.bool)
             )
-        valid = (self.idx != self.skip_id).any(-1)
+        valid = self.idx[:, 0] != self.skip_id if self.idx.shape[1] == 1 else (self.idx != self.skip_id).any(-1)
         return None if _all_on_host(valid) else valid
 
 
