@@ -48,7 +48,9 @@ def test_heal_in_bf16_autocast_lowers_each_regions_error(work, device):
     r = heal(
         work / "peer",
         work / "peer-healed",
-        HealOptions(data=str(work / "text.txt"), budget="12k", lr=3e-3, global_lr=1e-3, device=device, **SMALL),
+        HealOptions(
+            data=str(work / "text.txt"), budget="12k", local_share=0.7, lr=3e-3, global_lr=1e-3, device=device, **SMALL
+        ),
     )
     assert len(r.regions) == 2 and r.global_steps > 0
     for reg in r.regions:

@@ -68,7 +68,7 @@ class HealOptions:
     teacher: str | None = None  # default: the source model in the provenance
     budget: str | None = None  # tokens or a duration (see parse_budget); default: one pass over DATA
     train: str = "auto"
-    local_share: float = 0.7
+    local_share: float = 0.3
     seq_len: int = 512
     batch_size: int = 8
     lr: float = 3e-4  # stage 1 (per region)
