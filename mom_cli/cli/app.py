@@ -567,7 +567,9 @@ def heal(
         None, "-o", "--output", help="Output directory (default: CKPT-healed beside it)."
     ),
     local_share: float = typer.Option(
-        0.3, "--local-share", help="Share of the budget for the local stage (the rest: end-to-end)."
+        0.3,
+        "--local-share",
+        help="Share of the budget for the local stage (the rest: end-to-end); 0.7 suits a depth change.",
     ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
