@@ -488,7 +488,7 @@ def _zero_tail(y: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if y.device.type == "cpu" and not torch.compiler.is_compiling():
         y[int(offs[-1]) :].zero_()  # on the CPU, reading the bound is free and touches only the tail
         return y
-    keep = torch.arange(y.shape[0], device=y.device) < offs[-1]
+    keep = _arange(0, y.shape[0], y.device) < offs[-1]
     return y.masked_fill_(~keep[:, None], 0)
 
 
@@ -987,16 +987,16 @@ class StackedPool:
         else:
             # one copy: each module's [q; k; v] (or [gate; up]) rows are consecutive in the stack
             zero_group = len(live) == len(slots)
-            rows_in = [p.weight for ps in ins for p in ps]
-            zeros = [rows_in[0].new_zeros(sum(p.weight.shape[0] for p in ins[0]), rows_in[0].shape[1])]
-            w_in = torch.cat(rows_in + zeros * zero_group).view(len(ins) + zero_group, -1, rows_in[0].shape[1])
+            rows_in, w_outs = [p.weight for ps in ins for p in ps], [p.weight for p in outs]
+            if zero_group:
+                rows_in.append(rows_in[0].new_zeros(sum(p.weight.shape[0] for p in ins[0]), rows_in[0].shape[1]))
+                w_outs.append(w_outs[0].new_zeros(w_outs[0].shape))
+            w_in = torch.cat(rows_in).view(len(ins) + zero_group, -1, rows_in[0].shape[1])
             if kind == "rms" and not w_in.requires_grad:
                 # W diag(s) x = W (s * x): the pre-norm's scale folded into the weights. Not in
                 # training, where bf16 gradients through the product lose precision.
                 w_in, folded = w_in * scale[: w_in.shape[0], None, :], True
-            w_out = torch.stack(
-                [p.weight for p in outs] + [outs[0].weight.new_zeros(outs[0].weight.shape)] * zero_group
-            )
+            w_out = torch.stack(w_outs)
             dt = autocast_dtype(w_in)
             if dt is not None:  # once per forward, not once per step (segment_mm would cast each time)
                 w_in, w_out = w_in.to(dt), w_out.to(dt)
@@ -1198,10 +1198,11 @@ class Attention(nn.Module):
         layer_idx: int,
         key_valid: torch.Tensor | None,
         track_valid: bool,
-        kind: Kind | MixedKinds,
+        kind: Kind | MixedKinds | None = None,
     ) -> torch.Tensor:
         """`forward` on [Q | K | V] in one (B*T, (H + 2 KV) * D) tensor: one RoPE for the
         queries and keys together (half the kernels, which a GPU launches at every step)."""
+        kind = self.default_kind if kind is None else kind
         if isinstance(kind, MixedKinds) or kind[1] is None:
             kv = self.n_kv * self.head_dim
             q, k, v = qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
@@ -1576,8 +1577,7 @@ class MomBlock(nn.Module):
         # One attention kind in the pool (the common case): nothing about it depends on the routing.
         d = Dispatch.plan(r, stack.group_of, stack.n_groups)
         q_k_v = d.unsort(stack.project_in(stack.normed_rows(x, d), d))
-        kind = next(iter(stack.kinds))
-        a = self.attn.forward_qkv(q_k_v, ctx, layer_idx, valid, track, self.attn.default_kind if kind is None else kind)
+        a = self.attn.forward_qkv(q_k_v, ctx, layer_idx, valid, track, next(iter(stack.kinds)))
         return stack.project_out(a.index_select(0, d.tok), d)
 
     def _kind(self, r: Routing) -> Kind | MixedKinds:
