@@ -150,9 +150,8 @@ def test_sigkill_leaves_old_or_new_and_the_next_run_cleans_up(models_dir, tmp_pa
         extra += 1
         kill_at(1.2 * 1.3**extra, KILLS + extra)
     print(f"{command}: {replaced} of {KILLS + extra} kills after the replacement, {seen_leftovers} left temporaries")
-    assert (
-        seen_leftovers + replaced > 0 and replaced < KILLS + extra
-    )  # kills landed before, during and after the writing
+    # kills landed before, during and after the writing
+    assert seen_leftovers + replaced > 0 and replaced < KILLS + extra
     forked(new_argv, None)  # the next run: completes and removes what the killed ones left
     assert signature(path, exact=False) == new
     assert leftovers(tmp_path, target) == [], leftovers(tmp_path, target)
