@@ -1,13 +1,16 @@
-"""Where a routed forward's time goes: wall time against kernel time, and the number of launches.
+"""Where a routed forward's (or training step's) time goes, kernel by kernel, against the dense model.
 
 Run from the repository root with the project's venv active, after bench_routed.py prepared its plans:
 
-    python bench/profile_routed.py --device cuda --dtype bfloat16      # one GPU
-    python bench/profile_routed.py --threads 1                         # CPU (kernel time is CPU time there)
+    python bench/profile_routed.py --device cuda --dtype bfloat16              # one GPU, H=15,K=1 forward
+    python bench/profile_routed.py --device cuda --dtype bfloat16 --plan 15x2 --part train
+    python bench/profile_routed.py --threads 1                                 # CPU (kernel time is CPU time there)
 
-SmolLM2-135M decomposed with --depth 15 --top-k 1 (router heads spread as in bench_routed.py), one
-forward of 4 x 256 tokens of real text under torch.profiler, after warm-up. A GPU forward whose wall
-time is far above its kernel time is bound by launches (Python and the CPU side), not by the GPU.
+SmolLM2-135M decomposed with --depth H --top-k K (router heads spread as in bench_routed.py), and
+the `transformers` dense model: one forward (or training step) of 4 x 256 tokens of real text each,
+under torch.profiler, after warm-up. For each side: wall time, kernel time and kernel launches, then
+the kernels that took the most time, with their counts. A GPU side whose wall time is far above its
+kernel time is bound by launches (Python and the CPU side), not by the GPU.
 """
 
 from __future__ import annotations
@@ -22,51 +25,72 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_foundation import DTYPES, text_tokens  # noqa: E402
-from bench.bench_routed import mom_dir, prepare_plan, spread_routers  # noqa: E402
-from bench.common import bench_parser, log, prepare_hf, sync  # noqa: E402
+from bench.bench_routed import forward_step, mom_dir, prepare_plan, spread_routers, train_step, training  # noqa: E402
+from bench.common import HF_DIR, bench_parser, log, prepare_hf, sync  # noqa: E402
+
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
+
+
+def profile_side(name: str, fn, dev: str, rows: int) -> None:
+    """Warm up, time 5 runs, then profile one and log its kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        fn()
+    sync(dev)
+    wall = (time.perf_counter() - t0) / 5
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(dev)
+    events = prof.key_averages()
+    if dev != "cuda":
+        log(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50))
+        log(f"{name}: wall {wall * 1e3:.2f} ms")
+        return
+    launches = sum(e.count for e in events if e.key in _LAUNCHES)
+    # the kernels themselves: the aten ops that launched them carry the same time once more
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels)
+    log(f"\n{name}: wall {wall * 1e3:.2f} ms, kernel time {total / 1e3:.2f} ms, {launches} kernel launches")
+    log(f"{'us':>9} {'share':>6} {'count':>6} {'us each':>8}  kernel")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
+        t = e.self_device_time_total
+        log(f"{t:9.0f} {t / total:6.1%} {e.count:6d} {t / e.count:8.1f}  {e.key[:110]}")
 
 
 def main() -> None:
     p = bench_parser(__doc__, "64 tokens")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--rows", type=int, default=14, help="rows of the profiler's tables")
+    p.add_argument("--plan", default="15x1", help="HxK (default 15x1)")
+    p.add_argument("--part", choices=("forward", "train"), default="forward")
+    p.add_argument("--rows", type=int, default=25, help="rows of each kernel table")
     args = p.parse_args()
-    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
 
     import mom_cli
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = args.device
-    prepare_plan(prepare_hf(), 15, 1)
-    model = mom_cli.load(mom_dir(15, 1), dtype=DTYPES[args.dtype]).to(dev).eval()
-    spread_routers(model)
+    dev, dtype = args.device, DTYPES[args.dtype]
+    h, k = (int(v) for v in args.plan.split("x"))
+    prepare_plan(prepare_hf(), h, k)
+    mom = mom_cli.load(mom_dir(h, k), dtype=dtype).to(dev).eval()
+    spread_routers(mom)
+    hf = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=dtype).to(dev).eval()
     batch, seq = (1, 64) if args.quick else (4, 256)
     x = text_tokens(batch * seq).view(batch, seq).to(dev)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(input_ids=x, use_cache=False)
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            model(input_ids=x, use_cache=False)
-        sync(dev)
-        wall = (time.perf_counter() - t0) / 5
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
-        with profile(activities=activities) as prof:
-            model(input_ids=x, use_cache=False)
-            sync(dev)
-    events = prof.key_averages()
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 if dev == "cuda" else None
-    sort_by = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
-    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
-    if dev == "cuda":
-        log(prof.key_averages().table(sort_by=sort_by, row_limit=args.rows // 2, max_name_column_width=40))
-    log(
-        f"routed forward H=15,K=1, {batch}x{seq} tokens, {args.dtype} on {dev}: wall {wall * 1e3:.1f} ms"
-        + (f", kernel time {kernel_ms:.1f} ms, {launches} kernel launches" if kernel_ms is not None else "")
-    )
+    log(f"profile: H={h},K={k} {args.part}, {batch}x{seq} tokens, {args.dtype} on {dev}, torch {torch.__version__}")
+    for name, model in ((f"MoM H={h},K={k}", mom), ("dense", hf)):
+        if args.part == "train":
+            with training(model):
+                profile_side(f"{name} training step", train_step(model, x), dev, args.rows)
+        else:
+            profile_side(f"{name} forward", forward_step(model, x), dev, args.rows)
 
 
 if __name__ == "__main__":
