@@ -14,6 +14,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels (the GPU's segment matmul) then run in Triton's interpreter on CPU tensors,
+    # where tests call them; set before mom_cli is imported, as Triton reads it at decoration.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A model is a function from tokens to logits. "

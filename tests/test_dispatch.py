@@ -3,12 +3,14 @@ runs each module on its own tokens, one after another: logits and gradients, in 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import mom_cli
+from mom_cli.modeling import modeling_mom, segment_kernel
 from mom_cli.modeling.modeling_mom import MomForCausalLM, PackedGroups, segment_mm
 from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 from tests.helpers import decomposed, ids, max_diff
@@ -360,3 +362,61 @@ def test_merged_weight_gradients_with_empty_and_skipped_groups():
     ref = sum(_segment_wgrad(grad, a, offs, 3) for a, grad, offs in steps)
     assert max_diff(_merged_wgrad(steps, 3), ref) <= 1e-5
     assert _merged_wgrad(steps[2:], 3).abs().max() == 0
+
+
+triton_kernel = pytest.mark.skipif(segment_kernel.triton is None, reason="Triton is not installed")
+
+
+def _on_kernel_device(device: str) -> str:
+    """The kernel runs on CUDA, or on the CPU in Triton's interpreter (conftest sets it without a GPU)."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a CPU run of the Triton kernel needs TRITON_INTERPRET=1 before import")
+    return device
+
+
+@triton_kernel
+@pytest.mark.parametrize(
+    ("bounds", "full", "transposed"),
+    [
+        ([3, 3, 7, 9], False, False),  # an empty group, and rows past the last group
+        ([40, 40, 70, 70, 100], True, False),  # groups of more rows than one tile
+        ([5, 11], False, True),  # the weights as a transposed view (the input gradient's case)
+        ([0, 1, 1], False, False),  # one routed row (cached generation)
+    ],
+)
+def test_triton_segment_kernel_equals_per_group_matmuls(device, bounds, full, transposed):
+    from mom_cli.modeling.segment_kernel import segment_mm as kernel
+
+    device = _on_kernel_device(device)
+    g = torch.Generator().manual_seed(0)
+    rows, groups, n, k = (bounds[-1] if full else bounds[-1] + 2), len(bounds), 72, 40
+    a = torch.randn(rows, k, generator=g)
+    w = torch.randn(groups, k, n, generator=g).transpose(1, 2) if transposed else torch.randn(groups, n, k, generator=g)
+    offs = torch.tensor(bounds, dtype=torch.int32)
+    starts = [0, *bounds[:-1]]
+    ref = torch.cat(
+        [a[s:e] @ w[i].T for i, (s, e) in enumerate(zip(starts, bounds))] + [a.new_zeros(rows - bounds[-1], n)]
+    )
+    y = kernel(a.to(device), w.to(device), offs.to(device), full)
+    assert y.shape == ref.shape and max_diff(y.cpu(), ref) <= 1e-5 * ref.abs().max().item()
+
+
+@triton_kernel
+@pytest.mark.parametrize("name", ["llama-top1", "llama-top2", "gpt2-top2"])
+def test_grouped_dispatch_through_the_triton_kernel_equals_the_reference(routed, name, monkeypatch, device):
+    """A GPU's path, the segment matmuls of the forward and of the input gradients in the Triton
+    kernel, in float32 against the per-module reference: logits and gradients."""
+    device = _on_kernel_device(device)
+    monkeypatch.setattr(PackedGroups, "packable", staticmethod(lambda w: False))
+    calls = []
+
+    def usable(a: torch.Tensor, w: torch.Tensor) -> bool:
+        calls.append(a.shape)
+        return a.dtype == w.dtype == torch.float32
+
+    monkeypatch.setattr(modeling_mom, "triton_usable", usable)
+    model = mom_cli.load(routed[name]).to(device)
+    _spread_routers(model, seed=2)
+    _assert_same(model, ids(2, 16).to(device))
+    assert calls  # the kernel was asked
+

@@ -68,7 +68,7 @@ def test_remote_code_export_carries_only_the_runtime(llama_dir, tmp_path):
         decomposed(llama_dir, tmp_path / "mom", depth=2, top_k=2), tmp_path / "rc", "hf", None, SHARD, False
     )
     code = sorted(p.name for p in out.glob("*.py"))
-    assert kind == "remote-code" and code == ["configuration_mom.py", "modeling_mom.py", "peer.py"]
+    assert kind == "remote-code" and code == ["configuration_mom.py", "modeling_mom.py", "peer.py", "segment_kernel.py"]
     for name in code:
         text = (out / name).read_text()
         assert not [w for w in CONVERSION_NAMES if w in text], name

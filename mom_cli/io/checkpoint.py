@@ -2,7 +2,7 @@
 
     config.json              MomConfig: family, sizes, routing plan, PEER layers, provenance, auto_map
     model.safetensors        weights (sharded with model.safetensors.index.json above a size)
-    configuration_mom.py, modeling_mom.py, peer.py   the runtime, for trust_remote_code loads
+    configuration_mom.py, modeling_mom.py, peer.py, segment_kernel.py   the runtime, for trust_remote_code loads
     tokenizer files, generation_config.json   copied from the source
     README.md                model card with the provenance
 
@@ -25,7 +25,7 @@ from mom_cli.modeling.configuration_mom import MomConfig
 
 DEFAULT_SHARD = 2 * 10**9
 # The runtime's files; modeling_mom.py imports the other two relatively, and nothing from mom_cli.
-RUNTIME_FILES = ("configuration_mom.py", "modeling_mom.py", "peer.py")
+RUNTIME_FILES = ("configuration_mom.py", "modeling_mom.py", "peer.py", "segment_kernel.py")
 AUTO_MAP = {"AutoConfig": "configuration_mom.MomConfig", "AutoModelForCausalLM": "modeling_mom.MomForCausalLM"}
 
 
