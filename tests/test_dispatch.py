@@ -420,3 +420,16 @@ def test_grouped_dispatch_through_the_triton_kernel_equals_the_reference(routed,
     _assert_same(model, ids(2, 16).to(device))
     assert calls  # the kernel was asked
 
+
+def test_router_scores_through_the_padded_head_equal_the_head(routed, device):
+    """On a GPU in inference, a router's M + 1 scores come from its head padded to a multiple of 8
+    rows (aligned for cuBLAS): the same scores. (On the CPU both sides take the plain head.)"""
+    model = mom_cli.load(routed["llama-top2"]).to(device).eval()
+    _spread_routers(model)
+    router = model.model.blocks[0].ffn_router
+    assert router.head.weight.shape[0] % 8  # the padded case
+    h = torch.randn(7, router.head.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        got = router._scores(h, router.step_bias[1], 1)
+        ref = torch.nn.functional.linear(h, router.head.weight, router.step_bias[1])
+    assert got.shape == ref.shape and max_diff(got, ref) <= 1e-5 * ref.abs().max().item()
