@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh tests    # the grouped dispatch and segment matmul on CUDA (float32 and bfloat16)
 #   bash bench/gpu_check.sh bench    # bench_routed and profile_routed (bf16), heal (two rows), train-routers (bf16), torchrun (NCCL)
-#   bash bench/gpu_check.sh routed   # bench_routed with CUDA graphs, then with torch.compile too (H=15,K=1 forward)
+#   bash bench/gpu_check.sh routed   # the segment-matmul kernel, bench_routed with CUDA graphs, then with torch.compile too (H=15,K=1 forward)
 #   bash bench/gpu_check.sh          # tests and bench, in about 9 minutes on an H100/H200
 #
 # Run from the repository root, with bench/.cache filled by `python bench/fetch.py` (the SmolLM2
@@ -52,6 +52,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
         --steps 20 -o "$work/trained-ddp" --json
 fi
 if [ "$what" = routed ]; then
+    step segment_mm 60 12 "$py" bench/bench_segment_mm.py
     step routed 280 40 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs
     step compiled 150 20 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs --compile \
         --parts forward --plans 15x1

@@ -46,13 +46,19 @@ def usable(a: torch.Tensor, w: torch.Tensor) -> bool:
     return a.shape[0] >= EAGER_MIN_ROWS or torch.cuda.is_current_stream_capturing()
 
 
-def tile_sizes(rows: int, groups: int, out_features: int) -> tuple[int, int, int, int, int]:
-    """(rows, columns, depth) of a tile, warps and pipeline stages: the row tile is the power of two that holds a
-    group's mean row count (16 to 128), so a step's few dozen rows per module waste little."""
+def tile_sizes(rows: int, groups: int, out_features: int, in_features: int) -> tuple[int, int, int, int, int]:
+    """(rows, columns, depth) of a tile, warps and pipeline stages, from `bench/bench_segment_mm.py`
+    on an H200 (bf16, 31 groups of SmolLM2's projections, kernel time under CUDA graphs):
+
+    - rows: the power of two that holds a group's mean row count, 16 to 64 (64 beat 128 at 66
+      rows a group: 20.1 against 25.4 us for the down projection);
+    - columns: 64 when the output is at most 640 wide (o_proj, 576 columns: 7.1 against 7.9 us),
+      so no tile is half empty, else 128;
+    - four stages when the depth is 1024 or more (down_proj, 1536 deep: 19.4 against 21.7 us)."""
     per_group = max(1, rows // max(groups, 1))
-    bm = min(128, max(16, 1 << (per_group - 1).bit_length()))
-    bn = 128 if out_features >= 128 else 64
-    return bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4, 3
+    bm = min(64, max(16, 1 << (per_group - 1).bit_length()))
+    bn = 64 if out_features <= 640 else 128
+    return bm, bn, 64, 4, 4 if in_features >= 1024 else 3
 
 
 def segment_mm(
@@ -64,7 +70,7 @@ def segment_mm(
     y = (torch.empty if full else torch.zeros)(rows, n, dtype=a.dtype, device=a.device)
     if rows == 0:
         return y
-    bm, bn, bk, warps, stages = tiles or tile_sizes(rows, groups, n)
+    bm, bn, bk, warps, stages = tiles or tile_sizes(rows, groups, n, k)
     # every group adds at most one partial row tile; programs past the last tile return at once
     grid = (triton.cdiv(rows, bm) + groups, triton.cdiv(n, bn))
     fp32 = a.dtype == torch.float32
