@@ -485,9 +485,10 @@ def constant_modules(x: torch.Tensor, r: Routing, fn, weighted: bool) -> tuple[t
 #
 # One matmul per projection over all routed rows of a step: the N*K (token, choice) rows are sorted
 # by module, each module's weights are stacked into (G, out, in), and a segment matmul multiplies
-# each run of rows by its module's matrix (torch._grouped_mm where the device and dtype allow,
-# else one mm per segment). Norm statistics are computed once per token; only the per-module norm
-# scale is gathered per row. Rows are put back in token order by a gather, never a scatter.
+# each run of rows by its module's matrix (segment_kernel.py's Triton kernel on a GPU where it
+# pays, torch._grouped_mm where the device and dtype allow, else one mm per segment). Norm
+# statistics are computed once per token; only the per-module norm scale is gathered per row.
+# Rows are put back in token order, each written to its own place.
 
 
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
