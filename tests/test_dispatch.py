@@ -136,10 +136,12 @@ def test_segment_mm_on_the_device(device, dtype):
 
 
 def test_routed_forward_and_training_step_capture_as_one_cuda_graph(routed, device):
-    """A CUDA graph replays the routed forward and training step: in bfloat16 on CUDA (the
-    torch._grouped_mm path), routing and dispatch never ask the host for a value (a capture fails
-    on any sync), and nothing depends on Python state that a replay would skip. (float32 on CUDA
-    multiplies segment by segment, reading the bounds on the host: it cannot be captured.)"""
+    """A CUDA graph replays the routed forward and training step: in bfloat16 on CUDA, routing
+    and dispatch never ask the host for a value (a capture fails on any sync), and nothing depends
+    on Python state that a replay would skip. The replay runs the Triton segment matmul (used
+    under capture) where Triton is installed, and eager execution torch._grouped_mm: the two are
+    compared. (float32 training on CUDA computes weight gradients segment by segment, reading the
+    bounds on the host: it cannot be captured.)"""
     if device != "cuda":
         pytest.skip("CUDA graphs need a GPU (pytest --device cuda)")
     model = mom_cli.load(routed["llama-top2"], dtype=torch.bfloat16).to(device)

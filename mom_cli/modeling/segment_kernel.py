@@ -18,6 +18,8 @@ without a GPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -43,7 +45,14 @@ def usable(a: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if a.dtype not in _DTYPES or w.dtype != a.dtype or a.dim() != 2 or w.dim() != 3:
         return False
+    if a.dtype == torch.bfloat16 and _capability(a.device.index) < (8, 0):
+        return False  # Triton's bf16 dot needs Ampere or newer
     return a.shape[0] >= EAGER_MIN_ROWS or torch.cuda.is_current_stream_capturing()
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def tile_sizes(rows: int, groups: int, out_features: int, in_features: int) -> tuple[int, int, int, int, int]:
