@@ -431,7 +431,28 @@ def test_router_scores_through_the_padded_head_equal_the_head(routed, device):
     router = model.model.blocks[0].ffn_router
     assert router.head.weight.shape[0] % 8  # the padded case
     h = torch.randn(7, router.head.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        got = router._scores(h, router.step_bias[1], 1)
-        ref = torch.nn.functional.linear(h, router.head.weight, router.step_bias[1])
-    assert got.shape == ref.shape and max_diff(got, ref) <= 1e-5 * ref.abs().max().item()
+    for _ in range(2):  # the second time after an in-place update: the padded copy follows it
+        with torch.no_grad():
+            got = router._scores(h, router.step_bias[1], 1)
+            ref = torch.nn.functional.linear(h, router.head.weight, router.step_bias[1])
+            router.head.weight.mul_(-2.0)
+        assert got.shape == ref.shape and max_diff(got, ref) <= 1e-5 * ref.abs().max().item()
+
+
+@triton_kernel
+def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch):
+    """Triton that cannot build or launch (no C compiler, an unsupported GPU): one warning, then
+    torch's segment matmul for the rest of the process, with the same result."""
+    monkeypatch.setattr(segment_kernel, "_off", None)
+    monkeypatch.setattr(modeling_mom, "triton_usable", lambda a, w: segment_kernel._off is None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(modeling_mom, "triton_segment_mm", broken)
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(5, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    offs = torch.tensor([2, 5], dtype=torch.int32)
+    with pytest.warns(UserWarning, match="Triton segment matmul failed"):
+        y = segment_mm(a, w, offs)
+    assert segment_kernel._off is not None and max_diff(y, torch.cat([a[:2] @ w[0].T, a[2:] @ w[1].T])) <= 1e-6

@@ -24,7 +24,7 @@ from mom_cli.io.tensorio import FLOAT_DTYPES, PlannedTensor, SafetensorsReader, 
 from mom_cli.modeling.configuration_mom import MomConfig
 
 DEFAULT_SHARD = 2 * 10**9
-# The runtime's files; modeling_mom.py imports the other two relatively, and nothing from mom_cli.
+# The runtime's files; modeling_mom.py imports the others relatively, and nothing from mom_cli.
 RUNTIME_FILES = ("configuration_mom.py", "modeling_mom.py", "peer.py", "segment_kernel.py")
 AUTO_MAP = {"AutoConfig": "configuration_mom.MomConfig", "AutoModelForCausalLM": "modeling_mom.MomForCausalLM"}
 

@@ -4,8 +4,9 @@ Read top to bottom: norms, the kinds of module (MHA, dense FFN, sparse MoE FFN, 
 router, routing and dispatch, attention, the routed block, the plain layer, the model. Families'
 quirks (q/k norms, post-norms, sliding windows, soft-capping, scales) are config fields, each off
 by default; a module carries those of its origin layer. This file, `configuration_mom.py`
-and `peer.py` (the PEER layer, imported relatively) are copied verbatim into `trust_remote_code`
-exports, so they import nothing else from `mom_cli`.
+`peer.py` (the PEER layer) and `segment_kernel.py` (the GPU's segment matmul), both imported
+relatively, are copied verbatim into `trust_remote_code` exports, so they import nothing else from
+`mom_cli`.
 
 Symbols follow the paper: M modules per pool (+ SKIP, index M), H steps per block, top-K routing,
 temperature T. Per step, for every token:
@@ -16,6 +17,7 @@ temperature T. Per step, for every token:
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_mom import MomConfig
 from .peer import PeerLayer
+from .segment_kernel import disable as disable_triton_segment_mm
 from .segment_kernel import segment_mm as triton_segment_mm
 from .segment_kernel import usable as triton_usable
 
@@ -295,19 +298,20 @@ class Router(nn.Module):
         return self._scores(F.gelu(self.hidden(u)), bias, step), state
 
     def _scores(self, h: torch.Tensor, bias: torch.Tensor, step: int) -> torch.Tensor:
-        """head(h) + the step's bias, in one addmm. On a GPU in inference, through the head padded
-        to a multiple of 8 scores: M + 1 scores a row (31 for 30 modules) are rows cuBLAS cannot
-        align, and its unaligned kernel plus a split-K reduction took 5.9 + 2.3 us on an H200,
-        where the GRU's aligned matmuls of more work took 3.9 us."""
+        """head(h) + the step's bias, in one addmm. On a GPU without autograd, through the head
+        padded to a multiple of 8 scores: M + 1 scores a row (31 for 30 modules) are rows cuBLAS
+        cannot align, and its unaligned kernel plus a split-K reduction took 5.9 + 2.3 us on an
+        H200, where the GRU's aligned matmuls of more work took 3.9 us. The padded copy is kept
+        until the head or the bias changes in place (as the stacked pools are); a CUDA graph
+        captures the copy, so it is captured again after a weight update, as for the pools."""
         w = self.head.weight
-        trains = torch.is_grad_enabled() and (w.requires_grad or self.step_bias.requires_grad)
-        if not h.is_cuda or w.shape[0] % 8 == 0 or trains or torch.compiler.is_compiling():
+        if not h.is_cuda or w.shape[0] % 8 == 0 or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(h, w, bias)
-        b = self.step_bias
-        key = (w.data_ptr(), w._version, b.data_ptr(), b._version, h.dtype)
+        b, dtype = self.step_bias, autocast_dtype(h) or w.dtype
+        key = (w.data_ptr(), w._version, b.data_ptr(), b._version, dtype)
         if self._padded_cache is None or self._padded_cache[0] != key:
             pad = -w.shape[0] % 8
-            self._padded_cache = (key, F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad)).to(h.dtype))
+            self._padded_cache = (key, F.pad(w, (0, 0, 0, pad)).to(dtype), F.pad(b, (0, pad)).to(dtype))
         _, w_pad, b_pad = self._padded_cache
         return F.linear(h, w_pad, b_pad[step])[:, : w.shape[0]]
 
@@ -516,7 +520,13 @@ def _zero_tail(y: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 def _segment_forward(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, full: bool = False) -> torch.Tensor:
     """`full`: the groups cover every row (offs[-1] is the row count), so there is no tail to zero."""
     if triton_usable(a, w):
-        return triton_segment_mm(a, w, offs, full)
+        try:
+            return triton_segment_mm(a, w, offs, full)
+        except Exception as e:  # Triton could not build or launch it here: the other paths serve
+            disable_triton_segment_mm(f"{type(e).__name__}: {e}")
+            warnings.warn(
+                f"mom: the Triton segment matmul failed ({type(e).__name__}: {e}); using torch's", stacklevel=2
+            )
     if _grouped_mm_ok(a, w):
         y = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
         return y if full else _zero_tail(y, offs)
@@ -811,7 +821,7 @@ def segment_mm(
     full: bool = False,
 ) -> torch.Tensor:
     """Rows [offs[g-1], offs[g]) of `a` (R, in) times w[g].T, with w (G, out, in); rows past offs[-1]
-    give zero. `offs` (G,) int32 stays on the device on the grouped_mm path. `pending`: see
+    give zero. `offs` (G,) int32 stays on the device on the Triton and grouped_mm paths. `pending`: see
     `_DeferredWeightGrad`. Under autocast it runs in autocast's dtype, as nn.Linear does there.
     `packed`: the same weights packed for the CPU (then `w` is None). `full`: offs[-1] is the row
     count (a stack with a zero group last, see StackedPool), so no tail needs zeroing."""
@@ -865,8 +875,8 @@ class Dispatch:
     `w` is None for top-1 routing, whose weights are all exactly 1. `order[i]` is row i's
     (token, choice) pair, numbered token by token.
 
-    Every tensor op here is a kernel launch per step on a GPU, so what a step may not need (the
-    group of each row, the inverse order) is made on first use."""
+    Every tensor op here is a kernel launch per step on a GPU, so the group of each row, which
+    inference with a folded norm never asks for, is made on first use."""
 
     tok: torch.Tensor
     w: torch.Tensor | None
@@ -891,16 +901,18 @@ class Dispatch:
 
     @property
     def gid(self) -> torch.Tensor:
-        """Each row's group, as an index (the per-group tables are gathered with index_select,
-        whose backward adds where advanced indexing's sorts)."""
+        """Each row's group, as an index. The per-group tables are gathered with index_select, whose
+        backward adds (atomically on a GPU: the order of a table row's sum varies, unless
+        torch.use_deterministic_algorithms is on) where advanced indexing's backward sorts: 46 us
+        per call on an H200, 30 calls per H15K1 training step."""
         if self._gid is None:
             self._gid = self.keys.long()
         return self._gid
 
     def unsort(self, y: torch.Tensor) -> torch.Tensor:
         """Sorted rows (R, D) -> per token the sum over its K rows (N, D): each row written to its
-        place (one kernel, no inverse order to make), or, where torch must be deterministic and
-        has no such index_copy on a GPU, gathered through the inverse order."""
+        place (one kernel, no inverse order to make). Under torch.use_deterministic_algorithms on
+        a GPU, a gather through the inverse order instead, deterministic in every torch release."""
         if torch.are_deterministic_algorithms_enabled() and y.is_cuda:
             inv = torch.empty_like(self.order).scatter_(0, self.order, _arange(0, self.order.numel(), y.device))
             y = y.index_select(0, inv)
