@@ -62,6 +62,7 @@ def parse_args():
     )
     p.add_argument("--retrieval-loss", type=float, default=1.0, help="mom heal --retrieval-loss (0: off)")
     p.add_argument("--local-share", type=float, default=None, help="mom heal --local-share (default: its own)")
+    p.add_argument("--global-lr", type=float, default=None, help="mom heal --global-lr (default: its own)")
     p.add_argument(
         "--calib-tokens", type=int, default=None, help="convert-peer and prune calibration tokens (default: theirs)"
     )
@@ -187,6 +188,7 @@ def main() -> None:
                     retrieval_loss=args.retrieval_loss,
                     device=args.device,
                     **({} if args.local_share is None else {"local_share": args.local_share}),
+                    **({} if args.global_lr is None else {"global_lr": args.global_lr}),
                 ),
             )
             dense, before, after = r.eval_ppl_teacher, r.eval_ppl_before, r.eval_ppl_after
