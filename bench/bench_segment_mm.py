@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import log  # noqa: E402
+from bench.common import cuda_graph, log  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # (out, in)
 CONFIGS = [
@@ -41,20 +41,14 @@ CONFIGS = [
 
 
 def graphed_us(fn, calls: int = 20, replays: int = 10) -> float:
-    """Microseconds per call of fn, from replays of a CUDA graph of `calls` calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
+    """Microseconds per call of fn, from replays of one CUDA graph of `calls` calls."""
+    replay = cuda_graph(lambda: [fn() for _ in range(calls)])
+    replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
-        graph.replay()
+        replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / (replays * calls) * 1e3
