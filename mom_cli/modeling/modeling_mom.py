@@ -304,13 +304,12 @@ class Router(nn.Module):
         H200, where the GRU's aligned matmuls of more work took 3.9 us. The padded copy is kept
         until the head or the bias changes in place (as the stacked pools are); a CUDA graph
         captures the copy, so it is captured again after a weight update, as for the pools."""
-        w = self.head.weight
+        w, b = self.head.weight, self.step_bias
         if not h.is_cuda or w.shape[0] % 8 == 0 or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(h, w, bias)
-        b, dtype = self.step_bias, autocast_dtype(h) or w.dtype
-        key = (w.data_ptr(), w._version, b.data_ptr(), b._version, dtype)
-        if self._padded_cache is None or self._padded_cache[0] != key:
-            pad = -w.shape[0] % 8
+        key = _param_key([w, b])  # as the stacked pools' (None: not cacheable, made every call)
+        if key is None or self._padded_cache is None or self._padded_cache[0] != key:
+            pad, dtype = -w.shape[0] % 8, autocast_dtype(h) or w.dtype
             self._padded_cache = (key, F.pad(w, (0, 0, 0, pad)).to(dtype), F.pad(b, (0, pad)).to(dtype))
         _, w_pad, b_pad = self._padded_cache
         return F.linear(h, w_pad, b_pad[step])[:, : w.shape[0]]
@@ -1171,10 +1170,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     the sign in the table: three kernels where the textbook form (a negation, a concatenation,
     two products, a sum) takes five, at every routed step on a GPU."""
     rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return torch.addcmul(x * cos, x.roll(rd // 2, -1), sin_signed)
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat((torch.addcmul(x_rot * cos, x_rot.roll(rd // 2, -1), sin_signed), x_pass), dim=-1)
+    partial = rd < x.shape[-1]
+    x_rot = x[..., :rd] if partial else x
+    out = torch.addcmul(x_rot * cos, x_rot.roll(rd // 2, -1), sin_signed)
+    return torch.cat((out, x[..., rd:]), dim=-1) if partial else out
 
 
 # An attention kind: (sliding window or None, RoPE table or None, score scale); see MomConfig.attention_kind.
