@@ -101,7 +101,7 @@ def test_a_region_of_an_exact_checkpoint_reproduces_the_teacher(family, work, ol
     cache.grow(2, teacher, family_for(family), x.numpy(), 2, "cpu", {}, lambda: torch.autocast("cpu", enabled=False))
     rows = torch.arange(2)
     for a, b in ((0, 3), (3, 4), (4, 8)):
-        units = [u for u in H._units(0, 4) if a <= 2 * u[1] + (u[0] == "ffn") < b]
+        units = H.span_units(0, 4, a, b)
         r = H.Region("r", "test", 0, a, b, units, [])
         y, _ = H.run_region(student, r, cache.read(a, rows, "cpu"))
         # inputs and outputs are stored in bf16: the difference is their rounding, not the model's
@@ -149,7 +149,10 @@ def test_resume_is_bit_exact(work, ckpt):
     for line in (work / f"whole-{ckpt}" / "heal_metrics.jsonl").read_text().splitlines():
         steps = max(steps, json.loads(line)["step"])
     assert steps >= 4
-    for stop in (2, steps - 1):  # inside the local stage, then inside the global one
+    regions = [json.loads(x).get("region") for x in (work / f"whole-{ckpt}" / "heal_metrics.jsonl").read_text().splitlines()]
+    second = regions.index(next(r for r in regions if r not in (None, regions[0]))) if ckpt == "peer" else None
+    # inside the local stage (and inside a region that trains on the student's inputs), then inside the global one
+    for stop in (2, *([second + 2] if second else []), steps - 1):
         out = work / f"resumed-{ckpt}-{stop}"
         cut = H.heal(work / ckpt, out, H.HealOptions(**opts, stop_after=stop))
         assert cut.path is None and (work / f"resumed-{ckpt}-{stop}.heal-state" / "state.pt").exists()
@@ -160,6 +163,45 @@ def test_resume_is_bit_exact(work, ckpt):
         mb = [json.loads(x) for x in (out / "heal_metrics.jsonl").read_text().splitlines()]
         assert [m.get("loss") for m in ma] == [m.get("loss") for m in mb]
     assert whole.path == work / f"whole-{ckpt}"
+
+
+def test_a_region_learns_from_the_students_own_inputs(work, tmp_path):
+    """Stage 1 feeds each region of a chain the student's state at its start: the teacher's cached
+    state at the chain's first region, carried through the student's modules from there (in turns
+    between two memmaps, and from the chain's start for rows filled later). It meets the student's
+    own forward, to bf16 rounding."""
+    from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
+    from mom_cli.training import distributed
+
+    convert_peer(work / "exact", tmp_path / "peer4", ConvertOptions(layers="0-3", heads=2, topk=16))
+    opts = H.HealOptions(data=str(work / "text.txt"), budget="4k", **SMALL)
+    run = H.Heal(tmp_path / "peer4", tmp_path / "out", opts, H.check_options(opts), distributed.Dist(), "cpu")
+    run.model.eval()
+    assert [H.chain_head(run.regions, i) for i in range(4)] == [0, 0, 0, 0]
+    cache = H.TeacherCache(tmp_path / "cache", run.cache_positions, run.cache_source, SMALL["seq_len"], 64)
+    feeder = H.Feeder(run, cache, {})
+    cache.open({})
+    feeder.grow(4)  # a part now; the rest after the first regions, as a time budget fills it
+    rows = torch.arange(min(8, cache.shape[0]))
+    seen: dict[int, torch.Tensor] = {}
+    block = run.model.model.blocks[0]
+    ffn_step = block.ffn_step
+    block.ffn_step = lambda y, state, h, *a, **k: seen.setdefault(h, y.detach().clone()) is None or ffn_step(y, state, h, *a, **k)
+    ids = torch.from_numpy(run.blocks[run.cache_source[rows.numpy()]].astype(np.int64))
+    with torch.no_grad():
+        run.model(input_ids=ids)
+    del block.ffn_step
+    assert sorted(seen) == [0, 1, 2, 3]
+    for i, (region, filled) in enumerate(zip(run.regions, (4, 6, 8, 8))):
+        feeder.student.prepare(i)
+        feeder.grow(filled)  # rows the teacher fills while region i trains
+        assert feeder.student.region == (None if i == 0 else i)  # the chain's first region reads the teacher's cache
+        x = feeder.inputs(region, rows[:filled])
+        ref = seen[i].view(len(rows), SMALL["seq_len"], -1)[:filled]
+        # bf16 rounding at each region's input, and the odd retrieval it flips
+        assert (x - ref).norm() <= 0.01 * ref.norm(), i
+    meta = json.loads((tmp_path / "cache" / "student.json").read_text())
+    assert meta == {"region": 3, "filled": cache.filled}
 
 
 def test_eval_every_draws_the_curve_and_changes_nothing(work):

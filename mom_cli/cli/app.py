@@ -571,6 +571,12 @@ def heal(
         "--local-share",
         help="Share of the budget for the local stage (the rest: end-to-end); 0.7 suits a depth change.",
     ),
+    local_inputs: str = typer.Option(
+        "student",
+        "--local-inputs",
+        help="Local stage: a region learns from the student's own state at its input, which the regions "
+        "before it changed (student), or from the teacher's (teacher; regions independent, as under torchrun).",
+    ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate of the local stage."),

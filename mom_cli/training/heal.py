@@ -11,7 +11,10 @@ trains     PEER: the layer's experts, queries and keys; a pruned module: the nex
 stage 1    local: the teacher's residual stream at every region's input and output is cached on
            disk (bf16, memory-mapped, at most `cache_size` bytes). Each region then learns to map
            its cached input to its cached output (MSE; KL through the final norm and head when the
-           region ends at the top), one after another. A PEER layer's queries and keys also learn,
+           region ends at the top), one after another. With `local_inputs` "student" (the default,
+           one rank), a region reads the student's own state at its input instead, which the
+           regions before it in its block (trained by then) changed: see StudentInputs. A PEER
+           layer's queries and keys also learn,
            with weight `retrieval_loss`, to retrieve the experts whose contributions are largest
            (see retrieval_term). A token budget fills the cache before the
            first step; a time budget fills it on demand, the teacher taking at most half of the
@@ -25,7 +28,8 @@ budget     tokens (2M, 500k, 131072) or wall time (30m, 90s, 2h); `local_share` 
 state      `OUT.heal-state/` beside the output: state.pt (atomic), the teacher cache and
            heal_metrics.jsonl; removed when the output is written unless `keep_state`.
 ranks      under torchrun: stage 1 gives region i to rank i mod world and then shares the
-           results; stage 2 is DDP (see `distributed`).
+           results (each region on the teacher's inputs, so that they train at once); stage 2 is
+           DDP (see `distributed`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from mom_cli.training import distributed, optim
 from mom_cli.training import train as tr
 
 TRAIN_MODES = ("auto", "retrieval", "all")
+LOCAL_INPUTS = ("student", "teacher")
 FOLLOW = 2  # live modules after a pruned one that learn to make up for it
 METRICS_FILE = "heal_metrics.jsonl"
 STATE_FILE = "state.pt"
@@ -69,6 +74,7 @@ class HealOptions:
     budget: str | None = None  # tokens or a duration (see parse_budget); default: one pass over DATA
     train: str = "auto"
     local_share: float = 0.3
+    local_inputs: str = "student"  # stage 1 feeds a region the student's state ("student") or the teacher's
     seq_len: int = 512
     batch_size: int = 8
     lr: float = 3e-4  # stage 1 (per region)
@@ -175,6 +181,8 @@ def check_options(o: HealOptions) -> Budget | None:
         raise UsageError(f"unknown --schedule {o.schedule!r}: use cosine or constant")
     if not 0 <= o.local_share <= 1:
         raise UsageError("--local-share must be between 0 and 1")
+    if o.local_inputs not in LOCAL_INPUTS:
+        raise UsageError(f"unknown --local-inputs {o.local_inputs!r}: use student or teacher")
     if o.retrieval_loss < 0:
         raise UsageError("--retrieval-loss must be >= 0 (0: PEER layers learn from the output error alone)")
     if o.batch_size < 1 or o.seq_len < 2 or min(o.save_every, o.eval_every) < 0 or min(o.lr, o.global_lr) <= 0:
@@ -269,14 +277,15 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
                     last = after[-1]
                     spans.append((p, 2 * (s + last[1]) + (last[0] == "ffn") + 1, "prune", after))
         for a, b, cause, trained in _merge(spans):
-            units = [u for u in _units(s, m) if a <= 2 * (s + u[1]) + (u[0] == "ffn") < b]
+            units = span_units(s, m, a, b)
             names = [n for kind, h in trained for n in _module_params(model, f"{prefix}{kind}.{h}.", mode)]
             regions.append(Region(f"positions {a}-{b} (layers {a // 2}-{(b - 1) // 2})", cause, i, a, b, units, names))
     return [r for r in regions if r.params]
 
 
-def _units(s: int, m: int) -> list[tuple[str, int]]:
-    return [(kind, h) for h in range(m) for kind in ("mha", "ffn")]
+def span_units(s: int, m: int, a: int, b: int) -> list[tuple[str, int]]:
+    """The units of a block starting at source layer s (m layers) whose input positions lie in [a, b)."""
+    return [(kind, h) for h in range(m) for kind in ("mha", "ffn") if a <= 2 * (s + h) + (kind == "ffn") < b]
 
 
 def _merge(spans: list) -> list[tuple[int, int, str, list[tuple[str, int]]]]:
@@ -435,8 +444,7 @@ class TeacherCache:
         def keep(pos: int):
             def hook(mod, args, kwargs):
                 x = args[0] if args else kwargs["hidden_states"]  # OLMo 2's attention takes keywords
-                h = x.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
-                self.maps[pos][rows] = h.reshape(-1, *self.shape[1:])
+                self.maps[pos][rows] = as_bits(x).reshape(-1, *self.shape[1:])
                 if pos == last:  # the layers above (and the head) would only be thrown away
                     raise _Enough
 
@@ -472,12 +480,127 @@ class TeacherCache:
         self._save(key)
 
     def read(self, pos: int, rows: torch.Tensor, device: str) -> torch.Tensor:
-        idx = rows.reshape(-1).numpy()
-        if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):  # a slice: no gather
-            part = self.maps[pos][idx[0] : idx[0] + idx.size]
+        return read_rows(self.maps[pos], rows, device)
+
+
+def read_rows(bits: np.memmap, rows: torch.Tensor, device: str) -> torch.Tensor:
+    """Rows of a bf16 memmap (int16 bits) as a float32 tensor on `device`."""
+    idx = rows.reshape(-1).numpy()
+    if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):  # a slice: no gather
+        part = bits[idx[0] : idx[0] + idx.size]
+    else:
+        part = bits[idx]
+    return torch.from_numpy(np.ascontiguousarray(part)).view(torch.bfloat16).to(device).float()
+
+
+def as_bits(h: torch.Tensor) -> np.ndarray:
+    """A tensor as the int16 bits of its bf16 values, for a memmap (numpy has no bf16)."""
+    return h.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+
+
+def chain_head(regions: list[Region], i: int) -> int:
+    """The first region of region i's chain: the regions before it in the same aligned block
+    (whole-block regions stand alone). Stage 1 feeds region i the student's own state, which the
+    regions of its chain before it have changed."""
+    while i > 0 and _linked(regions[i - 1], regions[i]):
+        i -= 1
+    return i
+
+
+def _linked(a: Region, b: Region) -> bool:
+    return a.block == b.block and "block" not in (a.units[0][0], b.units[0][0])
+
+
+class StudentInputs:
+    """The student's residual stream at the start of the region that trains (stage 1 with
+    `local_inputs` "student"), for the cache rows the teacher has filled.
+
+    Why: a region trained on the teacher's input learns its own error only, and the errors of a
+    chain of regions then compound until stage 2. Fed the state the regions before it (already
+    trained) actually give it, a region learns to map that to the teacher's output: it also makes
+    up for what those before it still miss, at stage 1's cost (as in sequential calibration,
+    llm-compressor's and GPTQ's "true sequential").
+
+    Two memmaps take turns (region i writes slot i % 2 from slot (i-1) % 2, through region i-1 and
+    the unchanged modules up to region i); student.json, saved after each flush, records which
+    region and how many rows are valid, so a resumed run reuses them and a crash mid-write redoes
+    only that write. Rows the teacher fills later run from the chain's first cached input.
+    """
+
+    def __init__(self, run: Heal, cache: TeacherCache) -> None:
+        self.run, self.cache = run, cache
+        self.path = cache.folder / "student.json"
+        self.region: int | None = None  # the region whose input the rows hold; None: the teacher's
+        self.filled = 0
+        self.maps: dict[int, np.memmap] = {}
+
+    def _map(self, slot: int, fresh: bool = False) -> np.memmap:
+        path = self.cache.folder / f"student{slot}.bf16"
+        mode = "w+" if fresh or not path.exists() else "r+"
+        self.maps[slot] = np.memmap(path, dtype=np.int16, mode=mode, shape=self.cache.shape)
+        return self.maps[slot]
+
+    def _save(self) -> None:
+        from mom_cli.io.atomic import atomic_file
+
+        self.maps[self.region % 2].flush()
+        with atomic_file(self.path, True) as tmp:
+            tmp.write_text(json.dumps({"region": self.region, "filled": self.filled}))
+
+    def prepare(self, i: int) -> None:
+        """Make rows [0, filled) hold the student's state at region i's start."""
+        regions = self.run.regions
+        head = chain_head(regions, i)
+        if head == i:
+            self.region = None
+            return
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if saved.get("region") == i:
+            self.region, self.filled = i, saved["filled"]
+            self._map(i % 2)
+        elif saved.get("region") == i - 1 and chain_head(regions, i - 1) == head:
+            src, dst = self._map((i - 1) % 2), self._map(i % 2, fresh=True)
+            a, b = regions[i - 1].start, regions[i].start
+            read = lambda rows: read_rows(src, rows, self.run.device)  # noqa: E731
+            self._run(regions[i].block, a, b, read, dst, 0, saved["filled"])
+            self.region, self.filled = i, saved["filled"]
+            self._save()
         else:
-            part = self.maps[pos][idx]
-        return torch.from_numpy(np.ascontiguousarray(part)).view(torch.bfloat16).to(device).float()
+            self._map(i % 2, fresh=True)
+            self.region, self.filled = i, 0
+        self.extend()
+
+    def extend(self) -> None:
+        """Rows the teacher filled since: from the chain's first cached input up to the region."""
+        if self.region is None or self.filled >= self.cache.filled:
+            return
+        start = self.run.regions[chain_head(self.run.regions, self.region)].start
+        end = self.run.regions[self.region].start
+        read = lambda rows: self.cache.read(start, rows, self.run.device)  # noqa: E731
+        block = self.run.regions[self.region].block
+        self._run(block, start, end, read, self.maps[self.region % 2], self.filled, self.cache.filled)
+        self.filled = self.cache.filled
+        self._save()
+
+    @torch.no_grad()
+    def _run(self, block: int, a: int, b: int, read: Callable, into: np.memmap, lo: int, hi: int) -> None:
+        """The student (in eval mode, as it will run) from position a to b of a block, over rows [lo, hi)."""
+        run = self.run
+        spec, s = run.config.blocks[block], block_starts(run.config)[block]
+        span = Region("span", "", block, a, b, span_units(s, len(spec["mha"]), a, b), [])
+        was = run.model.training
+        run.model.eval()
+        try:
+            for i in range(lo, hi, run.opts.batch_size):
+                rows = torch.arange(i, min(i + run.opts.batch_size, hi))
+                with run.autocast():
+                    y, _ = run_region(run.model, span, read(rows))
+                into[i : i + len(rows)] = as_bits(y)
+        finally:
+            run.model.train(was)
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        return read_rows(self.maps[self.region % 2], rows, self.run.device)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -551,7 +674,8 @@ class Heal:
         self.budget = budget or Budget(tokens=int(self.blocks.size))
         d = self.config.hidden_size
         positions = sorted({p for r in self.regions if self._owns(r) for p in (r.start, r.end)})
-        per_block = max(1, len(positions)) * o.seq_len * d * 2
+        slots = 2 if self.sequential else 0  # StudentInputs' two memmaps
+        per_block = (max(1, len(positions)) + slots) * o.seq_len * d * 2
         n = min(self.blocks.shape[0], max(1, parse_size(o.cache_size) // per_block))
         if self.budget.tokens is not None and self.regions:
             local = self.budget.tokens * o.local_share / len(self.regions)
@@ -561,6 +685,12 @@ class Heal:
         g = torch.Generator().manual_seed(o.seed)
         self.cache_source = torch.randperm(self.blocks.shape[0], generator=g)[:n].numpy()
         self.cache_positions = positions
+
+    @property
+    def sequential(self) -> bool:
+        """Stage 1 on the student's own inputs (StudentInputs): one rank only, since a region then
+        waits for the regions before it."""
+        return self.opts.local_inputs == "student" and self.dist.world == 1
 
     def _owns(self, region: Region) -> bool:
         return self.regions.index(region) % self.dist.world == self.dist.rank
@@ -579,6 +709,7 @@ class Heal:
             "budget": str(self.budget),
             "train": o.train,
             "local_share": o.local_share,
+            "local_inputs": o.local_inputs,
             "seq_len": o.seq_len,
             "batch_size": o.batch_size,
             "lr": o.lr,
@@ -730,6 +861,7 @@ class Feeder:
 
     def __init__(self, run: Heal, cache: TeacherCache, key: dict[str, Any]) -> None:
         self.run, self.cache, self.key = run, cache, key
+        self.student = StudentInputs(run, cache) if run.sequential else None
         self.n_eval, b = run.local_eval, run.opts.batch_size
         # too little data to hold any out: the error is measured on the first training rows
         self.eval_rows = torch.arange(self.n_eval or min(cache.shape[0], b))
@@ -739,6 +871,15 @@ class Feeder:
     def grow(self, upto: int) -> None:
         r = self.run
         self.cache.grow(upto, r.teacher, r.family, r.blocks, r.opts.batch_size, r.device, self.key, r.autocast)
+        if self.student is not None:
+            self.student.extend()
+
+    def inputs(self, region: Region, rows: torch.Tensor) -> torch.Tensor:
+        """What `region` learns from: the student's state at its start (see StudentInputs) or the teacher's."""
+        s = self.student
+        if s is not None and s.region is not None and self.run.regions[s.region] is region:
+            return s.read(rows)
+        return self.cache.read(region.start, rows, self.run.device)
 
     def start(self) -> None:
         """A token budget fills every row now; a time budget only the held-out ones."""
@@ -844,7 +985,7 @@ def refit_outputs(run: Heal, region: Region, feeder: Feeder) -> bool:
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for step in range(REFIT_BATCHES):
                 rows = feeder.rows(step)
-                x = feeder.cache.read(region.start, rows, run.device).float().flatten(0, 1)
+                x = feeder.inputs(region, rows).flatten(0, 1)
                 end = feeder.cache.read(region.end, rows, run.device).float().flatten(0, 1)
                 yield module.norm(x), end - x, token_scale(end)[:, 0]
 
@@ -980,6 +1121,10 @@ def _train_region(
         end = lambda: clock.spent() >= region_end  # noqa: E731
         progress = lambda: (clock.spent() - start) / max(1e-9, region_end - start)  # noqa: E731
         done_before = None
+    if feeder.student is not None:  # inside the region's time: it is part of what the region costs
+        i = run.regions.index(region)
+        with timed(f"{region.name}: the student's inputs") if chain_head(run.regions, i) != i else nullcontext():
+            feeder.student.prepare(i)
     if c["step"] == 0:
         region.error_before = _region_error(run, region, feeder)
         if refit_outputs(run, region, feeder):
@@ -996,7 +1141,7 @@ def _train_region(
     while not end():
         rows = feeder.rows(c["step"])
         t0 = time.perf_counter()  # the student's time: a teacher pass above logs its own
-        x, target = feeder.cache.read(region.start, rows, run.device), feeder.cache.read(region.end, rows, run.device)
+        x, target = feeder.inputs(region, rows), feeder.cache.read(region.end, rows, run.device)
         with run.autocast(), retrieval or nullcontext():
             y, aux = run_region(run.model, region, x)
             loss = region_loss(run.model, region, run.top, y, target)
@@ -1042,8 +1187,8 @@ def _region_error(run: Heal, region: Region, feeder: Feeder) -> float:
     was = run.model.training
     run.model.eval()
     try:
-        rows, cache = feeder.eval_rows, feeder.cache
-        x, t = cache.read(region.start, rows, run.device), cache.read(region.end, rows, run.device)
+        rows = feeder.eval_rows
+        x, t = feeder.inputs(region, rows), feeder.cache.read(region.end, rows, run.device)
         with run.autocast():
             y, _ = run_region(run.model, region, x)
         return relative_error(y, x, t)
@@ -1193,6 +1338,8 @@ def _run(run: Heal, force: bool) -> HealResult:
     )
     for r in run.regions:
         log(f"  {r.name}: {r.cause}, {len(r.params)} tensors")
+    if run.opts.local_inputs == "student" and not run.sequential:
+        log("stage 1: each region on the teacher's inputs, so that the ranks train their regions at once")
     log("; ".join(run.load_times))
     if not run.regions:
         log("nothing to heal: every block follows its source layer by layer and nothing was converted or pruned")
