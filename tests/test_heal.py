@@ -149,7 +149,9 @@ def test_resume_is_bit_exact(work, ckpt):
     for line in (work / f"whole-{ckpt}" / "heal_metrics.jsonl").read_text().splitlines():
         steps = max(steps, json.loads(line)["step"])
     assert steps >= 4
-    regions = [json.loads(x).get("region") for x in (work / f"whole-{ckpt}" / "heal_metrics.jsonl").read_text().splitlines()]
+    regions = [
+        json.loads(x).get("region") for x in (work / f"whole-{ckpt}" / "heal_metrics.jsonl").read_text().splitlines()
+    ]
     second = regions.index(next(r for r in regions if r not in (None, regions[0]))) if ckpt == "peer" else None
     # inside the local stage (and inside a region that trains on the student's inputs), then inside the global one
     for stop in (2, *([second + 2] if second else []), steps - 1):
@@ -186,7 +188,12 @@ def test_a_region_learns_from_the_students_own_inputs(work, tmp_path):
     seen: dict[int, torch.Tensor] = {}
     block = run.model.model.blocks[0]
     ffn_step = block.ffn_step
-    block.ffn_step = lambda y, state, h, *a, **k: seen.setdefault(h, y.detach().clone()) is None or ffn_step(y, state, h, *a, **k)
+
+    def keep(y, state, h, *args, **kwargs):  # the residual stream at each FFN's input
+        seen[h] = y.detach().clone()
+        return ffn_step(y, state, h, *args, **kwargs)
+
+    block.ffn_step = keep
     ids = torch.from_numpy(run.blocks[run.cache_source[rows.numpy()]].astype(np.int64))
     with torch.no_grad():
         run.model(input_ids=ids)
@@ -202,6 +209,34 @@ def test_a_region_learns_from_the_students_own_inputs(work, tmp_path):
         assert (x - ref).norm() <= 0.01 * ref.norm(), i
     meta = json.loads((tmp_path / "cache" / "student.json").read_text())
     assert meta == {"region": 3, "filled": cache.filled}
+
+
+@pytest.mark.parametrize("ckpt, first", [("peer", 3), ("pruned", 2)])
+def test_stage_2_takes_the_teachers_state_below_the_first_region(work, ckpt, first):
+    """Below the first change the student is its source: stage 2 starts it from the teacher's state
+    there, with the loss and gradients of the whole forward (float32)."""
+    from mom_cli.training import distributed
+    from mom_cli.training import train as tr
+
+    opts = H.HealOptions(data=str(work / "text.txt"), budget="4k", **SMALL)
+    run = H.Heal(work / ckpt, work / f"{ckpt}-unused", opts, H.check_options(opts), distributed.Dist(), "cpu")
+    assert run.shared_bottom == first
+    params = [run.named[n].requires_grad_(True) for n in run.trainable]
+    x = torch.randint(0, run.config.vocab_size, (2, SMALL["seq_len"]))
+    grads = []
+    for losses in (
+        lambda: tr.step_losses(run.model, run.teacher, x, run.coef),
+        lambda: H.global_losses(run, run.model, x),
+    ):
+        parts = losses()
+        parts["loss"].backward()
+        grads.append([p.grad.clone() for p in params] + [parts["loss"].detach()])
+        run.model.zero_grad()
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    other = H.HealOptions(data=str(work / "text.txt"), budget="4k", teacher=str(work / "exact"), **SMALL)
+    run = H.Heal(work / ckpt, work / f"{ckpt}-unused", other, H.check_options(other), distributed.Dist(), "cpu")
+    assert run.shared_bottom is None  # another teacher: its states are not the student's
 
 
 def test_eval_every_draws_the_curve_and_changes_nothing(work):

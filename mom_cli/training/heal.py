@@ -283,6 +283,17 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
     return [r for r in regions if r.params]
 
 
+def pruned_positions(config: Any) -> list[int]:
+    """The input position of every pruned module (a region may leave one out: see find_regions)."""
+    return [
+        2 * (s + h) + (kind == "ffn")
+        for spec, s in zip(config.blocks, block_starts(config))
+        for kind in ("mha", "ffn")
+        for h, slot in enumerate(spec[kind])
+        if slot is None
+    ]
+
+
 def span_units(s: int, m: int, a: int, b: int) -> list[tuple[str, int]]:
     """The units of a block starting at source layer s (m layers) whose input positions lie in [a, b)."""
     return [(kind, h) for h in range(m) for kind in ("mha", "ffn") if a <= 2 * (s + h) + (kind == "ffn") < b]
@@ -326,6 +337,26 @@ def run_region(model: nn.Module, region: Region, x: torch.Tensor) -> tuple[torch
         half = block.mha_step(h, None, step, ctx, 0) if kind == "mha" else block.ffn_step(h, None, step, ctx)
         h, aux = half.hidden, aux + ([] if half.aux is None else [half.aux])
     return h.view(b, t, d), aux
+
+
+def student_from(model: nn.Module, p: int, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The student's logits from its residual stream h (B, T, d) at position p, a position inside a
+    block that follows its source layer by layer, or a block's start: the rest of that block, the
+    blocks after it, the top layers, the final norm and the head; with the routers' aux terms."""
+    cfg, mom = model.config, model.model
+    b, t, d = h.shape
+    starts = block_starts(cfg)
+    i = max(j for j, s in enumerate(starts) if 2 * s <= p)
+    s, m = starts[i], len(cfg.blocks[i]["mha"])
+    units = [("block", 0)] if p == 2 * s else span_units(s, m, p, 2 * (s + m))
+    x, aux = run_region(model, Region("rest", "", i, p, 2 * (s + m), units, []), h)
+    x, ctx, layer = x.reshape(b * t, d), step_context(model, b, t, h), s + m
+    for block in mom.blocks[i + 1 :]:
+        out = block(x, ctx, layer)
+        x, aux, layer = out.hidden, aux + out.aux, layer + block.steps
+    for plain in mom.top:
+        x, layer = plain(x, ctx, layer), layer + 1
+    return model.head(mom.norm(x).view(b, t, d)), aux
 
 
 def token_scale(target: torch.Tensor) -> torch.Tensor:
@@ -379,6 +410,18 @@ def timed(what: str, into: list[str] | None = None) -> Iterator[None]:
 
 class _Enough(Exception):
     """Raised by the hook of the last cached position: the teacher's pass can stop there."""
+
+
+def residual_taps(teacher: nn.Module, family: Any) -> list[nn.Module]:
+    """The teacher's module that reads the residual stream at each position 0..2L (its first
+    argument is the stream): pre-norms, or OLMo 2's sublayers, then the final norm."""
+    layers_path, attn_in, ffn_in, final = family.residual_inputs
+    taps = [layer.get_submodule(n) for layer in teacher.get_submodule(layers_path) for n in (attn_in, ffn_in)]
+    return taps + [teacher.get_submodule(final)]
+
+
+def _stream(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]  # OLMo 2's attention takes keywords
 
 
 class TeacherCache:
@@ -443,17 +486,13 @@ class TeacherCache:
 
         def keep(pos: int):
             def hook(mod, args, kwargs):
-                x = args[0] if args else kwargs["hidden_states"]  # OLMo 2's attention takes keywords
-                self.maps[pos][rows] = as_bits(x).reshape(-1, *self.shape[1:])
+                self.maps[pos][rows] = as_bits(_stream(args, kwargs)).reshape(-1, *self.shape[1:])
                 if pos == last:  # the layers above (and the head) would only be thrown away
                     raise _Enough
 
             return hook
 
-        layers_path, attn_in, ffn_in, final = family.residual_inputs
-        layers = teacher.get_submodule(layers_path)
-        taps = [layer.get_submodule(n) for layer in layers for n in (attn_in, ffn_in)]
-        taps.append(teacher.get_submodule(final))
+        taps = residual_taps(teacher, family)
         last = max(self.positions)
         hooks = [taps[p].register_forward_pre_hook(keep(p), with_kwargs=True) for p in self.positions]
         try:
@@ -603,6 +642,12 @@ class StudentInputs:
         return read_rows(self.maps[self.region % 2], rows, self.run.device)
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Two model references name the same model: the same hub id, or the same local folder."""
+    pa, pb = Path(a), Path(b)
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -691,6 +736,16 @@ class Heal:
         """Stage 1 on the student's own inputs (StudentInputs): one rank only, since a region then
         waits for the regions before it."""
         return self.opts.local_inputs == "student" and self.dist.world == 1
+
+    @property
+    def shared_bottom(self) -> int | None:
+        """The first region's start, where stage 2's student may take the teacher's state (see
+        global_losses); None where it may not."""
+        first = min([r.start for r in self.regions] + pruned_positions(self.config), default=0)
+        source = self.config.mom_provenance[0].get("source") if self.config.mom_provenance else None
+        if first == 0 or self.dist.active or source is None or not _same_model(self.teacher_ref, source):
+            return None
+        return first
 
     def _owns(self, region: Region) -> bool:
         return self.regions.index(region) % self.dist.world == self.dist.rank
@@ -1239,7 +1294,7 @@ def global_stage(
         t0 = time.perf_counter()
         x = next(batches.micro_batches(c["step"])).to(run.device)
         with run.autocast():
-            parts = tr.step_losses(model, run.teacher, x, run.coef)
+            parts = global_losses(run, model, x)
         lr = run.lr(o.global_lr, progress())
         run.step(opts, params, parts["loss"], lr)
         m = dict(
@@ -1276,6 +1331,29 @@ def global_stage(
     for p in params:
         p.requires_grad_(False)
     return first, last
+
+
+def global_losses(run: Heal, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stage 2's objective on one micro-batch. Below the first region the student is its source
+    model, so where the teacher is that source (and on one rank: DDP needs its own forward) the
+    student starts from the teacher's state there (student_from) rather than recomputing it: a
+    third of SmolLM2's layers for PEER layers 10-19."""
+    p = run.shared_bottom
+    if p is None:
+        return tr.step_losses(model, run.teacher, x, run.coef)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.setdefault("h", _stream(args, kwargs))
+
+    hook = residual_taps(run.teacher, run.family)[p].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            target = run.teacher(input_ids=x, use_cache=False).logits
+    finally:
+        hook.remove()
+    logits, aux = student_from(run.model, p, seen["h"].to(torch.float32))
+    return tr.objective(logits, target, x, torch.stack(aux).mean() if aux else None, run.coef)
 
 
 def _checkpoint(run: Heal, opts: list[torch.optim.Optimizer], clock: Clock, metrics: tr.Metrics) -> bool:

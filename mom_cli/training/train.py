@@ -344,13 +344,22 @@ def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, log_probs: bool 
 def step_losses(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, coef: float) -> dict[str, torch.Tensor]:
     """The objective of one micro-batch and its parts (the parts detached, for logging)."""
     out = model(input_ids=x, use_cache=False)
-    logits = out.logits
-    if teacher is None:
+    target = None
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(input_ids=x, use_cache=False).logits
+    return objective(out.logits, target, x, out.aux_loss, coef)
+
+
+def objective(
+    logits: torch.Tensor, target: torch.Tensor | None, x: torch.Tensor, aux_loss: torch.Tensor | None, coef: float
+) -> dict[str, torch.Tensor]:
+    """KL to the teacher's logits `target` (or, without one, the LM loss on x), plus `coef` times the
+    routers' aux loss; the parts detached, for logging."""
+    if target is None:
         parts = {"lm_loss": F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())}
         loss = parts["lm_loss"]
     else:
-        with torch.no_grad():
-            target = teacher(input_ids=x, use_cache=False).logits
         # One log-softmax over the vocabulary serves the KL and the logged LM loss, not two: each
         # is a pass over tokens x 49,152 floats at SmolLM2's vocabulary (profiled in a CPU heal
         # step: 3 log-softmax calls -> 2).
@@ -359,9 +368,9 @@ def step_losses(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, co
         with torch.no_grad():
             parts["lm_loss"] = -s[:, :-1].gather(-1, x[:, 1:, None]).mean()
         loss = parts["kl"]
-    if out.aux_loss is not None:
-        parts["aux_loss"] = out.aux_loss
-        loss = loss + coef * out.aux_loss
+    if aux_loss is not None:
+        parts["aux_loss"] = aux_loss
+        loss = loss + coef * aux_loss
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 
