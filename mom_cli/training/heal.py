@@ -560,10 +560,12 @@ class StudentInputs:
     up for what those before it still miss, at stage 1's cost (as in sequential calibration,
     llm-compressor's and GPTQ's "true sequential").
 
-    Two memmaps take turns (region i writes slot i % 2 from slot (i-1) % 2, through region i-1 and
-    the unchanged modules up to region i); student.json, saved after each flush, records which
-    region and how many rows are valid, so a resumed run reuses them and a crash mid-write redoes
-    only that write. Rows the teacher fills later run from the chain's first cached input.
+    Two memmaps take turns: region i's rows go to slot i % 2, carried from slot (i-1) % 2 through
+    region i-1 and the unchanged modules up to region i. student.json, saved after each flush,
+    records each slot's region and valid rows. A run saves its state at every region's end, so a
+    resumed one finds its region's slot intact (the next region wrote the other) and reuses it,
+    bit for bit; a crash mid-write redoes only that write. Rows the teacher fills later run from
+    the chain's first cached input.
     """
 
     def __init__(self, run: Heal, cache: TeacherCache) -> None:
@@ -572,6 +574,10 @@ class StudentInputs:
         self.region: int | None = None  # the region whose input the rows hold; None: the teacher's
         self.filled = 0
         self.maps: dict[int, np.memmap] = {}
+
+    def _slots(self) -> dict[str, dict[str, int]]:
+        """Slot ("0", "1") -> {"region", "filled"}, as last saved."""
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def _map(self, slot: int, fresh: bool = False) -> np.memmap:
         path = self.cache.folder / f"student{slot}.bf16"
@@ -582,9 +588,11 @@ class StudentInputs:
     def _save(self) -> None:
         from mom_cli.io.atomic import atomic_file
 
-        self.maps[self.region % 2].flush()
+        slot = self.region % 2
+        self.maps[slot].flush()
+        slots = self._slots() | {str(slot): {"region": self.region, "filled": self.filled}}
         with atomic_file(self.path, True) as tmp:
-            tmp.write_text(json.dumps({"region": self.region, "filled": self.filled}))
+            tmp.write_text(json.dumps(slots))
 
     def prepare(self, i: int) -> None:
         """Make rows [0, filled) hold the student's state at region i's start."""
@@ -593,20 +601,20 @@ class StudentInputs:
         if head == i:
             self.region = None
             return
-        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
-        if saved.get("region") == i:
-            self.region, self.filled = i, saved["filled"]
+        mine, before = self._slots().get(str(i % 2), {}), self._slots().get(str((i - 1) % 2), {})
+        self.region = i
+        if mine.get("region") == i:
+            self.filled = mine["filled"]
             self._map(i % 2)
-        elif saved.get("region") == i - 1 and chain_head(regions, i - 1) == head:
+        elif before.get("region") == i - 1 and i - 1 != head:
             src, dst = self._map((i - 1) % 2), self._map(i % 2, fresh=True)
-            a, b = regions[i - 1].start, regions[i].start
             read = lambda rows: read_rows(src, rows, self.run.device)  # noqa: E731
-            self._run(regions[i].block, a, b, read, dst, 0, saved["filled"])
-            self.region, self.filled = i, saved["filled"]
+            self._run(regions[i].block, regions[i - 1].start, regions[i].start, read, dst, 0, before["filled"])
+            self.filled = before["filled"]
             self._save()
         else:
             self._map(i % 2, fresh=True)
-            self.region, self.filled = i, 0
+            self.filled = 0
         self.extend()
 
     def extend(self) -> None:
