@@ -601,7 +601,10 @@ def heal(
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option(
-        "auto", "--dtype", help="Autocast dtype: bf16, fp32, or auto (bf16 on GPUs, fp32 on CPU)."
+        "auto",
+        "--dtype",
+        help="Autocast dtype: bf16, fp32, or auto (bf16 on GPUs and on CPUs with native bf16, AVX512-BF16 or "
+        "AMX; fp32 otherwise).",
     ),
     save_every: int = typer.Option(0, "--save-every", help="Save the state every N steps (OUT.heal-state/)."),
     eval_every: int = typer.Option(

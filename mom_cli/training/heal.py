@@ -682,7 +682,8 @@ class Heal:
                 f"positions; use --seq-len {self.config.max_position_embeddings} or less"
             )
         self.teacher_ref = opts.teacher or tr.source_model(ckpt, self.config, "--teacher MODEL")
-        self.amp = tr.amp_dtype(opts.dtype, device)
+        # bf16 on a CPU too, where it is native: a SmolLM2 heal step takes 4.9 s instead of 6.4 (2 cores)
+        self.amp = tr.amp_dtype(opts.dtype, device, cpu_bf16=True)
         self.load_times: list[str] = []
         with timed(f"loading {ckpt}", self.load_times):
             self.model, self.tokenizer = load_model(str(ckpt), device, torch.float32)

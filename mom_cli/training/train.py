@@ -221,17 +221,26 @@ def check_strategy(opts: TrainOptions, d: distributed.Dist) -> None:
         )
 
 
-def amp_dtype(name: str, device: str) -> torch.dtype:
-    """The autocast dtype (float32: no autocast). Trained weights and optimizer state are float32."""
+def amp_dtype(name: str, device: str, cpu_bf16: bool = False) -> torch.dtype:
+    """The autocast dtype (float32: no autocast). Trained weights and optimizer state are float32.
+    `auto` is bf16 on GPUs that have it, and with `cpu_bf16` also on CPUs that compute it natively."""
     cuda = device.startswith("cuda")
     if name == "auto":
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        native = torch.cuda.is_bf16_supported() if cuda else cpu_bf16 and native_cpu_bf16()
+        return torch.bfloat16 if native else torch.float32
     dtype = DTYPES[name]
     if dtype == torch.float16 and not cuda:
         raise UsageError("--dtype fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     if dtype == torch.bfloat16 and cuda and not torch.cuda.is_bf16_supported():
         raise UsageError("this GPU has no bf16 support; use --dtype fp16 or fp32")
     return dtype
+
+
+def native_cpu_bf16() -> bool:
+    """This CPU multiplies bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 matmuls then run about
+    twice as fast as float32 (measured on a 2-core AMD EPYC: 4.3 against 9.5 ms for 1024x576 @ 576x1536)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in some builds
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 # ----------------------------------------------------------------------------- data
