@@ -2,7 +2,7 @@
 # mom's GPU paths, run for real on one CUDA machine, with the figures they give.
 #
 #   bash bench/gpu_check.sh tests    # the grouped dispatch and segment matmul on CUDA (float32 and bfloat16)
-#   bash bench/gpu_check.sh bench    # bench_routed and profile_routed (bf16), heal (two rows), train-routers (bf16), torchrun (NCCL)
+#   bash bench/gpu_check.sh bench    # bench_routed and profile_routed (bf16), heal (two rows and one step), train-routers (bf16), torchrun (NCCL)
 #   bash bench/gpu_check.sh routed   # the segment-matmul kernel, bench_routed with CUDA graphs, then with torch.compile too (H=15,K=1 forward)
 #   bash bench/gpu_check.sh          # tests and bench, in about 9 minutes on an H100/H200
 #
@@ -44,6 +44,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     step profile 60 30 "$py" bench/profile_routed.py --device cuda --dtype bfloat16
     # 60-second heals (budget scale 1/30 of the CPU rows' 30 minutes) after two real surgeries
     step heal 300 30 "$py" bench/bench_heal.py --device cuda --rows prune8,peer50 --budget-scale 0.0334
+    step heal_step 90 14 "$py" bench/bench_heal_step.py --device cuda
     ckpt=$cache/smollm2-135m-mom-h15k2
     train=(train-routers "$ckpt" --data "$cache/pydocs-calib.txt" --eval-data "$cache/pydocs-heldout.txt"
         --eval-tokens 16384 --distill --train all --seq-len 512 --batch-size 8 --device cuda --dtype bf16 --force)

@@ -18,7 +18,7 @@ from mom_cli.errors import UsageError
 from mom_cli.io.checkpoint import load
 from mom_cli.training import heal as H
 
-SMALL = dict(seq_len=32, batch_size=2)
+SMALL = dict(seq_len=32, batch_size=2, dtype="fp32")  # `auto` would be bf16 on some CPUs: see the bf16 test
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +237,9 @@ def test_stage_2_takes_the_teachers_state_below_the_first_region(work, ckpt, fir
     other = H.HealOptions(data=str(work / "text.txt"), budget="4k", teacher=str(work / "exact"), **SMALL)
     run = H.Heal(work / ckpt, work / f"{ckpt}-unused", other, H.check_options(other), distributed.Dist(), "cpu")
     assert run.shared_bottom is None  # another teacher: its states are not the student's
+    run = H.Heal(work / ckpt, work / f"{ckpt}-unused", opts, H.check_options(opts), distributed.Dist(), "cpu")
+    run.config.mom_provenance = [*run.config.mom_provenance, {"command": "train-routers", "args": {"train": "all"}}]
+    assert run.shared_bottom is None  # training changed the layers below too
 
 
 def test_eval_every_draws_the_curve_and_changes_nothing(work):
@@ -267,7 +270,8 @@ def cache_meta(state: Path) -> dict:
 
 def test_a_time_budget_fills_the_cache_on_demand(work, long_text):
     """The teacher runs over the rows the region reads, not over the whole cache, and the region learns."""
-    opts = H.HealOptions(data=str(long_text), budget="5s", lr=3e-3, keep_state=True, **SMALL)
+    # in bf16 autocast, as `--dtype auto` runs on CPUs with native bf16
+    opts = H.HealOptions(data=str(long_text), budget="5s", lr=3e-3, keep_state=True, **SMALL | {"dtype": "bf16"})
     r = H.heal(work / "pruned", work / "timed", opts)
     (reg,) = r.regions
     assert reg["steps"] > 0 and reg["error_after"] < 0.95 * reg["error_before"], reg

@@ -41,6 +41,7 @@ import shutil
 import time
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -263,11 +264,12 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
         spans: list[tuple[int, int, str, list[tuple[str, int]]]] = []
         for h in range(m):
             if f"{i}.{h}" in config.peer and spec["ffn"][h] is not None:
-                spans.append((2 * (s + h) + 1, 2 * (s + h) + 2, "convert-peer", [("ffn", h)]))
+                p = position(s, h, "ffn")
+                spans.append((p, p + 1, "convert-peer", [("ffn", h)]))
             for kind in ("mha", "ffn"):
                 if spec[kind][h] is None:
-                    p = 2 * (s + h) + (kind == "ffn")
-                    after = [u for u in live if 2 * (s + u[1]) + (u[0] == "ffn") > p][:FOLLOW]
+                    p = position(s, h, kind)
+                    after = [u for u in live if position(s, u[1], u[0]) > p][:FOLLOW]
                     if not after:
                         warn(
                             f"the pruned {kind.upper()} module of layer {s + h} has no live module after it in "
@@ -275,7 +277,7 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
                         )
                         continue
                     last = after[-1]
-                    spans.append((p, 2 * (s + last[1]) + (last[0] == "ffn") + 1, "prune", after))
+                    spans.append((p, position(s, last[1], last[0]) + 1, "prune", after))
         for a, b, cause, trained in _merge(spans):
             units = span_units(s, m, a, b)
             names = [n for kind, h in trained for n in _module_params(model, f"{prefix}{kind}.{h}.", mode)]
@@ -283,10 +285,15 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
     return [r for r in regions if r.params]
 
 
+def position(s: int, h: int, kind: str) -> int:
+    """The input position of unit (kind, h) of a block that starts at source layer s."""
+    return 2 * (s + h) + (kind == "ffn")
+
+
 def pruned_positions(config: Any) -> list[int]:
     """The input position of every pruned module (a region may leave one out: see find_regions)."""
     return [
-        2 * (s + h) + (kind == "ffn")
+        position(s, h, kind)
         for spec, s in zip(config.blocks, block_starts(config))
         for kind in ("mha", "ffn")
         for h, slot in enumerate(spec[kind])
@@ -296,7 +303,7 @@ def pruned_positions(config: Any) -> list[int]:
 
 def span_units(s: int, m: int, a: int, b: int) -> list[tuple[str, int]]:
     """The units of a block starting at source layer s (m layers) whose input positions lie in [a, b)."""
-    return [(kind, h) for h in range(m) for kind in ("mha", "ffn") if a <= 2 * (s + h) + (kind == "ffn") < b]
+    return [(kind, h) for h in range(m) for kind in ("mha", "ffn") if a <= position(s, h, kind) < b]
 
 
 def _merge(spans: list) -> list[tuple[int, int, str, list[tuple[str, int]]]]:
@@ -562,10 +569,14 @@ class StudentInputs:
 
     Two memmaps take turns: region i's rows go to slot i % 2, carried from slot (i-1) % 2 through
     region i-1 and the unchanged modules up to region i. student.json, saved after each flush,
-    records each slot's region and valid rows. A run saves its state at every region's end, so a
-    resumed one finds its region's slot intact (the next region wrote the other) and reuses it,
-    bit for bit; a crash mid-write redoes only that write. Rows the teacher fills later run from
-    the chain's first cached input.
+    records each slot's region and valid rows. A run that can resume (`save_every`) saves its
+    state at every region's end, so a resumed one finds its region's slot intact (the next region
+    wrote the other) and reuses it, bit for bit; a crash mid-write redoes only that write. Rows the
+    teacher fills later run from the chain's first cached input, in one go rather than rounded to
+    bf16 at each region's start as the carried ones are: either is the student to bf16 rounding.
+
+    A region's errors (relative_error) are then measured on these inputs, so they include what the
+    regions before it miss: they are not comparable with errors on the teacher's inputs.
     """
 
     def __init__(self, run: Heal, cache: TeacherCache) -> None:
@@ -582,6 +593,7 @@ class StudentInputs:
     def _map(self, slot: int, fresh: bool = False) -> np.memmap:
         path = self.cache.folder / f"student{slot}.bf16"
         mode = "w+" if fresh or not path.exists() else "r+"
+        self.maps.pop(slot, None)  # the old map first: "w+" truncates the file it maps
         self.maps[slot] = np.memmap(path, dtype=np.int16, mode=mode, shape=self.cache.shape)
         return self.maps[slot]
 
@@ -727,8 +739,9 @@ class Heal:
         self.step_tokens = o.batch_size * o.seq_len
         self.budget = budget or Budget(tokens=int(self.blocks.size))
         d = self.config.hidden_size
-        positions = sorted({p for r in self.regions if self._owns(r) for p in (r.start, r.end)})
-        slots = 2 if self.sequential else 0  # StudentInputs' two memmaps
+        positions = sorted({p for i, r in enumerate(self.regions) if self._owns(r) for p in self._reads(i)})
+        chained = self.sequential and any(chain_head(self.regions, i) != i for i in range(len(self.regions)))
+        slots = 2 if chained else 0  # StudentInputs' two memmaps
         per_block = (max(1, len(positions)) + slots) * o.seq_len * d * 2
         n = min(self.blocks.shape[0], max(1, parse_size(o.cache_size) // per_block))
         if self.budget.tokens is not None and self.regions:
@@ -746,15 +759,28 @@ class Heal:
         waits for the regions before it."""
         return self.opts.local_inputs == "student" and self.dist.world == 1
 
-    @property
+    @cached_property
     def shared_bottom(self) -> int | None:
-        """The first region's start, where stage 2's student may take the teacher's state (see
-        global_losses); None where it may not."""
+        """The first changed position, where stage 2's student may take the teacher's state (see
+        global_losses); None where it may not: another teacher, several ranks, training that
+        changed weights outside the regions (train-routers --train all or --lora), or routers'
+        load-balancing terms (they average over every routed step, those below too)."""
         first = min([r.start for r in self.regions] + pruned_positions(self.config), default=0)
-        source = self.config.mom_provenance[0].get("source") if self.config.mom_provenance else None
-        if first == 0 or self.dist.active or source is None or not _same_model(self.teacher_ref, source):
+        prov = self.config.mom_provenance
+        source = prov[0].get("source") if prov else None
+        elsewhere = any(
+            r.get("command") == "train-routers"
+            and (r.get("args", {}).get("train") == "all" or r.get("args", {}).get("lora"))
+            for r in prov
+        )
+        if first == 0 or self.dist.active or self.coef or elsewhere or source is None:
             return None
-        return first
+        return first if _same_model(self.teacher_ref, source) else None
+
+    def _reads(self, i: int) -> tuple[int, ...]:
+        """The cached positions region i reads: its end, and its start unless it takes the student's."""
+        r = self.regions[i]
+        return (r.end,) if self.sequential and chain_head(self.regions, i) != i else (r.start, r.end)
 
     def _owns(self, region: Region) -> bool:
         return self.regions.index(region) % self.dist.world == self.dist.rank
@@ -926,6 +952,7 @@ class Feeder:
     def __init__(self, run: Heal, cache: TeacherCache, key: dict[str, Any]) -> None:
         self.run, self.cache, self.key = run, cache, key
         self.student = StudentInputs(run, cache) if run.sequential else None
+        self.student_seconds = 0.0  # carrying new rows to the student's inputs: counted with the teacher's
         self.n_eval, b = run.local_eval, run.opts.batch_size
         # too little data to hold any out: the error is measured on the first training rows
         self.eval_rows = torch.arange(self.n_eval or min(cache.shape[0], b))
@@ -936,7 +963,9 @@ class Feeder:
         r = self.run
         self.cache.grow(upto, r.teacher, r.family, r.blocks, r.opts.batch_size, r.device, self.key, r.autocast)
         if self.student is not None:
+            t0 = time.perf_counter()
             self.student.extend()
+            self.student_seconds += time.perf_counter() - t0
 
     def inputs(self, region: Region, rows: torch.Tensor) -> torch.Tensor:
         """What `region` learns from: the student's state at its start (see StudentInputs) or the teacher's."""
@@ -959,11 +988,12 @@ class Feeder:
         return torch.from_numpy(self.n_eval + (step * b + np.arange(b)) % have)
 
     def affordable(self, upto: int) -> int:
-        """`upto`, or fewer rows where the teacher's seconds per row so far would pass the allowance."""
+        """`upto`, or fewer rows where the teacher's seconds per row so far would pass the allowance
+        (which the seconds spent carrying new rows to the student's inputs use up too)."""
         c = self.cache
         if not math.isfinite(self.allowance) or c.filled == 0 or c.fill_seconds <= 0:
             return upto
-        more = int((self.allowance - c.fill_seconds) / (c.fill_seconds / c.filled))
+        more = int((self.allowance - c.fill_seconds - self.student_seconds) / (c.fill_seconds / c.filled))
         b = self.run.opts.batch_size
         return min(upto, max(self.least, c.filled + more // b * b))  # whole micro-batches per pass
 
@@ -1026,9 +1056,10 @@ def refit_outputs(run: Heal, region: Region, feeder: Feeder) -> bool:
 
     Why: gradient steps move V slowly (the layer's error barely falls in hundreds of steps), and
     the system is N x N. Measured on SmolLM2 layer 12 at h*k = 50% (the README's `mom heal` run):
-    relative error 0.236 -> 0.177 from the refit alone. Only for a region that is one PEER layer whose experts train (its input
-    is then the cached start and its output the difference of the two cached positions), with N
-    up to REFIT_MAX_EXPERTS; True when it refitted.
+    relative error 0.236 -> 0.177 from the refit alone (on the teacher's inputs). Only for a region
+    that is one PEER layer whose experts train (its input is then what Feeder.inputs gives, its
+    target output the cached end minus that input), with N up to REFIT_MAX_EXPERTS; True when it
+    refitted.
     """
     from mom_cli.modeling.modeling_mom import PeerFfnModule
 
