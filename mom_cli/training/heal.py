@@ -613,7 +613,8 @@ class StudentInputs:
         if head == i:
             self.region = None
             return
-        mine, before = self._slots().get(str(i % 2), {}), self._slots().get(str((i - 1) % 2), {})
+        slots = self._slots()
+        mine, before = slots.get(str(i % 2), {}), slots.get(str((i - 1) % 2), {})
         self.region = i
         if mine.get("region") == i:
             self.filled = mine["filled"]
@@ -776,6 +777,11 @@ class Heal:
         if first == 0 or self.dist.active or self.coef or elsewhere or source is None:
             return None
         return first if _same_model(self.teacher_ref, source) else None
+
+    @cached_property
+    def bottom_tap(self) -> nn.Module:
+        """The teacher's module that reads the residual stream at shared_bottom (see global_losses)."""
+        return residual_taps(self.teacher, self.family)[self.shared_bottom]
 
     def _reads(self, i: int) -> tuple[int, ...]:
         """The cached positions region i reads: its end, and its start unless it takes the student's."""
@@ -1386,7 +1392,7 @@ def global_losses(run: Heal, model: nn.Module, x: torch.Tensor) -> dict[str, tor
     def keep(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         seen.setdefault("h", _stream(args, kwargs))
 
-    hook = residual_taps(run.teacher, run.family)[p].register_forward_pre_hook(keep, with_kwargs=True)
+    hook = run.bottom_tap.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with torch.no_grad():
             target = run.teacher(input_ids=x, use_cache=False).logits
