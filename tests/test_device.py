@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mom_cli
 from mom_cli.io.tensorio import SafetensorsReader
@@ -17,7 +18,7 @@ from mom_cli.surgery.convert_peer import ConvertOptions, convert_peer
 from mom_cli.surgery.decompose import PlanOptions, decompose
 from mom_cli.training import distributed
 from mom_cli.training.heal import HealOptions, heal
-from mom_cli.training.train import Run, TrainOptions, train
+from mom_cli.training.train import Run, TrainOptions, kl_to_teacher, train
 from tests.helpers import decomposed
 
 SMALL = dict(seq_len=32, batch_size=2, dtype="bf16")
@@ -44,7 +45,7 @@ def test_train_routers_everything_in_bf16_autocast(work, device):
     mom_cli.load(r.path)  # a float32 checkpoint again
 
 
-def test_heal_in_bf16_autocast_lowers_each_regions_error(work, device):
+def test_heal_in_bf16_autocast_lowers_each_regions_error(work, models_dir, device):
     r = heal(
         work / "peer",
         work / "peer-healed",
@@ -55,7 +56,15 @@ def test_heal_in_bf16_autocast_lowers_each_regions_error(work, device):
     assert len(r.regions) == 2 and r.global_steps > 0
     for reg in r.regions:
         assert reg["error_after"] < 0.95 * reg["error_before"], reg
-    assert r.eval_ppl_after < r.eval_ppl_before
+    # The tiny model's perplexity barely moves (the surgery costs it 0.1%, less than bf16 rounds
+    # off on a GPU), so the whole model's check is its distance to the teacher, in float32.
+    teacher = AutoModelForCausalLM.from_pretrained(models_dir / "llama", dtype=torch.float32)
+    text = (work / "text.txt").read_text()
+    x = AutoTokenizer.from_pretrained(models_dir / "llama")(text, return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        want = teacher(x).logits
+        kl = [kl_to_teacher(mom_cli.load(c)(input_ids=x).logits, want).item() for c in (work / "peer", r.path)]
+    assert kl[1] < 0.9 * kl[0], kl
 
 
 def test_train_routers_keeps_frozen_bf16_weights_as_stored(work, models_dir, device):
