@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh tests    # the grouped dispatch and segment matmul on CUDA (float32 and bfloat16)
 #   bash bench/gpu_check.sh bench    # bench_routed and profile_routed (bf16), heal (two rows and one step), train-routers (bf16), torchrun (NCCL)
-#   bash bench/gpu_check.sh routed   # the segment-matmul kernel, bench_routed with CUDA graphs, then with torch.compile too (H=15,K=1 forward)
+#   bash bench/gpu_check.sh routed   # the segment-matmul kernel, bench_routed with CUDA graphs, then with torch.compile too (H=15,K=1 forward),
+#                                    # and the kernels of a replayed H=15,K=1 training step
 #   bash bench/gpu_check.sh          # tests and bench, in about 9 minutes on an H100/H200
 #
 # Run from the repository root, with bench/.cache filled by `python bench/fetch.py` (the SmolLM2
@@ -57,5 +58,6 @@ if [ "$what" = routed ]; then
     step routed 280 40 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs
     step compiled 150 20 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs --compile \
         --parts forward --plans 15x1
+    step graphed_profile 90 90 "$py" bench/profile_routed.py --device cuda --dtype bfloat16 --part train --graphs --rows 40
 fi
 rm -rf "$work"

@@ -4,13 +4,16 @@ Run from the repository root with the project's venv active, after bench_routed.
 
     python bench/profile_routed.py --device cuda --dtype bfloat16              # one GPU, H=15,K=1 forward
     python bench/profile_routed.py --device cuda --dtype bfloat16 --plan 15x2 --part train
+    python bench/profile_routed.py --device cuda --dtype bfloat16 --part train --graphs   # replays of CUDA graphs
     python bench/profile_routed.py --threads 1                                 # CPU (kernel time is CPU time there)
 
 SmolLM2-135M decomposed with --depth H --top-k K (router heads spread as in bench_routed.py), and
 the `transformers` dense model: one forward (or training step) of 4 x 256 tokens of real text each,
 under torch.profiler, after warm-up. For each side: wall time, kernel time and kernel launches, then
 the kernels that took the most time, with their counts. A GPU side whose wall time is far above its
-kernel time is bound by launches (Python and the CPU side), not by the GPU.
+kernel time is bound by launches (Python and the CPU side), not by the GPU. With --graphs, each
+side is captured as one CUDA graph and a replay is profiled: the kernels bench_routed.py --graphs
+times, with no launch cost between them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_foundation import DTYPES, text_tokens  # noqa: E402
 from bench.bench_routed import forward_step, mom_dir, prepare_plan, spread_routers, train_step, training  # noqa: E402
-from bench.common import HF_DIR, bench_parser, log, prepare_hf, sync  # noqa: E402
+from bench.common import HF_DIR, bench_parser, cuda_graph, log, prepare_hf, sync  # noqa: E402
 
 _LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -69,7 +72,10 @@ def main() -> None:
     p.add_argument("--plan", default="15x1", help="HxK (default 15x1)")
     p.add_argument("--part", choices=("forward", "train"), default="forward")
     p.add_argument("--rows", type=int, default=25, help="rows of each kernel table")
+    p.add_argument("--graphs", action="store_true", help="profile a replay of each side captured as one CUDA graph")
     args = p.parse_args()
+    if args.graphs and args.device != "cuda":
+        p.error("--graphs needs --device cuda")
     from transformers import AutoModelForCausalLM
 
     import mom_cli
@@ -85,12 +91,14 @@ def main() -> None:
     batch, seq = (1, 64) if args.quick else (4, 256)
     x = text_tokens(batch * seq).view(batch, seq).to(dev)
     log(f"profile: H={h},K={k} {args.part}, {batch}x{seq} tokens, {args.dtype} on {dev}, torch {torch.__version__}")
+    graphed = cuda_graph if args.graphs else lambda fn: fn
+    how = ", replayed from a CUDA graph" if args.graphs else ""
     for name, model in ((f"MoM H={h},K={k}", mom), ("dense", hf)):
         if args.part == "train":
             with training(model):
-                profile_side(f"{name} training step", train_step(model, x), dev, args.rows)
+                profile_side(f"{name} training step{how}", graphed(train_step(model, x)), dev, args.rows)
         else:
-            profile_side(f"{name} forward", forward_step(model, x), dev, args.rows)
+            profile_side(f"{name} forward{how}", graphed(forward_step(model, x)), dev, args.rows)
 
 
 if __name__ == "__main__":
