@@ -354,7 +354,7 @@ def test_attn_implementation_eager_and_sdpa_agree_with_padding_and_skip(routed):
 def test_merged_weight_gradients_with_empty_and_skipped_groups():
     """The weight gradient of several steps at once equals the sum of each step's, with groups no
     row of a step went to, and a step whose rows all went past the groups (SKIP)."""
-    from mom_cli.modeling.modeling_mom import _merged_wgrad, _segment_wgrad
+    from mom_cli.modeling.modeling_mom import _merged_wgrad, _merged_wgrad_device, _segment_wgrad
 
     g = torch.Generator().manual_seed(0)
     steps = []
@@ -362,8 +362,12 @@ def test_merged_weight_gradients_with_empty_and_skipped_groups():
         a, grad = torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
         steps.append((a, grad, torch.tensor(offs, dtype=torch.int32)))
     ref = sum(_segment_wgrad(grad, a, offs, 3) for a, grad, offs in steps)
-    assert max_diff(_merged_wgrad(steps, 3), ref) <= 1e-5
-    assert _merged_wgrad(steps[2:], 3).abs().max() == 0
+    a4, g4, offs4 = torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g), torch.tensor([1, 1, 3]).int()
+    uneven, ref_uneven = [*steps, (a4, g4, offs4)], ref + _segment_wgrad(g4, a4, offs4, 3)
+    for merged in (_merged_wgrad, _merged_wgrad_device):  # the CPU's, and the GPU's run on the CPU
+        assert max_diff(merged(steps, 3), ref) <= 1e-5
+        assert max_diff(merged(uneven, 3), ref_uneven) <= 1e-5  # steps of different row counts
+        assert merged(steps[2:], 3).abs().max() == 0
 
 
 triton_kernel = pytest.mark.skipif(segment_kernel.triton is None, reason="Triton is not installed")
