@@ -217,6 +217,29 @@ def test_fused_kernels_equal_naive_einsum(gated: bool, gate: str, shared: bool, 
         assert out["fused"][2]["sub_keys"].abs().sum() > 0
 
 
+def test_autocast_runs_only_the_dense_mix_in_its_dtype(experts: str) -> None:
+    """Under bf16 autocast (heal's default on bf16 hardware) retrieval and the gathered mix keep the
+    layer's float32, so the same experts are found; the dense mix's matmuls take autocast's bf16.
+    The output comes back in the input's dtype, and the gradients follow float32's."""
+    x = torch.randn(30, 32, generator=gen(11))
+    runs = {}
+    for bf16 in (False, True):
+        layer = gpt2_peer_train(gated=True, gate="softmax", chunk_size=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = layer(x)
+            (y * torch.linspace(-1, 1, 32)).pow(2).sum().backward()
+        runs[bf16] = y.detach(), {n: p.grad for n, p in layer.named_parameters()}
+    (y32, g32), (y16, g16) = runs[False], runs[True]
+    assert y16.dtype == torch.float32
+    assert torch.equal(y16, y32) == (experts == "gathered")
+    torch.testing.assert_close(y16, y32, rtol=0.05, atol=0.05)
+    for n, g in g32.items():
+        if n == "query.bias":  # it feeds BatchNorm: its true gradient is 0, both hold rounding noise
+            continue
+        cos = torch.nn.functional.cosine_similarity(g16[n].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (n, cos)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_sparse_table_gradients_equal_dense_on_retrieved_rows(gated: bool) -> None:
     x = torch.randn(20, 32, generator=gen(10))

@@ -450,18 +450,26 @@ class PeerLayer(nn.Module):
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             # The gathers and embedding_bags (per-sample weights) need one dtype throughout, which
-            # autocast would break: the layer runs in its own parameters' dtype, its output in x's.
+            # autocast would break: retrieval and the gathered mix run in the parameters' dtype, the
+            # output in x's. The dense mix is plain matmuls, which autocast takes as everywhere else.
+            mix = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                return self._forward(x.to(self.w_out.dtype)).to(x.dtype)
+                return self._forward(x.to(self.w_out.dtype), mix).to(x.dtype)
         return self._forward(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, mix_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`mix_dtype`: autocast's dtype for the dense mix (forward() turned autocast off around
+        the rest)."""
         shape = x.shape
         x = x.reshape(-1, self.d_model).contiguous()
         scores, idx = self.retrieve(x)
         w = self.gate_weights(scores).flatten(1).to(x.dtype)
         if self.runs_densely():
-            out = _dense_mix(self, x, idx.flatten(1), w)
+            if mix_dtype is None:
+                out = _dense_mix(self, x, idx.flatten(1), w)
+            else:
+                with torch.autocast(x.device.type, dtype=mix_dtype):
+                    out = _dense_mix(self, x, idx.flatten(1), w).to(x.dtype)
             return (out if self.b_out is None else out + self.b_out).view(shape)
         out = _ExpertMix.apply(
             x,
