@@ -20,6 +20,7 @@ from test_cli import ENV, assert_one_line_error, mom
 from mom_cli.errors import UsageError
 from mom_cli.io import tokencache
 from mom_cli.io.checkpoint import load
+from mom_cli.training import train as tr
 from mom_cli.training.optim import RowSparseAdam
 from mom_cli.training.train import TrainOptions, group_of, train
 
@@ -307,6 +308,31 @@ def test_token_cache_beside_the_data_keyed_by_content(tmp_path, work, monkeypatc
         assert path.parent == (ro / ".mom-tokens" if writable else tmp_path / "xdg" / "mom" / "tokens")
     finally:
         ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_distillation_loss_equals_kl_div_and_its_gradient(dtype, monkeypatch):
+    """The KL that train-routers --distill and heal minimise, made chunk by chunk with its gradient,
+    against torch's kl_div and autograd on float32 copies; the logged LM loss against cross-entropy."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 50, generator=g)).to(dtype).requires_grad_(True)
+    target = (3 * torch.randn(3, 7, 50, generator=g)).to(dtype)
+    x = torch.randint(0, 50, (3, 7), generator=g)
+    ref_logits = logits.detach().float().requires_grad_(True)
+    s = torch.log_softmax(ref_logits, -1)
+    t = torch.log_softmax(target.float(), -1)
+    ref = torch.nn.functional.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    ref_lm = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    tol = 1e-6 if dtype == torch.float32 else 5e-3  # the gradient is kept in the logits' dtype
+    for rows in (21, 2):  # one chunk, and chunks of two rows
+        monkeypatch.setattr(tr, "CPU_CHUNK_FLOATS", rows * 50)
+        kl, lm = tr.distill_losses(logits, target, x)
+        (grad,) = torch.autograd.grad(3 * kl, logits)
+        assert abs(kl.item() - ref.item()) < 1e-5 and abs(lm.item() - ref_lm.item()) < 1e-5
+        assert grad.dtype == dtype and (grad.float() - 3 * ref_grad).abs().max() < tol * 3 * ref_grad.abs().max()
+        assert not lm.requires_grad
+    assert abs(tr.kl_to_teacher(logits, target).item() - ref.item()) < 1e-5
 
 
 def test_row_sparse_adam_updates_only_retrieved_rows():

@@ -342,12 +342,62 @@ def load_teacher(ref: str, config: Any, device: str, amp: torch.dtype, flag: str
 # ----------------------------------------------------------------------------- objective
 
 
-def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, log_probs: bool = False) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) between next-token distributions; `log_probs`:
-    `student` is already log_softmax(logits) in float32."""
-    s = (student if log_probs else F.log_softmax(student.float(), dim=-1)).flatten(0, -2)
-    t = F.log_softmax(teacher.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between next-token distributions (logits)."""
+    return _Distill.apply(student, teacher, None)[0]
+
+
+def distill_losses(logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL to the teacher's logits, mean over tokens; the LM loss of x's next tokens, detached)."""
+    nxt = torch.full_like(x, -1)
+    nxt[:, :-1] = x[:, 1:]
+    return _Distill.apply(logits, target, nxt.reshape(-1))
+
+
+# Rows of logits per chunk: 16 MiB of float32 each, which the allocator reuses from chunk to chunk
+# and step to step. Whole-batch float32 copies (200 MB each for 1,024 tokens of a 49,152-word
+# vocabulary) are mapped afresh at every step, and their page faults cost more than the arithmetic
+# (a CPU heal step, profiled: 0.27 s in one exp). A GPU's caching allocator has no such cost.
+CPU_CHUNK_FLOATS = 1 << 22
+GPU_CHUNK_FLOATS = 1 << 28
+
+
+class _Distill(torch.autograd.Function):
+    """KL(teacher || student) per token, averaged, in float32 whatever the logits' dtype, with the
+    student's gradient, softmax(student) - softmax(teacher), made in the same pass and kept in the
+    logits' dtype (which is what reaches the head's backward anyway). `nxt`: each row's next token
+    (-1 for none), for the LM loss, which is only logged; None skips it."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, nxt: torch.Tensor | None):
+        v = logits.shape[-1]
+        s_rows, t_rows = logits.reshape(-1, v), target.reshape(-1, v)
+        n = s_rows.shape[0]
+        grad = torch.empty_like(s_rows)
+        kl = torch.zeros((), dtype=torch.float32, device=logits.device)
+        lm = torch.zeros((), dtype=torch.float32, device=logits.device)
+        step = max(1, (GPU_CHUNK_FLOATS if logits.is_cuda else CPU_CHUNK_FLOATS) // v)
+        for i in range(0, n, step):
+            s = F.log_softmax(s_rows[i : i + step].float(), dim=-1)
+            t = F.log_softmax(t_rows[i : i + step].float(), dim=-1)
+            if nxt is not None:
+                ids = nxt[i : i + step]
+                picked = s.gather(-1, ids.clamp(min=0)[:, None]).squeeze(1)
+                lm -= torch.where(ids >= 0, picked, 0.0).sum()
+            p = t.exp()
+            kl += t.sub_(s).mul_(p).sum()  # sum of p (log p - log q)
+            grad[i : i + step] = s.exp_().sub_(p).div_(n)
+        ctx.save_for_backward(grad)
+        ctx.shape = logits.shape
+        if nxt is not None:
+            lm = lm / (nxt >= 0).sum().clamp(min=1)
+        ctx.mark_non_differentiable(lm)
+        return kl / n, lm
+
+    @staticmethod
+    def backward(ctx, g_kl: torch.Tensor, _g_lm: torch.Tensor | None):
+        (grad,) = ctx.saved_tensors
+        return (grad * g_kl.to(grad.dtype)).view(ctx.shape), None, None
 
 
 def step_losses(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, coef: float) -> dict[str, torch.Tensor]:
@@ -369,14 +419,9 @@ def objective(
         parts = {"lm_loss": F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())}
         loss = parts["lm_loss"]
     else:
-        # One log-softmax over the vocabulary serves the KL and the logged LM loss, not two: each
-        # is a pass over tokens x 49,152 floats at SmolLM2's vocabulary (profiled in a CPU heal
-        # step: 3 log-softmax calls -> 2).
-        s = F.log_softmax(logits.float(), dim=-1)
-        parts = {"kl": kl_to_teacher(s, target, log_probs=True)}
-        with torch.no_grad():
-            parts["lm_loss"] = -s[:, :-1].gather(-1, x[:, 1:, None]).mean()
-        loss = parts["kl"]
+        kl, lm = distill_losses(logits, target, x)  # one pass over the vocabulary serves both
+        parts = {"kl": kl, "lm_loss": lm}
+        loss = kl
     if aux_loss is not None:
         parts["aux_loss"] = aux_loss
         loss = loss + coef * aux_loss
