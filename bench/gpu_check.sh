@@ -56,7 +56,7 @@ fi
 if [ "$what" = routed ]; then
     step segment_mm 60 12 "$py" bench/bench_segment_mm.py
     step routed 280 40 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs
-    step compiled 150 20 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs --compile \
+    step compiled 130 20 "$py" bench/bench_routed.py --device cuda --dtype bfloat16 --graphs --compile \
         --parts forward --plans 15x1
     step graphed_profile 90 90 "$py" bench/profile_routed.py --device cuda --dtype bfloat16 --part train --graphs --rows 40
 fi

@@ -364,9 +364,13 @@ def test_merged_weight_gradients_with_empty_and_skipped_groups():
     ref = sum(_segment_wgrad(grad, a, offs, 3) for a, grad, offs in steps)
     a4, g4, offs4 = torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g), torch.tensor([1, 1, 3]).int()
     uneven, ref_uneven = [*steps, (a4, g4, offs4)], ref + _segment_wgrad(g4, a4, offs4, 3)
+    # 300 groups, the last 297 empty: past 255 the sort keys are int64, not 8-bit
+    wide = [(a, grad, torch.cat([offs, offs[-1:].expand(297)])) for a, grad, offs in steps]
+    ref_wide = sum(_segment_wgrad(grad, a, offs, 300) for a, grad, offs in wide)
     for merged in (_merged_wgrad, _merged_wgrad_device):  # the CPU's, and the GPU's run on the CPU
         assert max_diff(merged(steps, 3), ref) <= 1e-5
         assert max_diff(merged(uneven, 3), ref_uneven) <= 1e-5  # steps of different row counts
+        assert max_diff(merged(wide, 300), ref_wide) <= 1e-5
         assert merged(steps[2:], 3).abs().max() == 0
 
 

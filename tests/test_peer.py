@@ -222,14 +222,17 @@ def test_autocast_runs_only_the_dense_mix_in_its_dtype(experts: str) -> None:
     layer's float32, so the same experts are found; the dense mix's matmuls take autocast's bf16.
     The output comes back in the input's dtype, and the gradients follow float32's."""
     x = torch.randn(30, 32, generator=gen(11))
-    runs = {}
+    runs, found = {}, {}
     for bf16 in (False, True):
         layer = gpt2_peer_train(gated=True, gate="softmax", chunk_size=8)
+        retrieve = layer.retrieve
+        layer.retrieve = lambda h, bf16=bf16, retrieve=retrieve: found.setdefault(bf16, retrieve(h))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = layer(x)
             (y * torch.linspace(-1, 1, 32)).pow(2).sum().backward()
         runs[bf16] = y.detach(), {n: p.grad for n, p in layer.named_parameters()}
     (y32, g32), (y16, g16) = runs[False], runs[True]
+    assert torch.equal(found[True][1], found[False][1]) and found[True][0].dtype == torch.float32
     assert y16.dtype == torch.float32
     assert torch.equal(y16, y32) == (experts == "gathered")
     torch.testing.assert_close(y16, y32, rtol=0.05, atol=0.05)

@@ -335,6 +335,24 @@ def test_chunked_distillation_loss_equals_kl_div_and_its_gradient(dtype, monkeyp
     assert abs(tr.kl_to_teacher(logits, target).item() - ref.item()) < 1e-5
 
 
+def test_distillation_gradient_survives_fp16_and_a_loss_scale():
+    """fp16 logits (train-routers --dtype fp16, with GradScaler): gradients divided by the token
+    count would fall below fp16's range before the loss scale reaches them; they come back as
+    autograd's float32 ones, scaled."""
+    g = torch.Generator().manual_seed(1)
+    logits = (8 * torch.randn(64, 64, 50, generator=g)).half().requires_grad_(True)
+    target = (8 * torch.randn(64, 64, 50, generator=g)).half()
+    kl, _ = tr.distill_losses(logits, target, torch.zeros(64, 64, dtype=torch.long))
+    (grad,) = torch.autograd.grad(kl * 65536, logits)
+    ref_logits = logits.detach().float().requires_grad_(True)
+    s, t = torch.log_softmax(ref_logits, -1).flatten(0, 1), torch.log_softmax(target.float(), -1).flatten(0, 1)
+    ref = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    (ref_grad,) = torch.autograd.grad(ref * 65536, ref_logits)
+    shown = ref_grad.abs() > 1e-3  # what fp16 holds once scaled
+    assert grad.dtype == torch.float16 and shown.sum() > 10_000
+    assert ((grad.float() - ref_grad).abs() / ref_grad.abs())[shown].max() < 1e-2
+
+
 def test_row_sparse_adam_updates_only_retrieved_rows():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(6, 3))

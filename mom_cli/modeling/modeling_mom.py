@@ -575,25 +575,30 @@ def _merged_wgrad(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n
 def _merged_wgrad_device(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_groups: int) -> torch.Tensor:
     """_merged_wgrad without reading the group bounds on the host: the rows of all steps sorted by
     group (stable, so each group's rows keep their step order), then one segment matmul."""
-    keys, order = torch.sort(_row_groups(rows, n_groups), stable=True)
-    offs = torch.searchsorted(keys, _arange(1, n_groups + 1, keys.device, keys.dtype), out_int32=True)
+    _, order, offs = _sort_by_group(_row_groups(rows), n_groups)
     a = torch.cat([a for a, _, _ in rows]).index_select(0, order)
     g = torch.cat([g for _, g, _ in rows]).index_select(0, order)
     return _segment_wgrad(g, a, offs, n_groups)
 
 
-def _row_groups(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_groups: int) -> torch.Tensor:
-    """Each row's group (n_groups past the last), step after step: one batched search when the
-    steps have as many rows, and 8-bit keys where the groups fit, which a GPU's radix sort takes in
-    one pass where int64 keys take eight (as Dispatch.plan's)."""
+def _row_groups(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Each row's group (the group count past the last), step after step; one batched search when
+    the steps have as many rows."""
     offs = [o for _, _, o in rows]
-    counts = {a.shape[0] for a, _, _ in rows}
-    if len(counts) == 1:
-        r = _arange(0, counts.pop(), offs[0].device, offs[0].dtype)
-        gid = torch.searchsorted(torch.stack(offs), r.expand(len(offs), -1).contiguous(), right=True).flatten()
-    else:
-        gid = torch.cat([torch.bucketize(_arange(0, a.shape[0], o.device, o.dtype), o, right=True) for a, _, o in rows])
-    return gid.to(torch.uint8) if n_groups < 256 else gid
+    n = rows[0][0].shape[0]
+    if all(a.shape[0] == n for a, _, _ in rows):
+        r = _arange(0, n, offs[0].device, offs[0].dtype)
+        return torch.searchsorted(torch.stack(offs), r.expand(len(offs), -1).contiguous(), right=True).flatten()
+    return torch.cat([torch.bucketize(_arange(0, a.shape[0], o.device, o.dtype), o, right=True) for a, _, o in rows])
+
+
+def _sort_by_group(gid: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted keys, the stable order that sorts them, each group's end as int32 `offs`) of rows'
+    group ids. 8-bit keys where the groups fit: a GPU's radix sort then makes one pass where int64
+    keys take eight (measured on an H200: 27 us per step's sort of 1024 int64 keys)."""
+    keys, order = torch.sort(gid.to(torch.uint8) if n_groups < 256 else gid, stable=True)
+    offs = torch.searchsorted(keys, _arange(1, n_groups + 1, keys.device, keys.dtype), out_int32=True)
+    return keys, order, offs
 
 
 def _merged_wgrad_host(
@@ -904,10 +909,7 @@ class Dispatch:
     def plan(cls, r: Routing, group_of: torch.Tensor | None, n_groups: int) -> Dispatch:
         """Constants are made once (`_arange`), and an identity `group_of` (None) is not applied."""
         flat = (r.idx if group_of is None else group_of[r.idx]).reshape(-1)
-        # 8-bit keys: a GPU's radix sort then makes one pass where int64 keys take eight
-        # (measured on an H200: 27 us per step's sort of 1024 int64 keys)
-        keys, order = torch.sort(flat.to(torch.uint8) if n_groups < 256 else flat, stable=True)
-        offs = torch.searchsorted(keys, _arange(1, n_groups + 1, keys.device, keys.dtype), out_int32=True)
+        keys, order, offs = _sort_by_group(flat, n_groups)
         k = r.idx.shape[1]
         if k == 1:
             return cls(order, None, offs, order, k, keys)

@@ -364,16 +364,23 @@ GPU_CHUNK_FLOATS = 1 << 28
 
 class _Distill(torch.autograd.Function):
     """KL(teacher || student) per token, averaged, in float32 whatever the logits' dtype, with the
-    student's gradient, softmax(student) - softmax(teacher), made in the same pass and kept in the
-    logits' dtype (which is what reaches the head's backward anyway). `nxt`: each row's next token
-    (-1 for none), for the LM loss, which is only logged; None skips it."""
+    student's gradient, softmax(student) - softmax(teacher), made in the same pass. It is kept in
+    the logits' dtype (what reaches the head's backward anyway), but in float32 for fp16 logits,
+    whose range would lose small differences before GradScaler's scale reaches them. `nxt`: each
+    row's next token (-1 for none), for the LM loss, which is only logged; None skips it."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, nxt: torch.Tensor | None):
+    def forward(
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, nxt: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if target.shape != logits.shape:
+            raise ValueError(f"student logits {tuple(logits.shape)} and teacher logits {tuple(target.shape)} differ")
         v = logits.shape[-1]
         s_rows, t_rows = logits.reshape(-1, v), target.reshape(-1, v)
         n = s_rows.shape[0]
-        grad = torch.empty_like(s_rows)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.empty_like(s_rows, dtype=torch.float32 if logits.dtype == torch.float16 else None)
         kl = torch.zeros((), dtype=torch.float32, device=logits.device)
         lm = torch.zeros((), dtype=torch.float32, device=logits.device)
         step = max(1, (GPU_CHUNK_FLOATS if logits.is_cuda else CPU_CHUNK_FLOATS) // v)
@@ -386,18 +393,22 @@ class _Distill(torch.autograd.Function):
                 lm -= torch.where(ids >= 0, picked, 0.0).sum()
             p = t.exp()
             kl += t.sub_(s).mul_(p).sum()  # sum of p (log p - log q)
-            grad[i : i + step] = s.exp_().sub_(p).div_(n)
+            if grad is not None:
+                grad[i : i + step] = s.exp_().sub_(p)
         ctx.save_for_backward(grad)
-        ctx.shape = logits.shape
+        ctx.shape, ctx.n = logits.shape, n
         if nxt is not None:
             lm = lm / (nxt >= 0).sum().clamp(min=1)
         ctx.mark_non_differentiable(lm)
         return kl / n, lm
 
     @staticmethod
-    def backward(ctx, g_kl: torch.Tensor, _g_lm: torch.Tensor | None):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_kl: torch.Tensor, _g_lm: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * g_kl.to(grad.dtype)).view(ctx.shape), None, None
+        if grad is None:
+            return None, None, None
+        return (grad * (g_kl.float() / ctx.n)).view(ctx.shape), None, None
 
 
 def step_losses(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, coef: float) -> dict[str, torch.Tensor]:
