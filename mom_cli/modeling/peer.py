@@ -68,8 +68,13 @@ def product_key_topk(
         i2 = half_scores(q2, sub_keys2).topk(kk, dim=-1).indices
     v1, v2 = _selected_scores(q1, sub_keys1, i1), _selected_scores(q2, sub_keys2, i2)
     a, b = _candidate_pairs(kk, k, q1.device)
-    scores, pos = (v1[..., a] + v2[..., b]).topk(k, dim=-1)
-    indices = i1.gather(-1, a[pos]) * n + i2.gather(-1, b[pos])
+    with torch.no_grad():  # rank the candidates; only the k winners carry a gradient
+        pos = (v1[..., a] + v2[..., b]).topk(k, dim=-1).indices
+    ia, ib = a[pos], b[pos]
+    # the same sums as the candidates', so the same values in the same order; gather's backward
+    # adds into the k winners where indexing the ~k ln k candidates' backward sorts them
+    scores = v1.gather(-1, ia) + v2.gather(-1, ib)
+    indices = i1.gather(-1, ia) * n + i2.gather(-1, ib)
     return scores, indices
 
 
