@@ -89,7 +89,7 @@ def naive(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("n_sub,k", [(8, 5), (16, 16), (4, 16)])
+@pytest.mark.parametrize("n_sub,k", [(8, 5), (16, 16), (4, 16), (64, 6)])  # (64, 6): halves gathered
 def test_product_key_topk_equals_brute_force(shared: bool, n_sub: int, k: int) -> None:
     g = gen(1)
     h, half = 3, 6
@@ -261,7 +261,7 @@ def test_sparse_table_gradients_equal_dense_on_retrieved_rows(gated: bool) -> No
             g = g.to_dense()
         else:
             assert not g.is_sparse, n
-        torch.testing.assert_close(g, dense, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(g, dense, rtol=1e-5, atol=1e-5, msg=n)
     assert retrieved.numel() < 64  # some rows were not retrieved: the sparse gradient skips them
 
 

@@ -55,27 +55,45 @@ def product_key_topk(
     (and only about k ln k of the k^2 sums can win, see `_candidate_pairs`).
     Returns (scores, indices), both (..., h, k), scores in descending order.
 
-    Autograd: the n half-scores per head are only ranked (no grad); the k chosen ones are computed
-    again as gathered dots whose backward touches k sub-keys, not n (dense score gradients would
-    cost as much as the forward matmul, twice).
+    Autograd: the candidates are only ranked (no grad); the k winners' scores are gathered again
+    from the halves' (the same sums, so the same values in the same order), and gather's backward
+    adds into k entries where indexing all candidates' backward would sort them.
     """
     n = sub_keys1.shape[-2]
     if not 1 <= k <= n * n:
         raise ValueError(f"top-k must be in 1..N={n * n}, got {k}")
     kk = min(k, n)  # candidates per half
-    with torch.no_grad():
-        i1 = half_scores(q1, sub_keys1).topk(kk, dim=-1).indices
-        i2 = half_scores(q2, sub_keys2).topk(kk, dim=-1).indices
-    v1, v2 = _selected_scores(q1, sub_keys1, i1), _selected_scores(q2, sub_keys2, i2)
+    v1, i1 = _half_topk(q1, sub_keys1, kk)
+    v2, i2 = _half_topk(q2, sub_keys2, kk)
     a, b = _candidate_pairs(kk, k, q1.device)
-    with torch.no_grad():  # rank the candidates; only the k winners carry a gradient
-        pos = (v1[..., a] + v2[..., b]).topk(k, dim=-1).indices
-    ia, ib = a[pos], b[pos]
-    # the same sums as the candidates', so the same values in the same order; gather's backward
-    # adds into the k winners where indexing the ~k ln k candidates' backward sorts them
+    with torch.no_grad():
+        pos = _candidate_sums(v1, v2, kk, k).topk(k, dim=-1).indices
+    ia, ib = a.take(pos), b.take(pos)
     scores = v1.gather(-1, ia) + v2.gather(-1, ib)
     indices = i1.gather(-1, ia) * n + i2.gather(-1, ib)
     return scores, indices
+
+
+DENSE_HALF = 8  # a half's kk >= n / DENSE_HALF: its n scores are computed densely, with their gradient
+
+
+def _half_topk(q: torch.Tensor, sub_keys: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kk best sub-keys of one half for each head, scores (with grad) and indices: (..., h, kk).
+
+    Few of many (PKM's n = 1024, kk = 32): only ranked without grad, the chosen kk scored again as
+    gathered dots, whose backward touches kk sub-keys (dense score gradients would cost as much as
+    the forward matmul, twice). Most of few (SmolLM2's layers: n = 40, kk = 40): the (tokens, h, n)
+    scores are one small matmul whose gradient is two more, where gathering rows and sorting them
+    for the backward cost 3x as much.
+    """
+    n = sub_keys.shape[-2]
+    if kk * DENSE_HALF >= n:
+        s = half_scores(q, sub_keys)
+        i = s.detach().topk(kk, dim=-1).indices
+        return s.gather(-1, i), i
+    with torch.no_grad():
+        i = half_scores(q, sub_keys).topk(kk, dim=-1).indices
+    return _selected_scores(q, sub_keys, i), i
 
 
 @functools.lru_cache(maxsize=64)
@@ -89,6 +107,32 @@ def _candidate_pairs(kk: int, k: int, device: torch.device) -> tuple[torch.Tenso
     a, b = torch.meshgrid(ar, ar, indexing="ij")
     keep = (a + 1) * (b + 1) <= k
     return a[keep].to(device), b[keep].to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_selector(kk: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(2 kk, candidates) 0/1 matrix: [v1, v2] @ it = v1[a] + v2[b] for every candidate pair (a, b)."""
+    a, b = _candidate_pairs(kk, k, torch.device("cpu"))
+    sel = torch.zeros(2 * kk, a.numel(), dtype=dtype)
+    cols = torch.arange(a.numel())
+    sel[a, cols] = 1
+    sel[kk + b, cols] = 1
+    return sel
+
+
+@torch.no_grad()
+def _candidate_sums(v1: torch.Tensor, v2: torch.Tensor, kk: int, k: int) -> torch.Tensor:
+    """v1[..., a] + v2[..., b] over the candidate pairs: (..., h, candidates).
+
+    On a CPU, one matmul with a 0/1 selector: each output adds exactly two nonzero products (x * 1
+    is exact, adding zeros is exact), so the sums are bitwise those of indexing, which is 7x slower
+    there. Elsewhere indexing is one kernel, and a GPU's float32 matmuls may run in TF32 (inexact).
+    """
+    if v1.device.type != "cpu":
+        a, b = _candidate_pairs(kk, k, v1.device)
+        return v1[..., a] + v2[..., b]
+    sel = _candidate_selector(kk, k, v1.dtype)
+    return (torch.cat([v1, v2], -1) @ sel).view(*v1.shape[:-1], sel.shape[1])
 
 
 def _selected_scores(q: torch.Tensor, sub_keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
