@@ -380,3 +380,22 @@ def test_parameter_groups_follow_the_contract():
     assert group_of("model.blocks.0.ffn.3.peer.w_out") == "peer_experts"
     assert group_of("model.blocks.0.ffn.3.norm.weight") == "other"
     assert group_of("model.blocks.0.mha.0.q_proj.weight") == "other"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_teacher_in_autocast_dtype_gives_the_same_logits(tmp_path: Path, tied: bool) -> None:
+    """A CPU teacher under bf16 autocast keeps its Linear weights in bf16 (no casts every step):
+    its logits are bitwise those of the float32 teacher under autocast, and a tied head does not
+    drag the embeddings (the residual stream) to bf16."""
+    from conftest import _llama
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = _llama(tmp_path / "llama", tied=tied)
+    config = AutoConfig.from_pretrained(src)
+    teacher = tr.load_teacher(str(src), config, "cpu", torch.bfloat16, "--teacher MODEL")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert teacher.lm_head.weight.dtype == torch.bfloat16
+    assert teacher.model.embed_tokens.weight.dtype == torch.float32
+    x = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(teacher(input_ids=x).logits, ref(input_ids=x).logits)
