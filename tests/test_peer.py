@@ -118,6 +118,21 @@ def test_product_key_topk_equals_brute_force(shared: bool, n_sub: int, k: int) -
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kk,k", [(40, 96), (8, 5), (80, 100)])  # (80, 100): past SELECTOR_MAX_KK, indexed
+def test_candidate_sums_are_bitwise_those_of_indexing(dtype: torch.dtype, kk: int, k: int) -> None:
+    """The CPU's 0/1-selector matmul adds each candidate's two scores exactly as indexing does,
+    with magnitudes far apart (a sum that rounds) and under autocast."""
+    g = gen(3)
+    scale = torch.logspace(-20, 20, kk)
+    v1 = (torch.randn(6, 3, kk, generator=g) * scale).to(dtype)
+    v2 = (torch.randn(6, 3, kk, generator=g) * scale.flip(0)).to(dtype)
+    a, b = peer._candidate_pairs(kk, k, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = peer._candidate_sums(v1, v2, kk, k)
+    assert sums.dtype == dtype and torch.equal(sums, v1[..., a] + v2[..., b])
+
+
 # ----------------------------------------------------------------------------- (b), (c) exactness
 
 

@@ -120,19 +120,25 @@ def _candidate_selector(kk: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return sel
 
 
+SELECTOR_MAX_KK = 64  # above this, the selector's 2 kk multiply-adds per candidate outweigh indexing
+
+
 @torch.no_grad()
 def _candidate_sums(v1: torch.Tensor, v2: torch.Tensor, kk: int, k: int) -> torch.Tensor:
     """v1[..., a] + v2[..., b] over the candidate pairs: (..., h, candidates).
 
-    On a CPU, one matmul with a 0/1 selector: each output adds exactly two nonzero products (x * 1
-    is exact, adding zeros is exact), so the sums are bitwise those of indexing, which is 7x slower
-    there. Elsewhere indexing is one kernel, and a GPU's float32 matmuls may run in TF32 (inexact).
+    On a CPU, with short top lists, one matmul with a 0/1 selector: each output adds exactly two
+    nonzero products (x * 1 is exact, adding zeros is exact), so finite sums are bitwise those of
+    indexing, which is 7x slower there (SmolLM2's kk = 40). Elsewhere indexing is one kernel, and a
+    GPU's float32 matmuls may run in TF32; so may a CPU's when the matmul precision was lowered.
     """
-    if v1.device.type != "cpu":
+    cpu = v1.device.type == "cpu" and kk <= SELECTOR_MAX_KK
+    if not cpu or (v1.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"):
         a, b = _candidate_pairs(kk, k, v1.device)
         return v1[..., a] + v2[..., b]
     sel = _candidate_selector(kk, k, v1.dtype)
-    return (torch.cat([v1, v2], -1) @ sel).view(*v1.shape[:-1], sel.shape[1])
+    with torch.autocast("cpu", enabled=False):
+        return (torch.cat([v1, v2], -1) @ sel).view(*v1.shape[:-1], sel.shape[1])
 
 
 def _selected_scores(q: torch.Tensor, sub_keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

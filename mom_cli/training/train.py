@@ -354,7 +354,7 @@ def store_matmul_weights(model: nn.Module, amp: torch.dtype) -> None:
         if isinstance(mod, nn.Linear):
             for name in ("weight", "bias"):
                 w = getattr(mod, name)
-                if w is not None:
+                if w is not None and w.dtype == torch.float32:  # not quantized or already rounded
                     setattr(mod, name, nn.Parameter(w.detach().to(amp), requires_grad=False))
 
 
