@@ -212,6 +212,30 @@ def test_peer_modules_in_the_pool_run_one_by_one(routed, tmp_path):
     _assert_same(model, ids(2, 16))
 
 
+def test_training_peer_modules_keeps_the_stack_of_the_frozen_ffns(routed, tmp_path):
+    """Training only a pool's PEER modules (as heal does) keeps the frozen FFNs' stack across
+    steps, and the PEER gradients equal those of a step that stacks the FFNs anew."""
+    out = convert_peer(routed["llama-top2"], tmp_path / "peer", ConvertOptions(layers="0,2", heads=4, topk=8))
+    x = ids(2, 16)
+    grads = []
+    for ffn_trains in (False, True):
+        model = mom_cli.load(out.path)
+        _spread_routers(model, seed=2)
+        model.train()
+        for n, p in model.named_parameters():
+            p.requires_grad_(".peer." in n or (ffn_trains and ".ffn." in n))
+        block = model.model.blocks[0]
+        model(x, labels=x, use_cache=False).loss.backward()
+        kept = block._stack_cache.get("ffn", (None, None))[1]
+        assert (kept is None) == ffn_trains
+        model(x, labels=x, use_cache=False).loss.backward()
+        assert block._stack_cache.get("ffn", (None, None))[1] is kept
+        grads.append({n: p.grad for n, p in model.named_parameters() if ".peer." in n and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".w_out" in n for n in grads[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_cached_generation_equals_uncached_for_a_routed_model(routed):
     model = mom_cli.load(routed["llama-top2"]).eval()
     _spread_routers(model, seed=4)

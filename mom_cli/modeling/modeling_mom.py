@@ -1162,6 +1162,14 @@ def _pool_params(pool: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def _stack_params(pool: nn.ModuleDict) -> list[nn.Parameter]:
+    """The parameters a pool's stack is made of: its groupable modules'. One that runs on its own
+    (a PEER layer, a LoRA'd or quantized module) is not in the stack, so training it must not make
+    the stack anew at every forward (heal trains PEER layers among frozen FFNs: SmolLM2's 20 were
+    copied and cast to bf16 at each step)."""
+    return [p for m in pool.values() if groupable(m) for p in _pool_params(m)]
+
+
 def _param_key(params: list[nn.Parameter]) -> tuple | None:
     """Changes whenever one of a pool's parameters is replaced or updated in place; None for
     inference tensors (a model streamed layer by layer), which carry no version counter: never cached."""
@@ -1518,12 +1526,13 @@ class MomBlock(nn.Module):
 
     def _stacked(self, kind: str, fresh: dict[str, StackedPool | None]) -> StackedPool | None:
         """The pool's stacked (or packed) weights, looked up once per forward (`fresh`). When some of
-        the pool's parameters train, built anew so that gradients reach them; otherwise (inference,
-        or training only the routers) cached until a parameter changes."""
+        the stacked modules' parameters train, built anew so that gradients reach them; otherwise
+        (inference, training only the routers or the modules that run on their own) cached until a
+        parameter changes."""
         if kind in fresh:
             return fresh[kind]
         pool = self.mha if kind == "mha" else self.ffn
-        params = _pool_params(pool)
+        params = _stack_params(pool)
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = None if trains or torch.compiler.is_compiling() else _param_key(params)
         if key is None:
