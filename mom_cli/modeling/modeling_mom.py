@@ -1532,8 +1532,11 @@ class MomBlock(nn.Module):
         if kind in fresh:
             return fresh[kind]
         pool = self.mha if kind == "mha" else self.ffn
-        params = _stack_params(pool)
+        params = _pool_params(pool)
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if trains:  # only the stacked modules' training makes it anew; inference skips this walk
+            params = _stack_params(pool)
+            trains = any(p.requires_grad for p in params)
         key = None if trains or torch.compiler.is_compiling() else _param_key(params)
         if key is None:
             if trains and not torch.compiler.is_compiling():
