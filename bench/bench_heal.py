@@ -200,7 +200,7 @@ def main() -> None:
             )
             for reg in r.regions:
                 log(
-                    f"  {reg['name']} ({reg['cause']}): relative error {reg['error_before']:.4g} -> {reg['error_after']}"
+                    f"  {reg['name']} ({reg['cause']}): {reg['metric']} {reg['error_before']:.4g} -> {reg['error_after']:.4g}"
                 )
             curve = ", ".join(f"{t:,}: {ppl:.4g}" for t, ppl in r.curve)
             log(f"  held-out curve (tokens: perplexity): {curve}")

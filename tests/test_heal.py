@@ -461,3 +461,16 @@ def test_an_olmo2_teacher_heals_a_pruned_module(olmo2, models_dir):
     )
     assert [reg["cause"] for reg in r.regions] == ["prune"]
     assert r.regions[0]["error_after"] < 0.9 * r.regions[0]["error_before"]
+
+
+def test_a_region_that_ends_at_the_top_reports_the_kl_it_trains_on(work, models_dir, tmp_path):
+    """A compressed block spanning the whole model trains on KL through the head, which leaves the
+    final residual's scale free: its error is that KL (on the rows kept out), not a relative error."""
+    decomposed(models_dir / "llama", tmp_path / "half", depth=2, top_k=2)
+    opts = H.HealOptions(data=str(work / "text.txt"), budget="8k", local_share=0.7, lr=3e-3, global_lr=1e-3, **SMALL)
+    r = H.heal(tmp_path / "half", tmp_path / "healed", opts)
+    (reg,) = r.regions
+    assert (reg["cause"], reg["metric"]) == ("decompose", "KL")
+    assert 0 < reg["error_after"] < reg["error_before"], reg
+    peer = H.heal(work / "peer", tmp_path / "peer", H.HealOptions(**{**opts.__dict__, "budget": "2k"}))
+    assert {x["metric"] for x in peer.regions} == {"relative error"}

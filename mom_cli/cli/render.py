@@ -123,7 +123,7 @@ def print_convert_peer(r: dict) -> None:
 def print_heal(r: dict) -> None:
     for x in r["regions"]:
         err = "-" if x["error_after"] is None else f"{x['error_before']:.4g} -> {x['error_after']:.4g}"
-        console.log(f"{x['name']} ({x['cause']}): error {err}, {x['tokens']:,} tokens")
+        console.log(f"{x['name']} ({x['cause']}): {x.get('metric', 'error')} {err}, {x['tokens']:,} tokens")
     console.log(
         f"local {r['local_tokens']:,} tokens in {r['local_seconds']:.0f}s; end-to-end {r['global_tokens']:,} tokens "
         f"in {r['global_seconds']:.0f}s"

@@ -121,6 +121,10 @@ class Region:
     tokens: int = 0
     error_before: float | None = None
     error_after: float | None = None
+    # what the errors measure: "relative error" (relative_error), or "KL" (nats per token, through
+    # the final norm and head) for a region that ends at the top, whose loss leaves the residual's
+    # scale free (the final norm removes it), so its relative error can grow while it heals
+    metric: str = "relative error"
 
     def report(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("units", "params")} | {"params": len(self.params)}
@@ -710,6 +714,8 @@ class Heal:
         self.model.requires_grad_(False)
         self.regions = find_regions(self.model, self.config, opts.train)
         self.top = num_positions(self.config)
+        for r in self.regions:
+            r.metric = "KL" if r.end == self.top else r.metric
         self.named = dict(self.model.named_parameters())
         self.trainable = sorted({n for r in self.regions for n in r.params})
         self.coef = self.config.aux_loss_coef if any(r.units[0][0] == "block" for r in self.regions) else 0.0
@@ -857,6 +863,7 @@ class Heal:
         for r, saved_r in zip(self.regions, state["regions"]):
             r.steps, r.tokens = saved_r["steps"], saved_r["tokens"]
             r.error_before, r.error_after = saved_r["error_before"], saved_r["error_after"]
+            r.metric = saved_r.get("metric", r.metric)
         self.cursor = state["cursor"]
         self.opt_state = state["opt"]
         tr.restore_rng(state["rng"])
@@ -1230,12 +1237,12 @@ def _train_region(
         region.error_before = _region_error(run, region, feeder)
         if refit_outputs(run, region, feeder):
             log(
-                f"{region.name}: output vectors refitted, error {region.error_before:.4g} -> {_region_error(run, region, feeder):.4g}"
+                f"{region.name}: output vectors refitted, {region.metric} {region.error_before:.4g} -> {_region_error(run, region, feeder):.4g}"
             )
     params = [run.named[n] for n in region.params]
     opts = run.optimizers(region.params, o.lr)
     log(
-        f"{region.name} ({region.cause}): {sum(p.numel() for p in params):,} parameters, error {region.error_before:.4g}"
+        f"{region.name} ({region.cause}): {sum(p.numel() for p in params):,} parameters, {region.metric} {region.error_before:.4g}"
     )
     retrieval = Retrieval(run.model, region, c) if o.retrieval_loss > 0 else None
     retrieval = retrieval if retrieval is not None and retrieval.layers else None
@@ -1279,12 +1286,12 @@ def _train_region(
     for p in params:
         p.requires_grad_(False)
     region.error_after = _region_error(run, region, feeder)
-    log(f"{region.name}: error {region.error_before:.4g} -> {region.error_after:.4g} in {region.steps} steps")
+    log(f"{region.name}: {region.metric} {region.error_before:.4g} -> {region.error_after:.4g} in {region.steps} steps")
 
 
 @torch.no_grad()
 def _region_error(run: Heal, region: Region, feeder: Feeder) -> float:
-    """The relative error (see relative_error) on the cached blocks kept out of stage 1."""
+    """The region's error (see Region.metric) on the cached blocks kept out of stage 1."""
     was = run.model.training
     run.model.eval()
     try:
@@ -1292,6 +1299,8 @@ def _region_error(run: Heal, region: Region, feeder: Feeder) -> float:
         x, t = feeder.inputs(region, rows), feeder.cache.read(region.end, rows, run.device)
         with run.autocast():
             y, _ = run_region(run.model, region, x)
+            if region.metric == "KL":
+                return float(region_loss(run.model, region, run.top, y, t))
         return relative_error(y, x, t)
     finally:
         run.model.train(was)
