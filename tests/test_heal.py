@@ -474,3 +474,16 @@ def test_a_region_that_ends_at_the_top_reports_the_kl_it_trains_on(work, models_
     assert 0 < reg["error_after"] < reg["error_before"], reg
     peer = H.heal(work / "peer", tmp_path / "peer", H.HealOptions(**{**opts.__dict__, "budget": "2k"}))
     assert {x["metric"] for x in peer.regions} == {"relative error"}
+
+
+def test_a_second_pass_over_the_data_is_announced_once(work, capsys):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work / "peer", trust_remote_code=False)
+    n = len(tok((work / "text.txt").read_text()).input_ids)
+    opts = H.HealOptions(data=str(work / "text.txt"), budget=str(3 * n), local_share=0.1, **SMALL)
+    H.heal(work / "pruned", work / "pruned-3-passes", opts)
+    err = capsys.readouterr().err
+    assert err.count("starts a second pass over DATA") == 1, err
+    H.heal(work / "pruned", work / "pruned-1-pass", H.HealOptions(**{**opts.__dict__, "budget": str(n // 2)}))
+    assert "second pass" not in capsys.readouterr().err

@@ -1347,6 +1347,8 @@ def global_stage(
         start_tokens = None
     while not end():
         t0 = time.perf_counter()
+        if c["step"] * batches.global_batch <= len(run.blocks) < (c["step"] + 1) * batches.global_batch:
+            _warn_second_pass(run)  # this step reads the first block of the second pass
         x = next(batches.micro_batches(c["step"])).to(run.device)
         with run.autocast():
             parts = global_losses(run, model, x)
@@ -1386,6 +1388,19 @@ def global_stage(
     for p in params:
         p.requires_grad_(False)
     return first, last
+
+
+def _warn_second_pass(run: Heal) -> None:
+    """Stage 2 is about to read DATA again: once it fits the text rather than the teacher (on an
+    H200, SmolLM2 at half depth got worse on held-out text from its second pass over 0.79M tokens),
+    more passes make it worse, so say so where the user can act on it."""
+    if run.dist.main:
+        tokens = run.blocks.size
+        warn(
+            f"heal: the end-to-end stage starts a second pass over DATA ({tokens:,} tokens for "
+            f"{sum(run.named[n].numel() for n in run.trainable):,} trainable parameters); past one pass it may fit "
+            "the text rather than the teacher: give more data, or a smaller --budget (--eval-every shows the curve)"
+        )
 
 
 def global_losses(run: Heal, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
