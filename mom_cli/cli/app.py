@@ -586,7 +586,7 @@ def heal(
         help="Local stage: weight of the PEER retrieval term (queries and keys learn to find the experts "
         "that contribute most); 0 for the output error alone.",
     ),
-    global_lr: float = typer.Option(1e-4, "--global-lr", help="Peak learning rate of the end-to-end stage."),
+    global_lr: float = typer.Option(1e-3, "--global-lr", help="Peak learning rate of the end-to-end stage."),
     schedule: str = typer.Option(
         "cosine", "--schedule", help="cosine (down to 10% of the peak) or constant, over each stage's budget."
     ),
