@@ -286,6 +286,9 @@ def find_regions(model: nn.Module, config: Any, mode: str) -> list[Region]:
             units = span_units(s, m, a, b)
             names = [n for kind, h in trained for n in _module_params(model, f"{prefix}{kind}.{h}.", mode)]
             regions.append(Region(f"positions {a}-{b} (layers {a // 2}-{(b - 1) // 2})", cause, i, a, b, units, names))
+    top = num_positions(config)
+    for r in regions:
+        r.metric = "KL" if r.end == top else r.metric  # what region_loss trains it on
     return [r for r in regions if r.params]
 
 
@@ -714,8 +717,6 @@ class Heal:
         self.model.requires_grad_(False)
         self.regions = find_regions(self.model, self.config, opts.train)
         self.top = num_positions(self.config)
-        for r in self.regions:
-            r.metric = "KL" if r.end == self.top else r.metric
         self.named = dict(self.model.named_parameters())
         self.trainable = sorted({n for r in self.regions for n in r.params})
         self.coef = self.config.aux_loss_coef if any(r.units[0][0] == "block" for r in self.regions) else 0.0
@@ -783,6 +784,10 @@ class Heal:
         if first == 0 or self.dist.active or self.coef or elsewhere or source is None:
             return None
         return first if _same_model(self.teacher_ref, source) else None
+
+    @cached_property
+    def trainable_count(self) -> int:
+        return sum(self.named[n].numel() for n in self.trainable)
 
     @cached_property
     def bottom_tap(self) -> nn.Module:
@@ -863,7 +868,6 @@ class Heal:
         for r, saved_r in zip(self.regions, state["regions"]):
             r.steps, r.tokens = saved_r["steps"], saved_r["tokens"]
             r.error_before, r.error_after = saved_r["error_before"], saved_r["error_after"]
-            r.metric = saved_r.get("metric", r.metric)
         self.cursor = state["cursor"]
         self.opt_state = state["opt"]
         tr.restore_rng(state["rng"])
@@ -1398,7 +1402,7 @@ def _warn_second_pass(run: Heal) -> None:
         tokens = run.blocks.size
         warn(
             f"heal: the end-to-end stage starts a second pass over DATA ({tokens:,} tokens for "
-            f"{sum(run.named[n].numel() for n in run.trainable):,} trainable parameters); past one pass it may fit "
+            f"{run.trainable_count:,} trainable parameters); past one pass it may fit "
             "the text rather than the teacher: give more data, or a smaller --budget (--eval-every shows the curve)"
         )
 
@@ -1479,7 +1483,7 @@ def heal(ckpt: Path, out: Path, opts: HealOptions, force: bool = False) -> HealR
 def _run(run: Heal, force: bool) -> HealResult:
     c = run.cursor
     metrics = tr.Metrics(run.work, run.dist.main, c["global_step"], METRICS_FILE)
-    n = sum(run.named[p].numel() for p in run.trainable)
+    n = run.trainable_count
     log(
         f"heal {run.ckpt}: {len(run.regions)} region(s), {n:,} parameters, budget {run.budget}, teacher "
         f"{run.teacher_ref}, {run.dist.world} process(es) on {run.device}, autocast {run.amp}"
