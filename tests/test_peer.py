@@ -224,7 +224,8 @@ def test_fused_kernels_equal_naive_einsum(gated: bool, gate: str, shared: bool, 
         (y * torch.linspace(-1, 1, 32)).pow(2).sum().backward()
         out[impl] = (y.detach(), xi.grad, {n: p.grad for n, p in layer.named_parameters()})
     torch.testing.assert_close(out["fused"][0], out["naive"][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["fused"][1], out["naive"][1], rtol=1e-5, atol=1e-6)
+    # atol 3e-6: the layer's experts come in another order than the naive top-k's, so sums round differently
+    torch.testing.assert_close(out["fused"][1], out["naive"][1], rtol=1e-5, atol=3e-6)
     for n, g in out["naive"][2].items():
         # atol: query.bias feeds BatchNorm, its true gradient is 0 and both sides hold rounding noise
         torch.testing.assert_close(out["fused"][2][n], g, rtol=1e-4, atol=1e-5, msg=n)
