@@ -88,15 +88,21 @@ def naive(layer: PeerLayer, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- (a) product keys
 
 
+@pytest.mark.parametrize("ranked", [True, False])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("n_sub,k", [(8, 5), (16, 16), (4, 16), (64, 6)])  # (64, 6): halves gathered
-def test_product_key_topk_equals_brute_force(shared: bool, n_sub: int, k: int) -> None:
+def test_product_key_topk_equals_brute_force(shared: bool, n_sub: int, k: int, ranked: bool) -> None:
+    """The exact top-k, values, indices and gradients; unranked (what a layer asks for), the same
+    set in another order."""
     g = gen(1)
     h, half = 3, 6
     q1, q2 = (t.requires_grad_() for t in torch.randn(2, 10, h, half, generator=g).unbind(0))
     shape = (n_sub, half) if shared else (h, n_sub, half)
     k1, k2 = torch.randn(shape, generator=g).requires_grad_(), torch.randn(shape, generator=g).requires_grad_()
-    scores, idx = product_key_topk(q1, q2, k1, k2, k)
+    scores, idx = product_key_topk(q1, q2, k1, k2, k, sorted=ranked)
+    if not ranked:  # put the set in descending order to compare it (gather keeps the gradient)
+        order = scores.detach().argsort(dim=-1, descending=True)
+        scores, idx = scores.gather(-1, order), idx.gather(-1, order)
     # brute force over all N = n_sub^2 full keys [k1[i]; k2[j]] at index i*n_sub + j
     full = torch.cat(
         [
